@@ -1,0 +1,133 @@
+"""Self-describing model checkpoints: ``NAME.weights.h5`` plus ``NAME.json``.
+
+The JSON holds the model config (the model is rebuilt from it), the weights'
+SHA-256 (a swapped or corrupt file is refused), the batchsr version and how
+the weights were trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchsr.errors import ModelError
+
+FORMAT = "batchsr-model"
+FORMAT_VERSION = 1
+BUNDLED_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = BUNDLED_DIR / "unet_x4.weights.h5"
+
+
+@dataclass
+class ModelInfo:
+    config: dict
+    weights_path: Path
+    sha256: str
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    batchsr_version: str = ""
+
+    @property
+    def model_id(self) -> str:
+        """Changes whenever the architecture or any weight changes."""
+        return f"{self.config['arch']}-x{self.config['scale']}-{self.sha256[:12]}"
+
+    @property
+    def scale(self) -> int:
+        return int(self.config["scale"])
+
+
+def description_path(weights_path: Path) -> Path:
+    name = weights_path.name
+    stem = name[: -len(".weights.h5")] if name.endswith(".weights.h5") else weights_path.stem
+    return weights_path.with_name(stem + ".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_info(weights_path: Path | str) -> ModelInfo:
+    """Reads and checks a checkpoint's description without building the model."""
+    weights_path = Path(weights_path)
+    if not weights_path.name.endswith(".weights.h5"):
+        raise ModelError(f"{weights_path}: a model is a '.weights.h5' file with its '.json' description beside it")
+    if not weights_path.is_file():
+        raise ModelError(f"{weights_path}: weights file not found")
+    desc = description_path(weights_path)
+    try:
+        meta = json.loads(desc.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{weights_path}: description {desc.name} not found beside it") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{desc}: unreadable model description ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{desc}: not a batchsr model description (format must be '{FORMAT}')")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{desc}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    sha = file_sha256(weights_path)
+    if meta.get("weights_sha256") != sha:
+        raise ModelError(
+            f"{weights_path}: weights do not match their description {desc.name} "
+            f"(sha256 {sha[:12]} vs {str(meta.get('weights_sha256'))[:12]}): corrupt or replaced file"
+        )
+    return ModelInfo(
+        config=meta["model"],
+        weights_path=weights_path,
+        sha256=sha,
+        training=meta.get("training", {}),
+        metrics=meta.get("metrics", {}),
+        batchsr_version=meta.get("batchsr_version", ""),
+    )
+
+
+def load_model(weights_path: Path | str):
+    """Rebuilds the model from its description and loads the weights: ``(model, info)``."""
+    from batchsr.model import ModelConfig, build_model
+
+    info = read_info(weights_path)
+    try:
+        config = ModelConfig.from_dict(info.config)
+        model = build_model(config)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{description_path(info.weights_path)}: bad model config: {exc}") from None
+    try:
+        model.load_weights(info.weights_path)
+    except Exception as exc:  # h5py/keras raise many types for bad files; report them all the same way
+        raise ModelError(f"{info.weights_path}: weights do not fit the described model: {exc}") from None
+    return model, info
+
+
+def save_model(model, config, weights_path: Path | str, training: dict | None = None, metrics: dict | None = None) -> ModelInfo:
+    """Writes weights and description; the description is written last, so a torn save is refused."""
+    from batchsr import __version__
+
+    weights_path = Path(weights_path)
+    if not weights_path.name.endswith(".weights.h5"):
+        raise ValueError(f"weights file name must end in '.weights.h5', got {weights_path.name}")
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights_path.with_name(".tmp-" + weights_path.name)
+    model.save_weights(tmp, overwrite=True)
+    tmp.replace(weights_path)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "batchsr_version": __version__,
+        "model": config.to_dict(),
+        "weights_file": weights_path.name,
+        "weights_sha256": file_sha256(weights_path),
+        "parameters": int(model.count_params()),
+        "training": training or {},
+        "metrics": metrics or {},
+    }
+    desc = description_path(weights_path)
+    tmp_desc = desc.with_name(".tmp-" + desc.name)
+    tmp_desc.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp_desc.replace(desc)
+    return read_info(weights_path)

@@ -1,0 +1,221 @@
+"""The ``batchsr`` command: a thin layer over the library.
+
+Library errors become one-line messages and sysexits-style exit codes here and
+nowhere else.  Heavy modules (TensorFlow, OpenCV) load inside the commands, so
+``batchsr --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from batchsr import __version__
+from batchsr.errors import BatchSRError, ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
+
+EXIT_OK = 0
+EXIT_FAILED_IMAGES = 65  # EX_DATAERR: some images failed
+EXIT_NO_INPUT = 66  # EX_NOINPUT
+EXIT_CANT_CREATE = 73  # EX_CANTCREAT: output not writable
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another instance holds the folder
+EXIT_CONFIG = 78  # EX_CONFIG: bad configuration or model
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug
+
+_EXIT_CODES = [
+    (ConfigError, EXIT_CONFIG),
+    (ModelError, EXIT_CONFIG),
+    (InputError, EXIT_NO_INPUT),
+    (ImageError, EXIT_FAILED_IMAGES),
+    (OutputError, EXIT_CANT_CREATE),
+    (LockedError, EXIT_LOCKED),
+]
+
+
+def _setup_logging(level: str, file: Path | None = None) -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=level, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}")
+    if file is not None:
+        logger.add(file, level=level, rotation="10 MB", retention=5)
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class _Command(click.Command):
+    """Turns library errors into a message and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BatchSRError as exc:
+            code = next(c for kind, c in _EXIT_CODES if isinstance(exc, kind))
+            click.echo(f"batchsr: error: {exc}", err=True)
+            ctx.exit(code)
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _config_path(option: Path | None) -> Path | None:
+    if option is not None:
+        return option
+    env = os.environ.get("BATCHSR_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config.yaml")
+    return local if local.is_file() else None
+
+
+def _load(ctx: click.Context, overrides: dict):
+    from batchsr.config import load_settings
+
+    settings = load_settings(ctx.obj["config"], overrides)
+    _setup_logging(ctx.obj["log_level"] or settings.logging.level, settings.logging.file)
+    return settings
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batchsr")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Settings file (default: $BATCHSR_CONFIG, else ./config.yaml if present, else built-in defaults).")
+@click.option("--log-level", type=click.Choice(["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]),
+              help="Overrides logging.level.")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None, log_level: str | None) -> None:
+    """batchsr: batch image super-resolution with a U-Net."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = _config_path(config)
+    ctx.obj["log_level"] = log_level
+    _quiet_tensorflow()
+
+
+def _engine_options(f):
+    options = [
+        click.option("--model", "weights", type=click.Path(path_type=Path), help="A .weights.h5 file with its .json (model.weights)."),
+        click.option("--device", help="auto, cpu, gpu or gpu:N (engine.device)."),
+        click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), help="engine.precision."),
+        click.option("--tile", type=int, help="Tile side in input pixels (engine.tile)."),
+        click.option("--overlap", type=int, help="Context pixels around each tile (engine.overlap)."),
+        click.option("--batch-size", type=int, help="Tiles per model call (engine.batch_size)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _engine_overrides(weights, device, precision, tile, overlap, batch_size) -> dict:
+    return {
+        "model.weights": str(weights) if weights else None,
+        "engine.device": device,
+        "engine.precision": precision,
+        "engine.tile": tile,
+        "engine.overlap": overlap,
+        "engine.batch_size": batch_size,
+    }
+
+
+@main.command()
+@click.argument("input_dir", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("output_dir", metavar="OUTPUT", type=click.Path(path_type=Path))
+@_engine_options
+@click.option("--format", "output_format", type=click.Choice(["same", "png", "jpg", "webp", "tiff"]), help="run.output_format.")
+@click.option("--reference", "reference_dir", type=click.Path(path_type=Path),
+              help="Folder of HR references at the same relative paths: writes OUTPUT/metrics.csv.")
+@click.option("--force", is_flag=True, help="Redo images whose output is already up to date.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), help="run.progress.")
+@click.pass_context
+def run(ctx, input_dir, output_dir, weights, device, precision, tile, overlap, batch_size, output_format, reference_dir, force, progress):
+    """Upscale every image under INPUT into OUTPUT (mirrored tree); exit 0, or 65 if some failed."""
+    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size)
+    overrides.update({"run.output_format": output_format, "run.progress": progress})
+    settings = _load(ctx, overrides)
+    from loguru import logger
+
+    from batchsr.runner import run_folder
+
+    summary = run_folder(input_dir, output_dir, settings, force=force, reference_dir=reference_dir)
+    logger.info(
+        "done {}, skipped {}, failed {}, ignored {} in {:.1f}s ({:.2f} img/s, {:.1f} output MP)",
+        summary.done, summary.skipped, len(summary.failed), summary.ignored, summary.seconds, summary.throughput, summary.megapixels,
+    )
+    if summary.metrics_csv is not None:
+        logger.info("metrics: {}", summary.metrics_csv)
+    for failure in summary.failed:
+        click.echo(f"batchsr: failed: {failure.path}: {failure.reason}", err=True)
+    ctx.exit(EXIT_FAILED_IMAGES if summary.failed else EXIT_OK)
+
+
+@main.command("eval")
+@click.option("--hr", "hr_dirs", multiple=True, required=True, type=click.Path(path_type=Path), help="Folder of HR images (repeatable).")
+@click.option("--scale", type=click.IntRange(2, 4), help="Defaults to the model's scale.")
+@_engine_options
+@click.option("--bicubic-only", is_flag=True, help="Score the bicubic baseline only (no model).")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Per-image CSV output.")
+@click.pass_context
+def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap, batch_size, bicubic_only, csv_path):
+    """Standard benchmark protocol: LR by MATLAB bicubic, PSNR/SSIM on Y with a `scale` border."""
+    settings = _load(ctx, _engine_overrides(weights, device, precision, tile, overlap, batch_size))
+    from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
+
+    engine = None
+    if not bicubic_only:
+        from batchsr.engine import Engine
+
+        engine = Engine(settings.model.weights, settings.engine)
+        if scale is not None and scale != engine.scale:
+            raise ConfigError(f"--scale {scale} does not match the model's scale {engine.scale}")
+        scale = engine.scale
+    if scale is None:
+        raise ConfigError("--scale is required with --bicubic-only")
+    results = [evaluate_folder(folder, scale, engine) for folder in hr_dirs]
+    if csv_path is not None:
+        write_csv(results, csv_path)
+    click.echo(markdown_table(results, scale, engine is not None))
+
+
+@main.command()
+@click.argument("train_config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue the run in out_dir exactly where it stopped.")
+@click.option("--init", "init", type=click.Path(path_type=Path), help="Warm-start from these weights (fine-tuning).")
+@click.option("--steps", type=int, help="Overrides steps.")
+@click.option("--out-dir", type=click.Path(path_type=Path), help="Overrides out_dir.")
+@click.option("--until", type=int, help="Stop this sitting at this step (resume later with --resume).")
+@click.pass_context
+def train(ctx, train_config, resume, init, steps, out_dir, until):
+    """Train a model from a training YAML (see configs/)."""
+    from batchsr.config import load_train_settings
+
+    settings = load_train_settings(train_config, {"steps": steps, "out_dir": str(out_dir) if out_dir else None})
+    _setup_logging(ctx.obj["log_level"] or "INFO")
+    from batchsr.train import train as run_training
+
+    result = run_training(settings, resume=resume, init=init, until=until)
+    if result.step < settings.steps:
+        click.echo(f"stopped at step {result.step} of {settings.steps}: continue with --resume")
+        return
+    click.echo(f"final weights: {result.final_weights}")
+    if result.best_weights:
+        click.echo(f"best weights:  {result.best_weights} (validation Y-PSNR {result.best_psnr:.3f} dB)")
+
+
+@main.command()
+@click.pass_context
+def config(ctx):
+    """Print the effective configuration (file plus defaults) as YAML."""
+    from batchsr.config import dump_settings, load_settings
+
+    source = ctx.obj["config"]
+    settings = load_settings(source)
+    click.echo(f"# from {source if source else 'built-in defaults'}")
+    click.echo(dump_settings(settings), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,212 @@
+"""Typed, validated settings: ``config.yaml`` for run/watch, a YAML file per training.
+
+Every section rejects unknown keys; errors name the key, the bad value and what
+is allowed.  Downstream code receives these objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batchsr.errors import ConfigError
+
+Precision = Literal["float32", "mixed_float16", "mixed_bfloat16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    weights: Path | None = None  # None: the bundled default x4 model
+
+
+class EngineSettings(_Section):
+    device: str = "auto"
+    precision: Precision = "float32"
+    tile: int = Field(128, ge=16, le=4096)
+    overlap: int = Field(16, ge=0, le=512)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|gpu|gpu:\d+", value):
+            raise ValueError("must be auto, cpu, gpu or gpu:N")
+        return value
+
+
+class RunSettings(_Section):
+    recursive: bool = True
+    output_format: Literal["same", "png", "jpg", "webp", "tiff"] = "same"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    webp_quality: int = Field(95, ge=1, le=101)
+    decode_workers: int = Field(4, ge=1, le=64)
+    write_workers: int = Field(2, ge=1, le=64)
+    progress: Literal["auto", "bar", "log", "none"] = "auto"
+    log_interval_s: float = Field(10.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None
+
+
+class Settings(_Section):
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    run: RunSettings = RunSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+class TrainModel(_Section):
+    arch: Literal["unet", "seed"] = "unet"
+    scale: Literal[2, 3, 4] = 4
+    width: int = Field(32, ge=4, le=256)
+    depth: int = Field(2, ge=0, le=4)
+    blocks: int = Field(2, ge=0, le=16)
+
+
+class TrainSettings(_Section):
+    """One training run; relative paths are taken from the training file's folder."""
+
+    train_dirs: list[Path] = Field(min_length=1)
+    val_dir: Path | None = None
+    out_dir: Path = Path("runs/train")
+    model: TrainModel = TrainModel()
+    patch_size: int = Field(48, ge=8, le=512)  # low-resolution side of a training patch
+    batch_size: int = Field(16, ge=1, le=1024)
+    steps: int = Field(20000, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_min: float = Field(1e-6, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_steps: int = Field(500, ge=0)
+    step_milestones: list[int] = []  # for schedule: step
+    step_gamma: float = Field(0.5, gt=0, le=1)
+    loss: Literal["l1", "charbonnier"] = "l1"
+    ema: float | None = Field(0.999, gt=0, lt=1)
+    augment: bool = True
+    val_interval: int = Field(1000, ge=1)  # steps between validation and resumable checkpoints
+    precision: Precision = "float32"
+    seed: int = 0
+    name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSettings":
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+def _format_errors(error: ValidationError, source: str, section: type[BaseModel]) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(section, item["loc"][:-1])
+            lines.append(f"  unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            value = item.get("input")
+            lines.append(f"  {key} = {value!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(section: type[BaseModel], path: tuple) -> list[str]:
+    model: Any = section
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot override {dotted}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _resolve(base: Path, path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Loads ``path`` (or the defaults) and applies dotted ``overrides`` such as ``engine.tile``."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    source = str(path) if path is not None else "defaults"
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, Settings)) from None
+    if path is not None:
+        base = Path(path).resolve().parent
+        weights = settings.model.weights
+        if weights is not None and "model" in data and not (overrides or {}).get("model.weights"):
+            weights = _resolve(base, weights)
+        logfile = _resolve(base, settings.logging.file) if "logging" in data else settings.logging.file
+        settings = settings.model_copy(
+            update={
+                "model": settings.model.model_copy(update={"weights": weights}),
+                "logging": settings.logging.model_copy(update={"file": logfile}),
+            }
+        )
+    return settings
+
+
+def load_train_settings(path: Path, overrides: dict[str, Any] | None = None) -> TrainSettings:
+    data = _read_yaml(Path(path))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        settings = TrainSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path), TrainSettings)) from None
+    base = Path(path).resolve().parent
+    return settings.model_copy(
+        update={
+            "train_dirs": [_resolve(base, p) for p in settings.train_dirs],
+            "val_dir": _resolve(base, settings.val_dir),
+            "out_dir": _resolve(base, settings.out_dir) if "out_dir" in data else settings.out_dir,
+        }
+    )
+
+
+def dump_settings(settings: BaseModel) -> str:
+    """YAML of the effective settings, for ``batchsr config``."""
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,144 @@
+"""tf.data input pipelines: training patches and image decoding for inference.
+
+TensorFlow is imported inside the functions so that importing batchsr stays
+cheap.  The model itself never sees tf.*: these pipelines hand it NumPy-like
+batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from batchsr.errors import ImageError
+from batchsr.imageio import read_image, sniff_format, to_uint8
+from batchsr.resize import resize_matrix
+
+
+def is_image_file(path: Path) -> bool:
+    """True when the file's first bytes are those of a supported image format."""
+    try:
+        with open(path, "rb") as handle:
+            return sniff_format(handle.read(16)) is not None
+    except OSError:
+        return False
+
+
+def find_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (by content), sorted, hidden files and folders skipped."""
+    pattern = "**/*" if recursive else "*"
+    found = []
+    for path in sorted(Path(folder).glob(pattern)):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if is_image_file(path):
+            found.append(path)
+    return found
+
+
+def load_training_images(folders: Iterable[Path], min_side: int) -> list[np.ndarray]:
+    """All HR images of ``folders`` as 8-bit RGB; images smaller than ``min_side`` are dropped."""
+    images = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ImageError(folder, "training folder not found")
+        for path in find_images(folder):
+            image = read_image(path)
+            rgb = to_uint8(image.rgb)
+            if min(rgb.shape[:2]) >= min_side:
+                images.append(rgb)
+    if not images:
+        raise ImageError(", ".join(str(f) for f in folders), f"no training images of at least {min_side}px a side")
+    return images
+
+
+def training_dataset(
+    images: list[np.ndarray],
+    scale: int,
+    patch: int,
+    batch_size: int,
+    seed: int,
+    first_step: int,
+    last_step: int,
+    augment: bool = True,
+):
+    """Batches ``first_step .. last_step - 1`` of an endless, seeded patch stream.
+
+    Example ``n`` depends only on ``(seed, n)``, so a resumed training sees exactly
+    the batches an uninterrupted one would.  LR patches are made on the fly with
+    the MATLAB-style bicubic degradation, rounded to 8 bits like a saved LR image.
+    """
+    import tensorflow as tf
+
+    hr_side = patch * scale
+    flat = tf.constant(np.concatenate([im.reshape(-1) for im in images]))
+    shapes = np.array([im.shape[:2] for im in images], dtype=np.int64)
+    offsets = tf.constant(np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1] * 3)[:-1]]))
+    heights, widths = tf.constant(shapes[:, 0]), tf.constant(shapes[:, 1])
+    # Pick images in proportion to their area, so every pixel is equally likely.
+    cumulative = tf.constant(np.cumsum(shapes[:, 0] * shapes[:, 1]) / np.sum(shapes[:, 0] * shapes[:, 1]))
+    down = tf.constant(resize_matrix(hr_side, patch).astype(np.float32))
+
+    def example(n):
+        key = tf.stack([tf.constant(seed, tf.int64), n])
+        u = tf.random.stateless_uniform([4], seed=key, dtype=tf.float32)
+        index = tf.minimum(tf.searchsorted(cumulative, tf.cast(u[0:1], tf.float64))[0], len(images) - 1)
+        h, w = heights[index], widths[index]
+        image = tf.reshape(flat[offsets[index] : offsets[index] + h * w * 3], tf.stack([h, w, 3]))
+        top = tf.cast(u[1] * tf.cast(h - hr_side + 1, tf.float32), tf.int64)
+        left = tf.cast(u[2] * tf.cast(w - hr_side + 1, tf.float32), tf.int64)
+        hr = image[top : top + hr_side, left : left + hr_side]
+        if augment:
+            code = tf.cast(u[3] * 8.0, tf.int32)
+            hr = tf.cond(code % 2 == 1, lambda: tf.reverse(hr, [1]), lambda: hr)
+            hr = tf.cond((code // 2) % 2 == 1, lambda: tf.reverse(hr, [0]), lambda: hr)
+            hr = tf.cond(code // 4 == 1, lambda: tf.transpose(hr, [1, 0, 2]), lambda: hr)
+        return tf.ensure_shape(tf.cast(hr, tf.float32), [hr_side, hr_side, 3])
+
+    def degrade(hr):
+        lr = tf.einsum("ij,bjkc,lk->bilc", down, hr, down)
+        lr = tf.clip_by_value(tf.round(lr), 0.0, 255.0)
+        return lr / 255.0, hr / 255.0
+
+    return (
+        tf.data.Dataset.range(first_step * batch_size, last_step * batch_size)
+        .map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size, drop_remainder=True)
+        .map(degrade, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers: int, prefetch: int = 8) -> Iterator[object]:
+    """Yields ``prepare(path)`` for every path, in order, computed in parallel ahead of use.
+
+    A tf.data pipeline runs ``prepare`` (read, hash, decode) on ``workers`` threads
+    and keeps ``prefetch`` results ready, overlapping file I/O with inference.
+    ``prepare`` must return errors as values: one bad file never stops the stream.
+    """
+    import tensorflow as tf
+
+    if not paths:
+        return
+    results: dict[int, object] = {}
+
+    def run(index):
+        i = int(index)
+        results[i] = prepare(paths[i])
+        return np.int64(i)
+
+    dataset = (
+        tf.data.Dataset.range(len(paths))
+        .map(
+            lambda i: tf.numpy_function(run, [i], tf.int64, stateful=True),
+            num_parallel_calls=workers,
+            deterministic=True,
+        )
+        .prefetch(prefetch)
+    )
+    for index in dataset.as_numpy_iterator():
+        yield results.pop(int(index))

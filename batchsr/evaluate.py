@@ -1,0 +1,103 @@
+"""The standard SR benchmark protocol over folders of HR images.
+
+For each HR image: crop to a multiple of the scale, make LR with the
+MATLAB-compatible degradation, upscale with the model and with MATLAB bicubic,
+score both on Y (BT.601) and RGB with ``scale`` border pixels cropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from batchsr.errors import ImageError, InputError
+from batchsr.imageio import atomic_write, from_float, read_image, to_float
+from batchsr.metrics import score
+from batchsr.resize import crop_to_multiple, degrade, imresize
+
+# Images stored as RGB here whose published source was single-channel; the
+# published tables score them on their gray values (see shared/data/SOURCES.md).
+SINGLE_CHANNEL_SOURCES = {("Set14", "bridge")}
+
+COLUMNS = [
+    "set", "image", "width", "height", "scale", "model_id",
+    "bicubic_psnr_y", "bicubic_ssim_y", "bicubic_psnr_rgb", "bicubic_ssim_rgb",
+    "psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "gain_psnr_y", "ms",
+]
+
+
+@dataclass
+class SetResult:
+    name: str
+    rows: list[dict]
+
+    def mean(self, key: str) -> float:
+        return float(np.mean([r[key] for r in self.rows]))
+
+
+def set_name(folder: Path) -> str:
+    """``.../Set5/HR`` is named ``Set5``; other folders by their own name."""
+    folder = Path(folder)
+    return folder.parent.name if folder.name.upper().startswith("HR") else folder.name
+
+
+def evaluate_folder(folder: Path, scale: int, engine=None) -> SetResult:
+    from batchsr.data import find_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"HR folder {folder} does not exist or is not a folder")
+    paths = find_images(folder)
+    if not paths:
+        raise InputError(f"HR folder {folder} holds no images")
+    name = set_name(folder)
+    rows = []
+    for path in paths:
+        image = read_image(path)
+        hr = crop_to_multiple(image.rgb, scale)
+        if min(hr.shape[:2]) < 4 * scale:
+            raise ImageError(path, f"{hr.shape[1]}x{hr.shape[0]} is too small to evaluate at x{scale}")
+        gray = image.gray or (name, path.stem) in SINGLE_CHANNEL_SOURCES
+        lr = degrade(hr, scale)
+        peak = 255.0 / np.iinfo(hr.dtype).max
+        ref = hr.astype(np.float64) * peak
+        bicubic = imresize(lr, size=hr.shape[:2]).astype(np.float64) * peak
+        row = {"set": name, "image": path.stem, "width": hr.shape[1], "height": hr.shape[0], "scale": scale}
+        row.update({f"bicubic_{k}": v for k, v in score(bicubic, ref, scale, gray).items()})
+        if engine is not None:
+            t0 = time.time()
+            sr = engine.upscale([to_float(lr)])[0]
+            row["ms"] = (time.time() - t0) * 1000.0
+            out = from_float(sr, hr.dtype).astype(np.float64) * peak
+            row.update(score(out, ref, scale, gray))
+            row["gain_psnr_y"] = row["psnr_y"] - row["bicubic_psnr_y"]
+            row["model_id"] = engine.model_id
+        rows.append(row)
+    return SetResult(name, rows)
+
+
+def write_csv(results: list[SetResult], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for result in results:
+        for row in result.rows:
+            writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write(Path(path), buffer.getvalue().encode("utf-8"))
+
+
+def markdown_table(results: list[SetResult], scale: int, with_model: bool) -> str:
+    head = "| set | x | bicubic PSNR-Y / SSIM-Y |" + (" batchsr PSNR-Y / SSIM-Y | gain |" if with_model else "")
+    rule = "|---|---|---|" + ("---|---|" if with_model else "")
+    lines = [head, rule]
+    for r in results:
+        line = f"| {r.name} | {scale} | {r.mean('bicubic_psnr_y'):.2f} / {r.mean('bicubic_ssim_y'):.4f} |"
+        if with_model:
+            line += f" {r.mean('psnr_y'):.2f} / {r.mean('ssim_y'):.4f} | {r.mean('gain_psnr_y'):+.2f} dB |"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,402 @@
+"""Archive mode: upscale every image of a folder tree once, resumably.
+
+Per output folder, ``.batchsr/`` holds a lock (one writer at a time) and an
+SQLite journal of what was produced from which input content by which model,
+so a re-run skips finished images and a crash loses at most the images in
+flight.  Outputs are written atomically; inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+
+from batchsr.checkpoint import DEFAULT_MODEL, ModelInfo, read_info
+from batchsr.config import Settings
+from batchsr.errors import ImageError, InputError, OutputError
+from batchsr.imageio import EXTENSIONS, Image, atomic_write, decode_image, encode_image, from_float, read_image, sniff_format, to_float
+from batchsr.lock import FolderLock
+from batchsr.metrics import score
+from batchsr.resize import imresize
+
+STATE_DIR = ".batchsr"
+METRICS_FILE = "metrics.csv"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+_SAME_FORMAT_SUFFIXES = {"jpg": {".jpg", ".jpeg"}, "tiff": {".tif", ".tiff"}}
+METRIC_COLUMNS = [
+    "image", "width", "height", "scale", "model_id",
+    "psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb",
+    "bicubic_psnr_y", "bicubic_ssim_y", "bicubic_psnr_rgb", "bicubic_ssim_rgb",
+    "gain_psnr_y", "ms",
+]
+
+
+@dataclass
+class Failure:
+    path: Path
+    reason: str
+
+
+@dataclass
+class RunSummary:
+    done: int = 0
+    skipped: int = 0
+    ignored: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+    megapixels: float = 0.0  # output megapixels written
+    model_id: str = ""
+    metrics_csv: Path | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Item:
+    path: Path
+    rel: Path
+    sha256: str = ""
+    image: Image | None = None
+    error: str | None = None
+    skip: bool = False
+    not_image: bool = False
+
+
+class Journal:
+    """What each input became: ``input -> (content hash, model id, output, metrics)``."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS outputs (input TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
+            "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL)"
+        )
+        self.db.commit()
+
+    def entries(self) -> dict[str, tuple[str, str, str, dict | None]]:
+        rows = self.db.execute("SELECT input, sha256, model_id, output, metrics FROM outputs")
+        return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None) for r in rows}
+
+    def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?)",
+            (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time()),
+        )
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def output_name(rel: Path, fmt: str, output_format: str) -> Path:
+    """The output's path relative to OUTPUT: same folders, suffix of the written format."""
+    target = fmt if output_format == "same" else output_format
+    if rel.suffix.lower() in _SAME_FORMAT_SUFFIXES.get(target, {EXTENSIONS[target]}):
+        return rel
+    return rel.with_suffix(EXTENSIONS[target]) if rel.suffix.lower() in IMAGE_SUFFIXES or not rel.suffix else rel.with_name(rel.name + EXTENSIONS[target])
+
+
+def find_reference(reference_dir: Path, rel: Path) -> Path | None:
+    """The HR image at the same relative path, with any image extension."""
+    folder = reference_dir / rel.parent
+    exact = folder / rel.name
+    if exact.is_file():
+        return exact
+    stem = rel.stem if rel.suffix.lower() in IMAGE_SUFFIXES else rel.name
+    for suffix in sorted(IMAGE_SUFFIXES):
+        for candidate in (folder / (stem + suffix), folder / (stem + suffix.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def finish_image(image: Image, upscaled: np.ndarray, scale: int) -> Image:
+    """Model output (float RGB) to an image of the input's kind: bit depth, gray, alpha."""
+    rgb = upscaled
+    if image.gray:
+        rgb = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+    alpha = None
+    if image.alpha is not None:
+        size = (image.alpha.shape[0] * scale, image.alpha.shape[1] * scale)
+        alpha = from_float(imresize(to_float(image.alpha), size=size), image.alpha.dtype)
+    return Image(from_float(rgb, image.rgb.dtype), alpha, image.gray, image.format)
+
+
+def _eight_bit(pixels: np.ndarray) -> np.ndarray:
+    return pixels.astype(np.float64) * (255.0 / np.iinfo(pixels.dtype).max)
+
+
+def reference_metrics(lr: Image, sr: Image, reference_path: Path, scale: int) -> dict:
+    """Scores the output and a MATLAB-bicubic baseline against the HR reference."""
+    ref = read_image(reference_path)
+    h, w = sr.rgb.shape[:2]
+    rh, rw = ref.rgb.shape[:2]
+    if not (h <= rh < h + scale and w <= rw < w + scale):
+        raise ImageError(reference_path, f"reference is {rw}x{rh}, expected {w}x{h} (scale x the input)")
+    ref_rgb = _eight_bit(ref.rgb[:h, :w])
+    bicubic = imresize(lr.rgb, size=(h, w))  # integer in, integer out, rounded per axis as MATLAB
+    gray = lr.gray and ref.gray
+    ours = score(_eight_bit(sr.rgb), ref_rgb, border=scale, gray=gray)
+    base = score(_eight_bit(bicubic), ref_rgb, border=scale, gray=gray)
+    return {
+        **{k: round(v, 4) for k, v in ours.items()},
+        **{f"bicubic_{k}": round(v, 4) for k, v in base.items()},
+        "gain_psnr_y": round(ours["psnr_y"] - base["psnr_y"], 4),
+    }
+
+
+class _Progress:
+    """A tqdm bar on a terminal, periodic log lines elsewhere."""
+
+    def __init__(self, total: int, mode: str, interval: float):
+        self.total, self.count, self.interval = total, 0, interval
+        self.start = self.last = time.time()
+        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.enabled = mode != "none"
+        self.bar = None
+        if use_bar and self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.time()
+        if self.enabled and (now - self.last >= self.interval or self.count == self.total):
+            self.last = now
+            rate = self.count / max(now - self.start, 1e-9)
+            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+            logger.info("{}/{} images, {:.2f} img/s, ETA {:.0f}s", self.count, self.total, rate, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".batchsr-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output folder {output_dir} is not writable: {exc.strerror or exc}") from None
+
+
+def list_inputs(input_dir: Path, output_dir: Path, recursive: bool) -> list[Path]:
+    """Every regular, non-hidden file under INPUT (outside OUTPUT when nested)."""
+    out = output_dir.resolve()
+    pattern = "**/*" if recursive else "*"
+    files = []
+    for path in sorted(input_dir.glob(pattern)):
+        rel = path.relative_to(input_dir)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        resolved = path.resolve()
+        if resolved == out or out in resolved.parents:
+            continue
+        files.append(path)
+    return files
+
+
+def run_folder(
+    input_dir: Path,
+    output_dir: Path,
+    settings: Settings,
+    *,
+    force: bool = False,
+    reference_dir: Path | None = None,
+    engine=None,
+) -> RunSummary:
+    """Upscales every image under ``input_dir`` into ``output_dir``; see the module docstring."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise InputError(f"input folder {input_dir} does not exist or is not a folder")
+    if reference_dir is not None and not Path(reference_dir).is_dir():
+        raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
+    _check_output_dir(output_dir)
+    with FolderLock(output_dir / STATE_DIR / "lock"):
+        return _run_locked(input_dir, output_dir, settings, force, reference_dir, engine)
+
+
+def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir, engine) -> RunSummary:
+    started = time.time()
+    info: ModelInfo = engine.info if engine is not None else read_info(settings.model.weights or DEFAULT_MODEL)
+    model_id, scale = info.model_id, info.scale
+    summary = RunSummary(model_id=model_id)
+    journal = Journal(output_dir / STATE_DIR / "journal.sqlite")
+    known = journal.entries()
+    paths = list_inputs(input_dir, output_dir, settings.run.recursive)
+    logger.info("{} files under {}; model {}", len(paths), input_dir, model_id)
+    run = settings.run
+
+    def prepare(path: Path) -> _Item:
+        item = _Item(path, path.relative_to(input_dir))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            item.error = f"cannot read: {exc.strerror or exc}"
+            return item
+        item.sha256 = hashlib.sha256(data).hexdigest()
+        entry = known.get(item.rel.as_posix())
+        if (not force and entry is not None and entry[0] == item.sha256 and entry[1] == model_id
+                and (output_dir / entry[2]).is_file() and (reference_dir is None or entry[3] is not None)):
+            item.skip = True
+            return item
+        if sniff_format(data[:16]) is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES and data:
+            item.not_image = True
+            return item
+        try:
+            item.image = decode_image(data, path)
+        except ImageError as exc:
+            item.error = exc.reason
+        return item
+
+    from batchsr.data import prepared_files
+
+    progress = _Progress(len(paths), run.progress, run.log_interval_s)
+    writers = ThreadPoolExecutor(max_workers=run.write_workers, thread_name_prefix="batchsr-write")
+    in_flight: list[tuple[_Item, Future]] = []
+    claimed: dict[Path, Path] = {}
+
+    def fail(item: _Item, reason: str) -> None:
+        summary.failed.append(Failure(item.path, reason))
+        logger.error("{}: {}", item.path, reason)
+
+    def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, ms: float) -> dict | None:
+        result = finish_image(item.image, upscaled, scale)
+        fmt = item.image.format if run.output_format == "same" else run.output_format
+        data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality)
+        atomic_write(output_dir / out_rel, data)
+        metrics = None
+        if reference_dir is not None:
+            ref = find_reference(Path(reference_dir), item.rel)
+            if ref is None:
+                logger.warning("{}: no reference image at the same relative path; no metrics", item.path)
+            else:
+                metrics = reference_metrics(item.image, result, ref, scale)
+                metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
+        return metrics
+
+    def settle(block: bool) -> None:
+        while in_flight and (block or len(in_flight) > 2 * run.write_workers or in_flight[0][1].done()):
+            item, future = in_flight.pop(0)
+            try:
+                metrics = future.result()
+            except (ImageError, OSError, ValueError) as exc:
+                reason = exc.reason if isinstance(exc, ImageError) else str(exc)
+                fail(item, f"output not written: {reason}")
+                if isinstance(exc, OSError) and exc.errno in (28, 30):  # ENOSPC, EROFS: nothing more can succeed
+                    raise OutputError(f"cannot write to {output_dir}: {exc.strerror}") from None
+            else:
+                journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics)
+                summary.done += 1
+                summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * scale * scale / 1e6
+            item.image = None
+            progress.update()
+
+    def flush(batch: list[_Item]) -> None:
+        nonlocal engine
+        if not batch:
+            return
+        if engine is None:
+            from batchsr.engine import Engine
+
+            engine = Engine(settings.model.weights, settings.engine)
+        t0 = time.time()
+        outputs = engine.upscale([to_float(item.image.rgb) for item in batch])
+        ms = (time.time() - t0) * 1000.0 / len(batch)
+        for item, upscaled in zip(batch, outputs):
+            in_flight.append((item, writers.submit(write_one, item, claimed[item.path], upscaled, ms)))
+        settle(block=False)
+
+    batch: list[_Item] = []
+    tiles = 0
+    outputs_taken: dict[Path, Path] = {}
+    try:
+        for item in prepared_files(paths, prepare, run.decode_workers):
+            if item.skip:
+                summary.skipped += 1
+                progress.update()
+                continue
+            if item.not_image:
+                summary.ignored += 1
+                logger.info("{}: not an image, ignored", item.path)
+                progress.update()
+                continue
+            if item.error is not None:
+                fail(item, item.error)
+                progress.update()
+                continue
+            out_rel = output_name(item.rel, item.image.format, run.output_format)
+            if out_rel in outputs_taken:
+                fail(item, f"output {out_rel} would overwrite the output of {outputs_taken[out_rel]}")
+                progress.update()
+                continue
+            outputs_taken[out_rel] = item.path
+            claimed[item.path] = out_rel
+            batch.append(item)
+            tiles += _tile_count(engine, settings, info, item.image)
+            if tiles >= settings.engine.batch_size:
+                flush(batch)
+                batch, tiles = [], 0
+        flush(batch)
+        settle(block=True)
+    finally:
+        writers.shutdown(wait=True)
+        progress.close()
+    if reference_dir is not None:
+        summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale, model_id)
+    journal.close()
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _tile_count(engine, settings: Settings, info: ModelInfo, image: Image) -> int:
+    from batchsr.tiling import plan_tiles
+
+    multiple = 2 ** int(info.config.get("depth", 0))
+    h, w = image.rgb.shape[:2]
+    return len(plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, multiple).tiles)
+
+
+def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int, model_id: str) -> Path | None:
+    entries = journal.entries()
+    rows = []
+    for rel in inputs:
+        entry = entries.get(rel)
+        if entry is None or entry[3] is None:
+            continue
+        rows.append({"image": rel, "scale": scale, "model_id": entry[1], **entry[3]})
+    if not rows:
+        return None
+    numeric = [c for c in METRIC_COLUMNS if c not in ("image", "model_id", "width", "height", "scale")]
+    mean = {"image": "MEAN", "scale": scale, "model_id": model_id, "width": "", "height": ""}
+    mean.update({c: round(float(np.mean([r[c] for r in rows])), 4) for c in numeric})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    writer.writerow(mean)
+    path = output_dir / METRICS_FILE
+    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    return path

@@ -1,0 +1,85 @@
+"""Overlapping tiles: each window carries ``overlap`` pixels of context, only its core is kept.
+
+Window origins are multiples of the model's pooling multiple, so every tile sees
+the same max-pooling grid as the whole image; with enough context the stitched
+result equals whole-image inference.  All coordinates are low-resolution pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tile:
+    y: int  # window origin in the padded image
+    x: int
+    core: tuple[int, int, int, int]  # (y0, y1, x0, x1) of the kept region, image coordinates
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    height: int  # original size
+    width: int
+    padded_height: int
+    padded_width: int
+    window: int
+    tiles: tuple[Tile, ...]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) -> TilePlan:
+    """Covers an ``height x width`` image with equal windows of ``tile + 2 * overlap`` pixels.
+
+    ``tile`` and ``overlap`` are rounded up to ``multiple``.  Images smaller than a
+    window are padded to one window.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if tile < 1 or overlap < 0 or multiple < 1:
+        raise ValueError(f"bad tiling: tile={tile}, overlap={overlap}, multiple={multiple}")
+    tile = _round_up(tile, multiple)
+    overlap = _round_up(overlap, multiple) if overlap else 0
+    window = tile + 2 * overlap
+    padded_h = max(_round_up(height, multiple), window)
+    padded_w = max(_round_up(width, multiple), window)
+
+    def origins(size: int, padded: int):
+        spans = []
+        for start in range(0, size, tile):
+            stop = min(start + tile, size)
+            origin = min(max(start - overlap, 0), padded - window)
+            spans.append((origin, start, stop))
+        return spans
+
+    tiles = tuple(
+        Tile(y=oy, x=ox, core=(y0, y1, x0, x1))
+        for oy, y0, y1 in origins(height, padded_h)
+        for ox, x0, x1 in origins(width, padded_w)
+    )
+    return TilePlan(height, width, padded_h, padded_w, window, tiles)
+
+
+def pad_image(image: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """Replicates the bottom and right edges up to the plan's padded size, as the model does."""
+    pad_h = plan.padded_height - image.shape[0]
+    pad_w = plan.padded_width - image.shape[1]
+    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
+def extract(padded: np.ndarray, plan: TilePlan, tile: Tile) -> np.ndarray:
+    return padded[tile.y : tile.y + plan.window, tile.x : tile.x + plan.window]
+
+
+def place(output: np.ndarray, upscaled_window: np.ndarray, tile: Tile, scale: int) -> None:
+    """Copies the core of one upscaled window into the full-size output."""
+    y0, y1, x0, x1 = tile.core
+    cy, cx = (y0 - tile.y) * scale, (x0 - tile.x) * scale
+    output[y0 * scale : y1 * scale, x0 * scale : x1 * scale] = upscaled_window[
+        cy : cy + (y1 - y0) * scale, cx : cx + (x1 - x0) * scale
+    ]

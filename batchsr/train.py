@@ -1,0 +1,340 @@
+"""Training: the same model code as inference, fed by the tf.data patch pipeline.
+
+The loop is Keras ``fit`` (backend-agnostic); only the input pipeline uses
+TensorFlow.  A resumable checkpoint is written after every validation
+interval: model weights, every optimizer variable (moments, EMA, step) and the
+state, so ``--resume`` continues exactly — the patch stream is indexed by step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+
+from batchsr.config import TrainSettings
+from batchsr.errors import ConfigError, ModelError
+from batchsr.imageio import from_float, to_float
+from batchsr.metrics import psnr, rgb_to_y
+from batchsr.resize import degrade
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_psnr: float | None
+    final_weights: Path
+    best_weights: Path | None
+    seconds: float
+
+
+def _schedule(settings: TrainSettings):
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="batchsr")
+    class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        """Linear warm-up, then cosine decay to ``lr_min`` or steps at milestones."""
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            warm = float(max(settings.warmup_steps, 1))
+            warmup = settings.lr * ops.minimum(1.0, (step + 1.0) / warm)
+            if settings.schedule == "cosine":
+                span = float(max(settings.steps - settings.warmup_steps, 1))
+                t = ops.clip((step - settings.warmup_steps) / span, 0.0, 1.0)
+                decayed = settings.lr_min + 0.5 * (settings.lr - settings.lr_min) * (1.0 + ops.cos(np.pi * t))
+            else:
+                passed = sum(ops.cast(step >= m, "float32") for m in settings.step_milestones) if settings.step_milestones else 0.0
+                decayed = ops.maximum(settings.lr * ops.power(settings.step_gamma, passed), settings.lr_min)
+            if settings.warmup_steps == 0:
+                return decayed
+            return ops.where(step < settings.warmup_steps, warmup, decayed)
+
+        def get_config(self):
+            return {}
+
+    return WarmupSchedule()
+
+
+def _loss(kind: str):
+    from keras import ops
+
+    if kind == "l1":
+        return "mean_absolute_error"
+
+    def charbonnier(y_true, y_pred):
+        diff = y_true - y_pred
+        return ops.mean(ops.sqrt(diff * diff + 1e-6))
+
+    return charbonnier
+
+
+class _Checkpoints:
+    """``out_dir/checkpoints/step-N/`` folders and a ``latest`` pointer written atomically."""
+
+    def __init__(self, out_dir: Path):
+        self.root = out_dir / "checkpoints"
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        folder = self.root / pointer.read_text().strip()
+        return folder if (folder / "state.json").exists() else None
+
+    def save(self, step: int, model, optimizer, state: dict) -> Path:
+        folder = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_weights(tmp / "model.weights.h5")
+        np.savez(tmp / "optimizer.npz", *[np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in optimizer.variables])
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        pointer_tmp = self.root / ".latest.tmp"
+        pointer_tmp.write_text(folder.name)
+        os.replace(pointer_tmp, self.root / "latest")
+        for old in self.root.glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+
+def _load_validation(settings: TrainSettings):
+    if settings.val_dir is None:
+        return []
+    from batchsr.data import find_images
+    from batchsr.imageio import read_image, to_uint8
+
+    pairs = []
+    for path in find_images(settings.val_dir):
+        image = read_image(path)
+        hr = to_uint8(image.rgb)
+        lr = degrade(hr, settings.model.scale)
+        pairs.append((path.stem, to_float(lr), hr[: lr.shape[0] * settings.model.scale, : lr.shape[1] * settings.model.scale]))
+    if not pairs:
+        raise ConfigError(f"val_dir {settings.val_dir} holds no images")
+    return pairs
+
+
+def validate(model, pairs, scale: int) -> float:
+    """Mean Y-PSNR (border ``scale``) over the validation pairs."""
+    scores = []
+    for _, lr, hr in pairs:
+        sr = np.asarray(model(lr[None], training=False))[0]
+        out = from_float(sr, np.uint8)
+        scores.append(psnr(rgb_to_y(out), rgb_to_y(hr), border=scale))
+    return float(np.mean(scores))
+
+
+def _ema_values(optimizer, model) -> list[np.ndarray]:
+    averages = getattr(optimizer, "_model_variables_moving_average", None)
+    source = averages if averages else model.trainable_variables
+    return [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in source]
+
+
+def _warm_start(model, init: Path) -> None:
+    from batchsr.checkpoint import load_model
+
+    source, info = load_model(init)
+    copied, skipped = 0, []
+    for layer in source.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        try:
+            target = model.get_layer(layer.name)
+        except ValueError:
+            skipped.append(layer.name)
+            continue
+        if [w.shape for w in target.get_weights()] == [w.shape for w in weights]:
+            target.set_weights(weights)
+            copied += 1
+        else:
+            skipped.append(layer.name)
+    logger.info("warm start from {} ({}): {} layers copied, skipped {}", init, info.model_id, copied, skipped or "none")
+
+
+def train(
+    settings: TrainSettings,
+    resume: bool = False,
+    init: Path | None = None,
+    progress: bool | None = None,
+    until: int | None = None,
+) -> TrainResult:
+    """Trains (or resumes) a run; ``until`` stops this sitting early at that step (rounded up
+    to a validation interval), leaving a checkpoint that ``resume`` continues."""
+    import keras
+
+    from batchsr.checkpoint import save_model
+    from batchsr.data import load_training_images, training_dataset
+    from batchsr.model import ModelConfig, build_model
+
+    keras.utils.set_random_seed(settings.seed)
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = _Checkpoints(out_dir)
+    config = ModelConfig(**settings.model.model_dump())
+    scale = config.scale
+    state = {"step": 0, "best_psnr": None, "seconds": 0.0, "settings": settings.model_dump(mode="json")}
+    latest = ckpts.latest()
+    if resume and latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpts.root}")
+    if not resume and latest is not None:
+        raise ConfigError(f"{out_dir} already holds a training checkpoint; pass --resume to continue it or choose another out_dir")
+    if resume:
+        saved = json.loads((latest / "state.json").read_text())
+        if saved["settings"]["model"] != state["settings"]["model"]:
+            raise ConfigError(f"--resume: the model in {latest} differs from the training config's model")
+        state.update({k: saved[k] for k in ("step", "best_psnr", "seconds")})
+    if state["step"] >= settings.steps:
+        logger.info("training already complete at step {}", state["step"])
+
+    keras.mixed_precision.set_global_policy("float32")
+    eval_model = build_model(config)
+    keras.mixed_precision.set_global_policy(settings.precision)
+    try:
+        model = build_model(config)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    optimizer = keras.optimizers.Adam(
+        learning_rate=_schedule(settings),
+        use_ema=settings.ema is not None,
+        ema_momentum=settings.ema or 0.99,
+    )
+    model.compile(optimizer=optimizer, loss=_loss(settings.loss), jit_compile=False)
+    optimizer.build(model.trainable_variables)
+    if resume:
+        model.load_weights(latest / "model.weights.h5")
+        saved_vars = np.load(latest / "optimizer.npz")
+        values = [saved_vars[f"arr_{i}"] for i in range(len(saved_vars.files))]
+        if len(values) != len(optimizer.variables):
+            raise ModelError(f"{latest}: optimizer state does not match ({len(values)} vs {len(optimizer.variables)} variables)")
+        for var, value in zip(optimizer.variables, values):
+            var.assign(value)
+        logger.info("resumed from {} at step {}", latest, state["step"])
+    elif init is not None:
+        _warm_start(model, Path(init))
+
+    images = load_training_images(settings.train_dirs, settings.patch_size * scale)
+    val_pairs = _load_validation(settings)
+    logger.info(
+        "training {} ({} parameters) on {} images, {} validation images, steps {}..{}",
+        config, model.count_params(), len(images), len(val_pairs), state["step"], settings.steps,
+    )
+    final_path = out_dir / f"{settings.name}.weights.h5"
+    best_path = out_dir / f"{settings.name}-best.weights.h5"
+    log_path = out_dir / "log.csv"
+    interval = settings.val_interval
+    start = state["step"]
+    total_epochs = -(-settings.steps // interval)
+    first_epoch = start // interval
+    last_epoch = total_epochs if until is None else min(total_epochs, -(-until // interval))
+
+    def metadata() -> dict:
+        return {
+            "train_dirs": [str(p) for p in settings.train_dirs],
+            "val_dir": str(settings.val_dir) if settings.val_dir else None,
+            "images": len(images),
+            "steps": state["step"],
+            "patch_size": settings.patch_size,
+            "batch_size": settings.batch_size,
+            "lr": settings.lr,
+            "schedule": settings.schedule,
+            "loss": settings.loss,
+            "ema": settings.ema,
+            "precision": settings.precision,
+            "seconds": round(state["seconds"], 1),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {keras.backend.backend()} backend",
+        }
+
+    class Progress(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.bar = None
+            self.tick = time.time()
+            self.losses: list[float] = []
+
+        def on_train_begin(self, logs=None):
+            show = sys.stderr.isatty() if progress is None else progress
+            if show:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=settings.steps, initial=start, unit="step", dynamic_ncols=True)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.losses.append(float(logs.get("loss", np.nan)))
+            if self.bar is not None:
+                self.bar.update(1)
+                if batch % 20 == 0:
+                    self.bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", val=state["best_psnr"])
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.time()
+            state["seconds"] += now - self.tick
+            self.tick = now
+            state["step"] = min((epoch + 1) * interval, settings.steps)
+            ema = _ema_values(optimizer, model)
+            for var, value in zip(eval_model.trainable_variables, ema):
+                var.assign(value)
+            val = validate(eval_model, val_pairs, scale) if val_pairs else None
+            improved = val is not None and (state["best_psnr"] is None or val > state["best_psnr"])
+            if improved:
+                state["best_psnr"] = val
+                save_model(eval_model, config, best_path, training=metadata(), metrics={"val_psnr_y": round(val, 4)})
+            loss = float(np.mean(self.losses)) if self.losses else float("nan")
+            self.losses = []
+            new_log = not log_path.exists()
+            with open(log_path, "a", newline="") as handle:
+                writer = csv.writer(handle)
+                if new_log:
+                    writer.writerow(["step", "loss", "val_psnr_y", "lr", "seconds"])
+                lr_now = float(np.asarray(optimizer.learning_rate))
+                writer.writerow([state["step"], f"{loss:.6f}", "" if val is None else f"{val:.4f}", f"{lr_now:.3e}", f"{state['seconds']:.1f}"])
+            ckpts.save(state["step"], model, optimizer, state)
+            message = "step {} loss {:.5f} val Y-PSNR {} (best {}) {:.0f}s"
+            best = "-" if state["best_psnr"] is None else f"{state['best_psnr']:.3f}"
+            shown = "-" if val is None else f"{val:.3f}"
+            if self.bar is not None:
+                self.bar.write(message.format(state["step"], loss, shown, best, state["seconds"]))
+            else:
+                logger.info(message, state["step"], loss, shown, best, state["seconds"])
+
+        def on_train_end(self, logs=None):
+            if self.bar is not None:
+                self.bar.close()
+
+    if first_epoch < last_epoch:
+        dataset = training_dataset(
+            images, scale, settings.patch_size, settings.batch_size, settings.seed,
+            first_epoch * interval, settings.steps, settings.augment,
+        )
+        model.fit(
+            dataset,
+            epochs=last_epoch,
+            initial_epoch=first_epoch,
+            steps_per_epoch=interval,
+            callbacks=[Progress()],
+            verbose=0,
+        )
+    if last_epoch < total_epochs:
+        logger.info("stopped at step {} of {}; continue with --resume", state["step"], settings.steps)
+        return TrainResult(state["step"], state["best_psnr"], final_path, best_path if best_path.exists() else None, state["seconds"])
+    for var, value in zip(eval_model.trainable_variables, _ema_values(optimizer, model)):
+        var.assign(value)
+    final_val = validate(eval_model, val_pairs, scale) if val_pairs else None
+    save_model(eval_model, config, final_path, training=metadata(),
+               metrics={"val_psnr_y": round(final_val, 4)} if final_val is not None else {})
+    logger.info("saved {} (validation Y-PSNR {})", final_path, final_val)
+    return TrainResult(state["step"], state["best_psnr"], final_path, best_path if best_path.exists() else None, state["seconds"])

@@ -1,0 +1,51 @@
+"""Self-describing checkpoints: round trip, corrupt or mismatched files refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from batchsr.checkpoint import description_path, load_model, read_info
+from batchsr.errors import ModelError
+
+
+def test_round_trip_rebuilds_the_same_model(tiny_model):
+    model, info = load_model(tiny_model)
+    again, _ = load_model(tiny_model)
+    x = np.random.rand(1, 9, 11, 3).astype("float32")
+    assert np.array_equal(np.asarray(model(x)), np.asarray(again(x)))
+    assert info.scale == 4 and info.model_id.startswith("unet-x4-")
+    assert info.config["width"] == 8
+
+
+def test_corrupt_weights_are_refused(tiny_model, tmp_path):
+    copy = tmp_path / tiny_model.name
+    shutil.copy(tiny_model, copy)
+    shutil.copy(description_path(tiny_model), description_path(copy))
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="do not match their description"):
+        read_info(copy)
+
+
+def test_mismatched_description_is_refused(tiny_model, tmp_path):
+    copy = tmp_path / tiny_model.name
+    shutil.copy(tiny_model, copy)
+    meta = json.loads(description_path(tiny_model).read_text())
+    meta["model"]["width"] = 16  # the description no longer fits the weights
+    description_path(copy).write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="do not fit"):
+        load_model(copy)
+
+
+def test_missing_description_and_wrong_name(tiny_model, tmp_path):
+    copy = tmp_path / tiny_model.name
+    shutil.copy(tiny_model, copy)
+    with pytest.raises(ModelError, match="description"):
+        read_info(copy)
+    with pytest.raises(ModelError, match=".weights.h5"):
+        read_info(tmp_path / "model.h5")

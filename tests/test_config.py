@@ -1,0 +1,83 @@
+"""Settings: the shipped config.yaml, unknown keys, bad values, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchsr.config import Settings, load_settings, load_train_settings
+from batchsr.errors import ConfigError
+from tests.conftest import REPO
+
+
+def test_shipped_config_yaml_is_valid_and_equals_the_defaults():
+    assert load_settings(REPO / "config.yaml") == Settings()
+
+
+def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  tiel: 64\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert "engine.tiel" in message and "tile" in message and str(path) in message
+
+
+def test_unknown_section_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engnie: {}\n")
+    with pytest.raises(ConfigError, match="engnie"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    "text, key, value",
+    [
+        ("engine:\n  device: tpu\n", "engine.device", "'tpu'"),
+        ("engine:\n  tile: 3\n", "engine.tile", "3"),
+        ("engine:\n  precision: float8\n", "engine.precision", "'float8'"),
+        ("run:\n  output_format: gif\n", "run.output_format", "'gif'"),
+    ],
+)
+def test_bad_value_names_key_value_and_what_is_allowed(tmp_path, text, key, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert key in message and value in message
+    assert any(word in message for word in ("must be", "should be", "greater than", "Input should"))
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(path)
+
+
+def test_overrides_win_and_relative_weights_follow_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  weights: models/m.weights.h5\nengine:\n  tile: 64\n")
+    settings = load_settings(path, {"engine.tile": 96, "engine.batch_size": None})
+    assert settings.engine.tile == 96 and settings.engine.batch_size == 8
+    assert settings.model.weights == tmp_path / "models" / "m.weights.h5"
+    with pytest.raises(ConfigError, match="engine.overlap"):
+        load_settings(path, {"engine.overlap": -1})
+
+
+def test_training_configs_in_the_repository_are_valid():
+    for path in sorted((REPO / "configs").glob("train_*.yaml")):
+        settings = load_train_settings(path)
+        assert all(isinstance(p, Path) and p.is_absolute() for p in settings.train_dirs)
+
+
+def test_training_config_checks_consistency(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("train_dirs: [a]\nsteps: 100\nwarmup_steps: 100\n")
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_train_settings(path)

@@ -1,0 +1,53 @@
+"""Image I/O: formats by content, bit depth by dtype, rounding, atomic writes."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from batchsr.errors import ImageError
+from batchsr.imageio import atomic_write, decode_image, encode_image, from_float, read_image, to_float
+
+
+def test_format_is_detected_by_content_not_extension(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    path = tmp_path / "really_a_png.jpg"
+    cv2.imwrite(str(tmp_path / "x.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    path.write_bytes((tmp_path / "x.png").read_bytes())
+    image = read_image(path)
+    assert image.format == "png" and np.array_equal(image.rgb, rgb)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty file"), (b"hello world, not an image", "not a supported image"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "corrupt or truncated PNG")],
+)
+def test_bad_data_gives_the_file_and_the_reason(data, reason):
+    with pytest.raises(ImageError) as info:
+        decode_image(data, "some/file.png")
+    assert reason in str(info.value) and "some/file.png" in str(info.value)
+
+
+def test_sixteen_bit_survives_and_gray_stays_gray(tmp_path):
+    pixels = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)
+    path = tmp_path / "g16.png"
+    cv2.imwrite(str(path), pixels)
+    image = read_image(path)
+    assert image.rgb.dtype == np.uint16 and image.gray
+    back = decode_image(encode_image(image, "png"))
+    assert back.gray and back.rgb.dtype == np.uint16 and np.array_equal(back.rgb, image.rgb)
+
+
+def test_from_float_rounds_and_clips():
+    values = np.array([0.0, 0.4 / 255, 0.6 / 255, 254.5 / 255, 1.2, -0.1], np.float32)
+    assert from_float(values, np.uint8).tolist() == [0, 0, 1, 255, 255, 0]
+    assert np.array_equal(from_float(to_float(np.arange(256, dtype=np.uint8)), np.uint8), np.arange(256))
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["out.bin"]

@@ -1,0 +1,69 @@
+"""Architecture: shapes at every scale and odd sizes, the bicubic base, input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchsr.model import BicubicUpsample, ModelConfig, build_model
+from batchsr.resize import imresize
+
+
+@pytest.mark.parametrize("arch", ["unet", "seed"])
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_output_is_scale_times_input_at_odd_sizes(arch, scale):
+    model = build_model(ModelConfig(arch=arch, scale=scale, width=4, depth=2, blocks=1))
+    for h, w in [(13, 21), (1, 7), (16, 16)]:
+        out = np.asarray(model(np.random.rand(2, h, w, 3).astype("float32")))
+        assert out.shape == (2, h * scale, w * scale, 3)
+        assert np.isfinite(out).all()
+
+
+def test_layers_are_named_and_depth_changes_the_layout():
+    deep = build_model(ModelConfig(width=4, depth=3, blocks=0))
+    names = {layer.name for layer in deep.layers}
+    assert {"enc0_pool", "enc2_pool", "bottleneck_in_conv", "dec2_up", "dec0_concat", "head_conv", "head_shuffle"} <= names
+    shallow = build_model(ModelConfig(width=4, depth=1, blocks=0))
+    assert "enc1_pool" not in {layer.name for layer in shallow.layers}
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_bicubic_base_matches_matlab_away_from_borders(scale):
+    x = np.random.default_rng(scale).random((1, 20, 18, 3)).astype("float32")
+    up = np.asarray(BicubicUpsample(scale)(x))[0]
+    ref = imresize(x[0].astype(np.float64), size=(20 * scale, 18 * scale))
+    m = 2 * scale
+    assert np.abs(up - ref)[m:-m, m:-m].max() < 1e-5
+
+
+def test_zero_detail_head_returns_the_bicubic_base():
+    import keras
+
+    model = build_model(ModelConfig(width=4, depth=1, blocks=0))
+    head = model.get_layer("head_conv")
+    head.set_weights([np.zeros_like(w) for w in head.get_weights()])
+    x = np.random.rand(1, 12, 12, 3).astype("float32")
+    base = keras.ops.convert_to_numpy(BicubicUpsample(4)(x))
+    assert np.allclose(np.asarray(model(x)), base, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scale": 5}, "scale must be one of"),
+        ({"arch": "resnet"}, "arch must be one of"),
+        ({"width": 2}, "width must be"),
+        ({"depth": 9}, "depth must be"),
+    ],
+)
+def test_bad_config_names_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        build_model(ModelConfig(**kwargs))
+    assert str(list(kwargs.values())[0]) in str(info.value)
+
+
+def test_config_round_trip_rejects_unknown_keys():
+    config = ModelConfig(width=8)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="colour"):
+        ModelConfig.from_dict({**config.to_dict(), "colour": 1})

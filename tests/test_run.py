@@ -1,0 +1,147 @@
+"""``batchsr run`` end to end: folder trees, bad files, skip-if-done, exit codes, metrics."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchsr.config import Settings
+from batchsr.imageio import read_image
+from batchsr.metrics import score
+from batchsr.resize import degrade, imresize
+from batchsr.runner import run_folder
+from tests.conftest import REPO, data_dir, write_png
+
+
+def _settings(model: Path, **engine) -> Settings:
+    return Settings.model_validate(
+        {"model": {"weights": str(model)}, "engine": {"tile": 32, "overlap": 8, "batch_size": 4, **engine}, "run": {"progress": "none"}}
+    )
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "batchsr.cli", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=300)
+
+
+@pytest.fixture()
+def tree(tmp_path) -> Path:
+    """Real photos in a tree with a subfolder, a corrupt PNG, a truncated JPEG and a text file."""
+    src = tmp_path / "in"
+    hr = read_image(data_dir("Set5", "HR") / "bird.png").rgb
+    write_png(src / "bird.png", degrade(hr, 4))
+    write_png(src / "sub" / "deeper" / "head.png", degrade(read_image(data_dir("Set5", "HR") / "head.png").rgb, 4))
+    import cv2
+
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(degrade(hr, 4), cv2.COLOR_RGB2BGR))
+    (src / "sub" / "photo.jpeg").write_bytes(jpeg.tobytes())
+    (src / "sub" / "cut.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 3])
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (src / "notes.txt").write_text("not an image")
+    return src
+
+
+def test_run_mirrors_the_tree_and_reports_bad_files(tree, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    summary = run_folder(tree, out, _settings(tiny_model))
+    assert summary.done == 3 and summary.ignored == 1
+    assert sorted(f.path.name for f in summary.failed) == ["broken.png", "cut.jpg"]
+    reasons = {f.path.name: f.reason for f in summary.failed}
+    assert "corrupt or truncated PNG" in reasons["broken.png"]
+    for rel, lr in [("bird.png", tree / "bird.png"), ("sub/deeper/head.png", tree / "sub/deeper/head.png"), ("sub/photo.jpeg", tree / "sub/photo.jpeg")]:
+        src, dst = read_image(lr), read_image(out / rel)
+        assert dst.rgb.shape == (src.rgb.shape[0] * 4, src.rgb.shape[1] * 4, 3)
+        assert dst.format == src.format
+    assert not (out / "notes.txt").exists() and not (out / "broken.png").exists()
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_up_to_date_outputs_are_skipped_until_forced_or_changed(tree, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    first = run_folder(tree, out, _settings(tiny_model))
+    stamp = (out / "bird.png").stat().st_mtime_ns
+    again = run_folder(tree, out, _settings(tiny_model))
+    assert (again.done, again.skipped) == (0, first.done)
+    assert (out / "bird.png").stat().st_mtime_ns == stamp
+    forced = run_folder(tree, out, _settings(tiny_model), force=True)
+    assert forced.done == first.done
+    # New content under the same name is redone; a deleted output is redone.
+    write_png(tree / "bird.png", np.full((20, 24, 3), 90, np.uint8))
+    (out / "sub" / "photo.jpeg").unlink()
+    changed = run_folder(tree, out, _settings(tiny_model))
+    assert changed.done == 2 and changed.skipped == 1
+    assert read_image(out / "bird.png").rgb.shape == (80, 96, 3)
+
+
+def test_reference_metrics_match_a_recomputation(tmp_path, tiny_model):
+    hr_dir, lr_dir = tmp_path / "hr", tmp_path / "lr"
+    for name in ["baby", "woman"]:
+        hr = read_image(data_dir("Set5", "HR") / f"{name}.png").rgb
+        write_png(hr_dir / f"{name}.png", hr)
+        write_png(lr_dir / f"{name}.png", degrade(hr, 4))
+    out = tmp_path / "out"
+    summary = run_folder(lr_dir, out, _settings(tiny_model), reference_dir=hr_dir)
+    rows = list(csv.DictReader(open(summary.metrics_csv)))
+    assert [r["image"] for r in rows] == ["baby.png", "woman.png", "MEAN"]
+    for row in rows[:2]:
+        sr = read_image(out / row["image"]).rgb.astype(np.float64)
+        hr = read_image(hr_dir / row["image"]).rgb.astype(np.float64)
+        lr = read_image(lr_dir / row["image"]).rgb
+        ours = score(sr, hr, 4)
+        bicubic = score(imresize(lr, size=hr.shape[:2]).astype(np.float64), hr, 4)
+        assert float(row["psnr_y"]) == pytest.approx(ours["psnr_y"], abs=1e-3)
+        assert float(row["ssim_rgb"]) == pytest.approx(ours["ssim_rgb"], abs=1e-3)
+        assert float(row["bicubic_psnr_y"]) == pytest.approx(bicubic["psnr_y"], abs=1e-3)
+        assert float(row["gain_psnr_y"]) == pytest.approx(ours["psnr_y"] - bicubic["psnr_y"], abs=2e-3)
+    mean = rows[2]
+    assert float(mean["psnr_y"]) == pytest.approx(np.mean([float(r["psnr_y"]) for r in rows[:2]]), abs=1e-3)
+
+
+def test_cli_exit_codes(tree, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    result = _cli("run", str(tree), str(out), "--model", str(tiny_model), "--tile", "32", "--progress", "none")
+    assert result.returncode == 65, result.stderr
+    assert "broken.png" in result.stderr and "cut.jpg" in result.stderr
+    good = tmp_path / "good"
+    write_png(good / "a.png", np.full((12, 10, 3), 200, np.uint8))
+    assert _cli("run", str(good), str(tmp_path / "o2"), "--model", str(tiny_model), "--progress", "none").returncode == 0
+    missing = _cli("run", str(tmp_path / "nope"), str(tmp_path / "o3"), "--model", str(tiny_model))
+    assert missing.returncode == 66 and "nope" in missing.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    unwritable = _cli("run", str(good), str(blocker / "sub"), "--model", str(tiny_model))
+    assert unwritable.returncode == 73 and "not writable" in unwritable.stderr
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("engine:\n  tile: -5\n")
+    config_error = _cli("--config", str(bad_config), "run", str(good), str(tmp_path / "o4"))
+    assert config_error.returncode == 78 and "engine.tile" in config_error.stderr and "-5" in config_error.stderr
+    bad_model = _cli("run", str(good), str(tmp_path / "o5"), "--model", str(tmp_path / "none.weights.h5"))
+    assert bad_model.returncode == 78 and "not found" in bad_model.stderr
+    # Another process holds the output folder.
+    lock_path = tmp_path / "o2" / ".batchsr" / "lock"
+    with open(lock_path, "r+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write("pid 12345: test holder")
+        handle.flush()
+        locked = _cli("run", str(good), str(tmp_path / "o2"), "--model", str(tiny_model))
+    assert locked.returncode == 75 and "12345" in locked.stderr
+
+
+def test_help_does_not_import_tensorflow():
+    code = "import sys; from click.testing import CliRunner; from batchsr.cli import main; r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip() == "False False", result.stderr
+
+
+def test_config_command_prints_effective_settings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  tile: 64\n")
+    result = _cli("--config", str(path), "config")
+    assert result.returncode == 0 and "tile: 64" in result.stdout and "batch_size: 8" in result.stdout

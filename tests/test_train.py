@@ -1,0 +1,71 @@
+"""A short training lowers the loss; an interrupted one resumes exactly where it stopped."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from batchsr.checkpoint import load_model
+from batchsr.config import TrainSettings
+from batchsr.errors import ConfigError
+from batchsr.train import train
+from tests.conftest import data_dir
+
+
+def _settings(out_dir, **extra) -> TrainSettings:
+    return TrainSettings.model_validate(
+        {
+            "train_dirs": [str(data_dir("T91", "HR"))],
+            "val_dir": str(data_dir("Set5", "HR")),
+            "out_dir": str(out_dir),
+            "name": "tiny",
+            "model": {"width": 8, "depth": 1, "blocks": 0},
+            "patch_size": 16,
+            "batch_size": 8,
+            "steps": 60,
+            "lr": 2e-3,
+            "warmup_steps": 5,
+            "val_interval": 20,
+            "ema": 0.9,
+            **extra,
+        }
+    )
+
+
+def _log(out_dir):
+    return list(csv.DictReader(open(out_dir / "log.csv")))
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    result = train(_settings(straight), progress=False)
+    log = _log(straight)
+    assert [int(r["step"]) for r in log] == [20, 40, 60]
+    assert float(log[-1]["loss"]) < 0.8 * float(log[0]["loss"])
+    assert result.step == 60 and result.final_weights.exists()
+    model, info = load_model(result.final_weights)
+    assert info.training["steps"] == 60 and info.config["width"] == 8
+    assert info.metrics["val_psnr_y"] > 20
+
+    split = tmp_path / "split"
+    first = train(_settings(split), progress=False, until=40)
+    assert first.step == 40 and not first.final_weights.exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_settings(split), progress=False)
+    state = json.loads((split / "checkpoints" / "step-00000040" / "state.json").read_text())
+    assert state["step"] == 40
+    second = train(_settings(split), resume=True, progress=False)
+    assert second.step == 60
+    assert [int(r["step"]) for r in _log(split)] == [20, 40, 60]
+    resumed, _ = load_model(second.final_weights)
+    for a, b in zip(model.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert float(_log(split)[-1]["loss"]) == pytest.approx(float(log[-1]["loss"]), rel=1e-3)
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(_settings(tmp_path / "empty"), resume=True, progress=False)
