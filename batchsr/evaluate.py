@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from batchsr.errors import ImageError, InputError
-from batchsr.imageio import atomic_write, from_float, read_image, to_float
+from batchsr.imageio import atomic_write, from_float, read_image, to_float, to_uint8
 from batchsr.metrics import score
 from batchsr.resize import crop_to_multiple, degrade, imresize
 
@@ -35,6 +35,7 @@ COLUMNS = [
 class SetResult:
     name: str
     rows: list[dict]
+    images: list = field(default_factory=list)  # ReportImage, when a report was asked for
 
     def mean(self, key: str) -> float:
         return float(np.mean([r[key] for r in self.rows]))
@@ -46,22 +47,38 @@ def set_name(folder: Path) -> str:
     return folder.parent.name if folder.name.upper().startswith("HR") else folder.name
 
 
-def evaluate_folder(folder: Path, scale: int, engine=None) -> SetResult:
-    from batchsr.data import find_images
+def min_side(scale: int) -> int:
+    """Smallest HR side that still leaves an 11x11 SSIM window after the border crop."""
+    return 2 * scale + 11
+
+
+def hr_files(folder: Path) -> list[Path]:
+    """Every image of an HR folder; anything else there is an error, not silently skipped."""
+    from batchsr.data import is_image_file
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"HR folder {folder} does not exist or is not a folder")
-    paths = find_images(folder)
-    if not paths:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts))
+    for path in files:
+        if not is_image_file(path):
+            raise ImageError(path, "not an image (PNG, JPEG, WebP, BMP or TIFF by content); remove it from the HR folder")
+    if not files:
         raise InputError(f"HR folder {folder} holds no images")
-    name = set_name(folder)
-    rows = []
+    return files
+
+
+def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = False) -> SetResult:
+    paths = hr_files(folder)
+    name = set_name(Path(folder))
+    rows, kept = [], []
     for path in paths:
         image = read_image(path)
         hr = crop_to_multiple(image.rgb, scale)
-        if min(hr.shape[:2]) < 4 * scale:
-            raise ImageError(path, f"{hr.shape[1]}x{hr.shape[0]} is too small to evaluate at x{scale}")
+        if min(hr.shape[:2]) < min_side(scale):
+            raise ImageError(
+                path, f"{image.rgb.shape[1]}x{image.rgb.shape[0]} is too small to evaluate at x{scale} (needs {min_side(scale)} px a side)"
+            )
         gray = image.gray or (name, path.stem) in SINGLE_CHANNEL_SOURCES
         lr = degrade(hr, scale)
         peak = 255.0 / np.iinfo(hr.dtype).max
@@ -77,8 +94,30 @@ def evaluate_folder(folder: Path, scale: int, engine=None) -> SetResult:
             row.update(score(out, ref, scale, gray))
             row["gain_psnr_y"] = row["psnr_y"] - row["bicubic_psnr_y"]
             row["model_id"] = engine.model_id
+            if keep_images:
+                from batchsr.report import ReportImage
+
+                kept.append(ReportImage(f"{name}/{path.stem}", to_uint8(lr), to_uint8(imresize(lr, size=hr.shape[:2])),
+                                        to_uint8(from_float(sr, hr.dtype)), to_uint8(hr), row))
         rows.append(row)
-    return SetResult(name, rows)
+    return SetResult(name, rows, kept)
+
+
+def summary_rows(results: list[SetResult], scale: int) -> list[dict]:
+    """Per-set means for the report's table."""
+    return [
+        {
+            "set": r.name,
+            "images": len(r.rows),
+            "scale": scale,
+            "bicubic PSNR-Y": f"{r.mean('bicubic_psnr_y'):.2f}",
+            "bicubic SSIM-Y": f"{r.mean('bicubic_ssim_y'):.4f}",
+            "batchsr PSNR-Y": f"{r.mean('psnr_y'):.2f}",
+            "batchsr SSIM-Y": f"{r.mean('ssim_y'):.4f}",
+            "gain": f"{r.mean('gain_psnr_y'):+.2f} dB",
+        }
+        for r in results
+    ]
 
 
 def write_csv(results: list[SetResult], path: Path) -> None:

@@ -59,6 +59,7 @@ class RunSummary:
     megapixels: float = 0.0  # output megapixels written
     model_id: str = ""
     metrics_csv: Path | None = None
+    report: Path | None = None
 
     @property
     def throughput(self) -> float:
@@ -225,6 +226,7 @@ def run_folder(
     *,
     force: bool = False,
     reference_dir: Path | None = None,
+    report_dir: Path | None = None,
     engine=None,
 ) -> RunSummary:
     """Upscales every image under ``input_dir`` into ``output_dir``; see the module docstring."""
@@ -235,10 +237,10 @@ def run_folder(
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
     _check_output_dir(output_dir)
     with FolderLock(output_dir / STATE_DIR / "lock"):
-        return _run_locked(input_dir, output_dir, settings, force, reference_dir, engine)
+        return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine)
 
 
-def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir, engine) -> RunSummary:
+def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir, report_dir, engine) -> RunSummary:
     started = time.time()
     info: ModelInfo = engine.info if engine is not None else read_info(settings.model.weights or DEFAULT_MODEL)
     model_id, scale = info.model_id, info.scale
@@ -276,6 +278,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     progress = _Progress(len(paths), run.progress, run.log_interval_s)
     writers = ThreadPoolExecutor(max_workers=run.write_workers, thread_name_prefix="batchsr-write")
     in_flight: list[tuple[_Item, Future]] = []
+    report_images: list = []
     claimed: dict[Path, Path] = {}
 
     def fail(item: _Item, reason: str) -> None:
@@ -295,6 +298,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             else:
                 metrics = reference_metrics(item.image, result, ref, scale)
                 metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
+                if report_dir is not None:
+                    report_images.append(_report_image(item, result, ref, metrics, scale))
         return metrics
 
     def settle(block: bool) -> None:
@@ -367,8 +372,26 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     if reference_dir is not None:
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale, model_id)
     journal.close()
+    if report_dir is not None and report_images:
+        from batchsr.report import write_report
+
+        report_images.sort(key=lambda im: im.name)
+        rows = [{"images": len(report_images), "scale": scale, "model": model_id,
+                 **{k: round(float(np.mean([im.metrics[k] for im in report_images])), 4)
+                    for k in ("bicubic_psnr_y", "psnr_y", "gain_psnr_y", "bicubic_ssim_y", "ssim_y")}}]
+        summary.report = write_report(Path(report_dir), report_images, f"batchsr run: {input_dir}", rows)
     summary.seconds = time.time() - started
     return summary
+
+
+def _report_image(item: _Item, result: Image, reference_path: Path, metrics: dict, scale: int):
+    from batchsr.imageio import to_uint8
+    from batchsr.report import ReportImage
+
+    h, w = result.rgb.shape[:2]
+    ref = read_image(reference_path).rgb[:h, :w]
+    return ReportImage(item.rel.as_posix(), to_uint8(item.image.rgb), to_uint8(imresize(item.image.rgb, size=(h, w))),
+                       to_uint8(result.rgb), to_uint8(ref), metrics)
 
 
 def _tile_count(engine, settings: Settings, info: ModelInfo, image: Image) -> int:

@@ -1,0 +1,155 @@
+"""A self-contained HTML report: LR, bicubic, batchsr and HR side by side, with metrics.
+
+Each row shows the four images and, under each, a zoom on the window where
+batchsr differs most from bicubic — where the model actually did something.
+The page has its images beside it (``images/``), a summary table and a chart
+of the per-image gain; it marks on ``<body data-images>`` how many images the
+browser loaded, so a headless browser can check the page.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from batchsr.imageio import atomic_write
+from batchsr.metrics import rgb_to_y
+
+ZOOM_WINDOW = 48  # HR pixels of the zoomed region
+ZOOM_FACTOR = 4
+
+
+@dataclass
+class ReportImage:
+    name: str
+    lr: np.ndarray  # 8-bit RGB
+    bicubic: np.ndarray  # 8-bit RGB, HR size
+    sr: np.ndarray
+    hr: np.ndarray
+    metrics: dict
+
+
+def most_changed_window(sr: np.ndarray, bicubic: np.ndarray, window: int = ZOOM_WINDOW) -> tuple[int, int, int]:
+    """Top-left corner and side of the window where ``sr`` and ``bicubic`` differ most (on Y)."""
+    h, w = sr.shape[:2]
+    side = min(window, h, w)
+    diff = np.abs(rgb_to_y(sr.astype(np.float64)) - rgb_to_y(bicubic.astype(np.float64))).astype(np.float32)
+    integral = cv2.integral(diff)
+    sums = integral[side:, side:] - integral[:-side, side:] - integral[side:, :-side] + integral[:-side, :-side]
+    y, x = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(y), int(x), side
+
+
+def _png(path: Path, rgb: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    atomic_write(path, data.tobytes())
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "image"
+
+
+def _nearest(image: np.ndarray, factor: int) -> np.ndarray:
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _gain_chart(path: Path, images: list[ReportImage]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gains = [im.metrics.get("gain_psnr_y", 0.0) for im in images]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(images) + 2), 3.2), dpi=100)
+    ax.bar(range(len(images)), gains, color=["#2b8a3e" if g >= 0 else "#c92a2a" for g in gains])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("Y-PSNR gain over bicubic (dB)")
+    ax.set_xticks(range(len(images)), [im.name for im in images], rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table.summary { border-collapse: collapse; margin-bottom: 1em; }
+table.summary td, table.summary th { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
+.row { margin: 1.5em 0; border-top: 1px solid #ddd; padding-top: 0.8em; }
+.cells { display: flex; gap: 0.8em; flex-wrap: wrap; }
+figure { margin: 0; text-align: center; }
+figure img.full { max-width: 260px; height: auto; image-rendering: auto; }
+figure img.zoom { width: 192px; height: 192px; image-rendering: pixelated; border: 1px solid #999; }
+figcaption { font-size: 0.85em; }
+"""
+
+_CHECK = """
+window.addEventListener("load", function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  document.body.setAttribute("data-images", ok + "/" + imgs.length);
+});
+"""
+
+
+def write_report(report_dir: Path, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
+    """Writes ``report_dir/index.html`` with its images; returns the page's path."""
+    report_dir = Path(report_dir)
+    assets = report_dir / "images"
+    assets.mkdir(parents=True, exist_ok=True)
+    rows_html = []
+    for index, image in enumerate(images):
+        slug = f"{index:04d}_{_slug(image.name)}"
+        scale = image.hr.shape[0] // image.lr.shape[0]
+        y, x, side = most_changed_window(image.sr, image.bicubic)
+        panels = [
+            ("LR (nearest)", _nearest(image.lr, scale)[: image.hr.shape[0], : image.hr.shape[1]]),
+            ("bicubic", image.bicubic),
+            ("batchsr", image.sr),
+            ("HR", image.hr),
+        ]
+        cells = []
+        for label, pixels in panels:
+            key = label.split()[0].lower()
+            full, zoom = f"images/{slug}_{key}.png", f"images/{slug}_{key}_zoom.png"
+            _png(report_dir / full, pixels)
+            _png(report_dir / zoom, _nearest(pixels[y : y + side, x : x + side], ZOOM_FACTOR))
+            cells.append(
+                f'<figure><img class="full" src="{full}" alt="{html.escape(label)}">'
+                f'<br><img class="zoom" src="{zoom}" alt="{html.escape(label)} zoom">'
+                f"<figcaption>{html.escape(label)}</figcaption></figure>"
+            )
+        m = image.metrics
+        caption = (
+            f"bicubic {m.get('bicubic_psnr_y', float('nan')):.2f} dB / {m.get('bicubic_ssim_y', float('nan')):.4f}, "
+            f"batchsr {m.get('psnr_y', float('nan')):.2f} dB / {m.get('ssim_y', float('nan')):.4f}, "
+            f"gain {m.get('gain_psnr_y', float('nan')):+.2f} dB (Y); zoom at x={x}, y={y}"
+        )
+        rows_html.append(
+            f'<div class="row"><h3>{html.escape(image.name)}</h3><p>{html.escape(caption)}</p>'
+            f'<div class="cells">{"".join(cells)}</div></div>'
+        )
+    _gain_chart(assets / "gain.png", images)
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in (summary_rows[0] if summary_rows else {}))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>" for row in summary_rows
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style><script>{_CHECK}</script></head>
+<body data-images="pending">
+<h1>{html.escape(title)}</h1>
+<table class="summary"><tr>{head}</tr>{body}</table>
+<img class="chart" src="images/gain.png" alt="per-image gain over bicubic">
+{"".join(rows_html)}
+</body></html>
+"""
+    index = report_dir / "index.html"
+    atomic_write(index, page.encode("utf-8"))
+    return index

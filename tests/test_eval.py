@@ -1,0 +1,64 @@
+"""``batchsr eval``: published bicubic figures, the model's gain, clear errors on bad input."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from batchsr.errors import ImageError, InputError
+from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
+from tests.conftest import data_dir, write_png
+
+PUBLISHED = {  # (set, scale): (PSNR-Y, SSIM-Y) of bicubic
+    ("Set5", 4): (28.42, 0.8104),
+    ("Set14", 4): (26.00, 0.7027),
+    ("BSD100", 4): (25.96, 0.6675),
+    ("Set5", 2): (33.66, 0.9299),
+    ("BSD100", 2): (29.56, 0.8431),
+}
+
+
+@pytest.mark.parametrize("name, scale", sorted(PUBLISHED))
+def test_eval_reproduces_published_bicubic(name, scale):
+    result = evaluate_folder(data_dir(name, "HR"), scale)
+    psnr, ssim = PUBLISHED[(name, scale)]
+    assert abs(result.mean("bicubic_psnr_y") - psnr) <= 0.02
+    assert abs(result.mean("bicubic_ssim_y") - ssim) <= 0.002
+
+
+def test_eval_with_a_model_writes_csv_and_table(tiny_model, tmp_path):
+    from batchsr.config import EngineSettings
+    from batchsr.engine import Engine
+
+    engine = Engine(tiny_model, EngineSettings(tile=64, overlap=8))
+    result = evaluate_folder(data_dir("Set5", "HR"), 4, engine)
+    assert len(result.rows) == 5
+    row = result.rows[0]
+    assert row["gain_psnr_y"] == pytest.approx(row["psnr_y"] - row["bicubic_psnr_y"])
+    assert row["model_id"] == engine.model_id and row["ms"] > 0
+    path = tmp_path / "e.csv"
+    write_csv([result], path)
+    rows = list(csv.DictReader(open(path)))
+    assert [r["image"] for r in rows] == ["baby", "bird", "butterfly", "head", "woman"]
+    assert float(rows[1]["psnr_rgb"]) == pytest.approx(result.rows[1]["psnr_rgb"], abs=1e-4)
+    table = markdown_table([result], 4, with_model=True)
+    assert "| Set5 | 4 |" in table and f"{result.mean('psnr_y'):.2f}" in table
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate_folder(tmp_path / "missing", 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        evaluate_folder(tmp_path / "empty", 4)
+    mixed = tmp_path / "mixed"
+    write_png(mixed / "a.png", np.zeros((40, 40, 3), np.uint8))
+    (mixed / "readme.txt").write_text("hello")
+    with pytest.raises(ImageError, match="readme.txt.*not an image"):
+        evaluate_folder(mixed, 4)
+    tiny = tmp_path / "tiny"
+    write_png(tiny / "t.png", np.zeros((12, 12, 3), np.uint8))
+    with pytest.raises(ImageError, match="too small to evaluate at x4"):
+        evaluate_folder(tiny, 4)

@@ -1,0 +1,52 @@
+"""The visual report: files on disk, the most-changed window, and a real browser (slow)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from batchsr.report import most_changed_window
+from tests.conftest import REPO, data_dir
+
+
+def test_most_changed_window_finds_the_difference():
+    base = np.full((100, 120, 3), 100, np.uint8)
+    changed = base.copy()
+    changed[60:70, 30:40] = 200
+    y, x, side = most_changed_window(changed, base, window=16)
+    assert side == 16 and y <= 60 and y + 16 >= 70 and x <= 30 and x + 16 >= 40
+
+
+def _make_report(tmp_path, tiny_model):
+    from batchsr.config import EngineSettings
+    from batchsr.engine import Engine
+    from batchsr.evaluate import evaluate_folder, summary_rows
+    from batchsr.report import write_report
+
+    engine = Engine(tiny_model, EngineSettings(tile=64, overlap=8))
+    result = evaluate_folder(data_dir("Set5", "HR"), 4, engine, keep_images=True)
+    return write_report(tmp_path / "report", result.images, "test", summary_rows([result], 4))
+
+
+def test_report_page_references_only_existing_images(tmp_path, tiny_model):
+    page = _make_report(tmp_path, tiny_model)
+    text = page.read_text()
+    sources = re.findall(r'src="([^"]+)"', text)
+    assert len(sources) == 1 + 5 * 8  # the chart, then 4 panels x (full + zoom) per image
+    for src in sources:
+        assert (page.parent / src).stat().st_size > 100
+    assert "Set5/bird" in text and "gain" in text
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path, tiny_model):
+    page = _make_report(tmp_path, tiny_model)
+    shot = tmp_path / "shot.png"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "check_report.py"), str(page.parent), str(shot)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "41/41 images loaded" in result.stdout and shot.stat().st_size > 10000
