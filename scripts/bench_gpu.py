@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""GPU check and throughput of the shipped model on the JAX backend (no TensorFlow needed).
+
+1. Output must match the TensorFlow-CPU reference stored in ``scripts/gpu_reference/``
+   (PSNR between them >= 60 dB in float32, >= 45 dB in mixed bfloat16).
+2. Model-only x4 output MP/s at float32 and mixed_bfloat16 over a range of batch sizes.
+
+Runs unattended in well under 3 minutes:
+    KERAS_BACKEND=jax python3 scripts/bench_gpu.py
+Re-create the reference (TensorFlow, CPU, float32) after changing the shipped model:
+    .venv/bin/python scripts/bench_gpu.py --make-reference
+Needs only numpy, h5py and keras (plus JAX or PyTorch) beside this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "scripts" / "gpu_reference"
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def load(precision: str):
+    import keras
+
+    from batchsr.checkpoint import DEFAULT_MODEL, load_model
+
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        return load_model(DEFAULT_MODEL)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def make_reference() -> None:
+    import cv2
+    import numpy as np
+
+    model, info = load("float32")
+    lr = cv2.cvtColor(cv2.imread(str(REPO / "batchsr" / "samples" / "astronaut.png")), cv2.COLOR_BGR2RGB)[:96, :96]
+    x = lr.astype(np.float32) / 255.0
+    sr = np.asarray(model.predict_on_batch(x[None]))[0]
+    REFERENCE.mkdir(exist_ok=True)
+    np.save(REFERENCE / "lr.npy", x)
+    np.save(REFERENCE / "sr_float32.npy", sr.astype(np.float32))
+    (REFERENCE / "MODEL_ID").write_text(info.model_id + "\n")
+    print(f"reference for {info.model_id} written to {REFERENCE}")
+
+
+def throughput(model, scale: int, tile: int, batch: int, seconds: float = 3.0) -> float:
+    import numpy as np
+
+    x = np.random.default_rng(0).random((batch, tile, tile, 3), dtype=np.float32)
+    np.asarray(model.predict_on_batch(x))  # compile for this shape
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        np.asarray(model.predict_on_batch(x))  # np.asarray waits for the device
+        runs += 1
+    elapsed = time.perf_counter() - start
+    return runs * batch * tile * tile * scale * scale / 1e6 / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="GPU check and throughput (JAX backend)")
+    parser.add_argument("--make-reference", action="store_true")
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    if args.make_reference:
+        make_reference()
+        return
+    import keras
+    import numpy as np
+
+    print(f"backend {keras.backend.backend()}, keras {keras.__version__}")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        print("devices:", jax.devices())
+    x = np.load(REFERENCE / "lr.npy")
+    reference = np.load(REFERENCE / "sr_float32.npy")
+    failures = []
+    for precision, floor in (("float32", 60.0), ("mixed_bfloat16", 45.0)):
+        model, info = load(precision)
+        expected_id = (REFERENCE / "MODEL_ID").read_text().strip()
+        if info.model_id != expected_id:
+            failures.append(f"reference was made for {expected_id}, shipped model is {info.model_id}: rerun --make-reference")
+        sr = np.asarray(model.predict_on_batch(x[None]), dtype=np.float32)[0]
+        value = psnr(sr, reference)
+        verdict = "ok" if value >= floor else "FAIL"
+        print(f"{precision}: PSNR vs TensorFlow-CPU reference {value:.1f} dB (need >= {floor}) {verdict}")
+        if value < floor:
+            failures.append(f"{precision} output differs from the reference ({value:.1f} dB < {floor})")
+        print(f"| precision | tile | batch | output MP/s |\n|---|---|---|---|")
+        for batch in args.batches:
+            mps = throughput(model, info.scale, args.tile, batch)
+            print(f"| {precision} | {args.tile} | {batch} | {mps:.1f} |", flush=True)
+    if failures:
+        sys.exit("; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()
