@@ -128,25 +128,33 @@ def _engine_overrides(weights, device, precision, tile, overlap, batch_size) -> 
 @click.option("--format", "output_format", type=click.Choice(["same", "png", "jpg", "webp", "tiff"]), help="run.output_format.")
 @click.option("--reference", "reference_dir", type=click.Path(path_type=Path),
               help="Folder of HR references at the same relative paths: writes OUTPUT/metrics.csv.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="With --reference: an HTML visual report in this folder.")
 @click.option("--force", is_flag=True, help="Redo images whose output is already up to date.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), help="run.progress.")
+@click.option("--outscale", type=float, help="Output factor, any value (run.outscale): the model's scale, then a bicubic resize.")
+@click.option("--name-template", help="Output file name, e.g. '{stem}_x{scale}{ext}' (run.name_template).")
 @click.pass_context
-def run(ctx, input_dir, output_dir, weights, device, precision, tile, overlap, batch_size, output_format, reference_dir, force, progress):
+def run(ctx, input_dir, output_dir, weights, device, precision, tile, overlap, batch_size, output_format, reference_dir, report_dir, force, progress,
+        outscale, name_template):
     """Upscale every image under INPUT into OUTPUT (mirrored tree); exit 0, or 65 if some failed."""
     overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size)
-    overrides.update({"run.output_format": output_format, "run.progress": progress})
+    overrides.update({"run.output_format": output_format, "run.progress": progress, "run.outscale": outscale, "run.name_template": name_template})
     settings = _load(ctx, overrides)
     from loguru import logger
 
     from batchsr.runner import run_folder
 
-    summary = run_folder(input_dir, output_dir, settings, force=force, reference_dir=reference_dir)
+    if report_dir is not None and reference_dir is None:
+        raise ConfigError("--report needs --reference")
+    summary = run_folder(input_dir, output_dir, settings, force=force, reference_dir=reference_dir, report_dir=report_dir)
     logger.info(
         "done {}, skipped {}, failed {}, ignored {} in {:.1f}s ({:.2f} img/s, {:.1f} output MP)",
         summary.done, summary.skipped, len(summary.failed), summary.ignored, summary.seconds, summary.throughput, summary.megapixels,
     )
     if summary.metrics_csv is not None:
         logger.info("metrics: {}", summary.metrics_csv)
+    if summary.report is not None:
+        logger.info("report: {}", summary.report)
     for failure in summary.failed:
         click.echo(f"batchsr: failed: {failure.path}: {failure.reason}", err=True)
     ctx.exit(EXIT_FAILED_IMAGES if summary.failed else EXIT_OK)
@@ -158,8 +166,9 @@ def run(ctx, input_dir, output_dir, weights, device, precision, tile, overlap, b
 @_engine_options
 @click.option("--bicubic-only", is_flag=True, help="Score the bicubic baseline only (no model).")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Per-image CSV output.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write an HTML visual report into this folder.")
 @click.pass_context
-def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap, batch_size, bicubic_only, csv_path):
+def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap, batch_size, bicubic_only, csv_path, report_dir):
     """Standard benchmark protocol: LR by MATLAB bicubic, PSNR/SSIM on Y with a `scale` border."""
     settings = _load(ctx, _engine_overrides(weights, device, precision, tile, overlap, batch_size))
     from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
@@ -174,9 +183,18 @@ def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap,
         scale = engine.scale
     if scale is None:
         raise ConfigError("--scale is required with --bicubic-only")
-    results = [evaluate_folder(folder, scale, engine) for folder in hr_dirs]
+    if report_dir is not None and engine is None:
+        raise ConfigError("--report needs a model (drop --bicubic-only)")
+    results = [evaluate_folder(folder, scale, engine, keep_images=report_dir is not None, max_pixels=settings.image.max_pixels)
+               for folder in hr_dirs]
     if csv_path is not None:
         write_csv(results, csv_path)
+    if report_dir is not None:
+        from batchsr.evaluate import summary_rows
+        from batchsr.report import write_report
+
+        page = write_report(report_dir, [im for r in results for im in r.images], f"batchsr x{scale}: {engine.model_id}", summary_rows(results, scale))
+        click.echo(f"report: {page}", err=True)
     click.echo(markdown_table(results, scale, engine is not None))
 
 
@@ -203,6 +221,65 @@ def train(ctx, train_config, resume, init, steps, out_dir, until):
     click.echo(f"final weights: {result.final_weights}")
     if result.best_weights:
         click.echo(f"best weights:  {result.best_weights} (validation Y-PSNR {result.best_psnr:.3f} dB)")
+
+
+def _absolute(path: Path | None) -> str | None:
+    """Flag paths are taken from the current folder (file paths from the file's folder)."""
+    return str(Path(os.path.abspath(path))) if path is not None else None
+
+
+@main.command()
+@_engine_options
+@click.option("--inbox", type=click.Path(path_type=Path), help="watch.inbox.")
+@click.option("--output", "output_dir", type=click.Path(path_type=Path), help="watch.output.")
+@click.option("--state", "state_dir", type=click.Path(path_type=Path), help="watch.state (journal and lock).")
+@click.option("--polling/--no-polling", default=None, help="watch.polling (needed on NFS and SMB mounts).")
+@click.pass_context
+def watch(ctx, weights, device, precision, tile, overlap, batch_size, inbox, output_dir, state_dir, polling):
+    """Upscale each image dropped into the inbox, once (a daemon: stops on SIGTERM or SIGINT)."""
+    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size)
+    overrides.update({"watch.inbox": _absolute(inbox), "watch.output": _absolute(output_dir), "watch.state": _absolute(state_dir),
+                      "watch.polling": polling})
+    settings = _load(ctx, overrides)
+    import threading
+
+    from loguru import logger
+
+    from batchsr.watch import serve, stop_on_signals
+
+    stop = threading.Event()
+    stop_on_signals(stop, settings.watch.stop_timeout_s)
+    summary = serve(settings, stop)
+    logger.info("stopped after {:.0f}s: {} done, {} failed (model {})", summary.seconds, summary.done, summary.failed, summary.model_id)
+
+
+@main.command()
+@click.option("--state", "state_dir", type=click.Path(path_type=Path), help="watch.state (default: from the configuration).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--errors", default=10, show_default=True, type=click.IntRange(0, 1000), help="How many recent errors to list.")
+@click.pass_context
+def status(ctx, state_dir, as_json, errors):
+    """Queue, files by state, throughput and recent errors of `watch`, read from its journal."""
+    import json
+
+    from batchsr.config import load_settings
+    from batchsr.journal import ACTIVE, STATES, read_status
+
+    settings = load_settings(ctx.obj["config"], {"watch.state": _absolute(state_dir)})
+    report = read_status(settings.watch.state, errors)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+        return
+    oldest = "" if report.oldest_queued_s is None else f" (oldest {report.oldest_queued_s:.0f}s)"
+    click.echo(f"journal:   {report.journal}")
+    click.echo(f"daemon:    {report.daemon or 'not running'}")
+    click.echo(f"queue:     {report.queue}{oldest}: " + ", ".join(f"{s} {report.counts[s]}" for s in ACTIVE))
+    click.echo("states:    " + ", ".join(f"{s} {report.counts[s]}" for s in STATES))
+    click.echo(f"last hour: {report.done_last_hour} done ({report.images_per_minute:.2f} images/min)")
+    if report.errors:
+        click.echo("recent errors:")
+        for error in report.errors:
+            click.echo(f"  {error['time']}  {error['state']:<8}  {error['file']}: {error['error']} (tries: {error['attempts']})")
 
 
 @main.command()

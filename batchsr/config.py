@@ -32,6 +32,7 @@ class EngineSettings(_Section):
     tile: int = Field(128, ge=16, le=4096)
     overlap: int = Field(16, ge=0, le=512)
     batch_size: int = Field(8, ge=1, le=1024)
+    flat_guard: float = Field(2.0, ge=0, le=255)  # 8-bit levels; 0 turns the flat-area guard off
 
     @field_validator("device")
     @classmethod
@@ -50,6 +51,32 @@ class RunSettings(_Section):
     write_workers: int = Field(2, ge=1, le=64)
     progress: Literal["auto", "bar", "log", "none"] = "auto"
     log_interval_s: float = Field(10.0, gt=0)
+    outscale: float | None = Field(None, gt=0, le=64)  # None: the model's scale
+    name_template: str = "{stem}{ext}"
+    stream_megapixels: float = Field(16.0, gt=0)
+
+    @field_validator("name_template")
+    @classmethod
+    def _name_template(cls, value: str) -> str:
+        try:
+            name = value.format(stem="a", ext=".png", scale="4", format="png")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"bad field {exc}; allowed fields: {{stem}}, {{ext}}, {{scale}}, {{format}}") from None
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError("must give a file name (no folders)")
+        return value
+
+
+class ImageSettings(_Section):
+    """How ``run``, ``watch`` and ``eval`` read and write images (README: Image fidelity)."""
+
+    max_pixels: int = Field(200_000_000, ge=1)  # larger inputs are refused from their header
+    alpha: Literal["model", "bicubic"] = "model"  # how the alpha plane is upscaled
+    background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")  # transparent images flattened for JPEG/BMP
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        return tuple(int(self.background[i : i + 2], 16) for i in (1, 3, 5))
 
 
 class LoggingSettings(_Section):
@@ -57,11 +84,37 @@ class LoggingSettings(_Section):
     file: Path | None = None
 
 
+class WatchSettings(_Section):
+    """The hot-folder daemon (``batchsr watch``); output format, quality and workers come from ``run``."""
+
+    inbox: Path = Path("/srv/batchsr/inbox")
+    output: Path = Path("/srv/batchsr/output")
+    done: Path = Path("/srv/batchsr/done")
+    failed: Path = Path("/srv/batchsr/failed")
+    state: Path = Path("/var/lib/batchsr")
+    done_policy: Literal["move", "keep", "delete"] = "move"
+    reference: Path | None = None
+    settle_s: float = Field(2.0, ge=0)
+    batch_images: int = Field(16, ge=1, le=4096)
+    max_wait_s: float = Field(2.0, ge=0)
+    max_attempts: int = Field(3, ge=1, le=1000)
+    retry_delay_s: float = Field(30.0, ge=0)
+    rescan_interval_s: float = Field(60.0, gt=0)
+    polling: bool = False
+    poll_interval_s: float = Field(1.0, gt=0)
+    stop_timeout_s: float = Field(120.0, gt=0)
+
+
+WATCH_FOLDERS = ("inbox", "output", "done", "failed", "state", "reference")
+
+
 class Settings(_Section):
     model: ModelSettings = ModelSettings()
     engine: EngineSettings = EngineSettings()
     run: RunSettings = RunSettings()
+    image: ImageSettings = ImageSettings()
     logging: LoggingSettings = LoggingSettings()
+    watch: WatchSettings = WatchSettings()
 
 
 class TrainModel(_Section):
@@ -95,6 +148,8 @@ class TrainSettings(_Section):
     precision: Precision = "float32"
     seed: int = 0
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
+    tensorboard: bool = False  # also log to out_dir/tensorboard (needs TensorFlow installed)
+    pipeline: Literal["auto", "tfdata", "numpy"] = "auto"  # auto: tf.data when TensorFlow is installed
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSettings":
@@ -159,7 +214,7 @@ def _resolve(base: Path, path: Path | None) -> Path | None:
     if path is None:
         return None
     path = path.expanduser()
-    return path if path.is_absolute() else (base / path)
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
@@ -179,10 +234,17 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         if weights is not None and "model" in data and not (overrides or {}).get("model.weights"):
             weights = _resolve(base, weights)
         logfile = _resolve(base, settings.logging.file) if "logging" in data else settings.logging.file
+        in_file = data.get("watch") if isinstance(data.get("watch"), dict) else {}
+        folders = {
+            key: _resolve(base, getattr(settings.watch, key))
+            for key in WATCH_FOLDERS
+            if key in in_file and (overrides or {}).get(f"watch.{key}") is None
+        }
         settings = settings.model_copy(
             update={
                 "model": settings.model.model_copy(update={"weights": weights}),
                 "logging": settings.logging.model_copy(update={"file": logfile}),
+                "watch": settings.watch.model_copy(update=folders),
             }
         )
     return settings

@@ -113,6 +113,61 @@ def training_dataset(
     )
 
 
+def numpy_training_batches(
+    images: list[np.ndarray],
+    scale: int,
+    patch: int,
+    batch_size: int,
+    seed: int,
+    first_step: int,
+    last_step: int,
+    augment: bool = True,
+    workers: int = 2,
+    prefetch: int = 4,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The training stream without TensorFlow (for the JAX and PyTorch backends).
+
+    Same recipe as ``training_dataset`` — area-weighted random crops, the eight
+    flips/rotations, MATLAB-bicubic LR rounded to 8 bits — and, like it, example
+    ``n`` depends only on ``(seed, n)``; the random draws differ from the tf.data
+    stream, so a run keeps one pipeline from start to end.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    hr_side = patch * scale
+    areas = np.array([im.shape[0] * im.shape[1] for im in images], dtype=np.float64)
+    cumulative = np.cumsum(areas) / areas.sum()
+    down = resize_matrix(hr_side, patch).astype(np.float32)
+
+    def example(n: int) -> np.ndarray:
+        u = np.random.default_rng([seed, n]).random(4)
+        image = images[min(int(np.searchsorted(cumulative, u[0])), len(images) - 1)]
+        h, w = image.shape[:2]
+        top, left = int(u[1] * (h - hr_side + 1)), int(u[2] * (w - hr_side + 1))
+        hr = image[top : top + hr_side, left : left + hr_side]
+        if augment:
+            code = int(u[3] * 8)
+            hr = hr[:, ::-1] if code % 2 else hr
+            hr = hr[::-1] if (code // 2) % 2 else hr
+            hr = hr.transpose(1, 0, 2) if code // 4 else hr
+        return hr.astype(np.float32)
+
+    def batch(step: int) -> tuple[np.ndarray, np.ndarray]:
+        hr = np.stack([example(step * batch_size + k) for k in range(batch_size)])
+        lr = np.clip(np.floor(np.einsum("ij,bjkc,lk->bilc", down, hr, down, optimize=True) + 0.5), 0, 255)
+        return lr / np.float32(255), hr / np.float32(255)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchsr-patches") as pool:
+        pending = deque(pool.submit(batch, s) for s in range(first_step, min(first_step + prefetch, last_step)))
+        next_step = first_step + len(pending)
+        while pending:
+            yield pending.popleft().result()
+            if next_step < last_step:
+                pending.append(pool.submit(batch, next_step))
+                next_step += 1
+
+
 def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers: int, prefetch: int = 8) -> Iterator[object]:
     """Yields ``prepare(path)`` for every path, in order, computed in parallel ahead of use.
 

@@ -4,19 +4,24 @@
 into equal windows, runs the windows through the model in fixed-size batches
 (one compiled shape) and stitches the cores back.  Nothing about one call is
 kept on the engine, so one engine can serve many callers in turn.
+``upscale_bands`` does the same for one huge image, a row of tiles at a time,
+so that memory follows the tile size and the image width.  Every window's
+output passes the flat-area guard (``flatguard.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from loguru import logger
 
-from batchsr.checkpoint import DEFAULT_MODEL, ModelInfo
+from batchsr.checkpoint import DEFAULT_MODEL
 from batchsr.config import EngineSettings
 from batchsr.errors import ConfigError
-from batchsr.tiling import extract, pad_image, place, plan_tiles
+from batchsr.flatguard import guard
+from batchsr.tiling import Tile, TilePlan, extract, pad_image, place, plan_tiles
 
 
 def _configure_device(device: str) -> str | None:
@@ -100,14 +105,64 @@ class Engine:
             plan = plan_tiles(image.shape[0], image.shape[1], self.settings.tile, self.settings.overlap, self.multiple)
             jobs.append((plan, pad_image(image.astype(np.float32, copy=False), plan)))
         outputs = [np.zeros((p.height * s, p.width * s, 3), np.float32) for p, _ in jobs]
-        work = [(i, tile) for i, (plan, _) in enumerate(jobs) for tile in plan.tiles]
-        window = jobs[0][0].window if jobs else 0
-        for start in range(0, len(work), batch_size):
-            chunk = work[start : start + batch_size]
-            batch = np.zeros((batch_size, window, window, 3), np.float32)  # fixed shape: one compiled graph
-            for k, (i, tile) in enumerate(chunk):
-                batch[k] = extract(jobs[i][1], jobs[i][0], tile)
-            result = self._predict(batch)
-            for k, (i, tile) in enumerate(chunk):
-                place(outputs[i], result[k], tile, s)
+        # Windows of one shape share batches; full-size windows (every image larger than
+        # a window) always fill ``batch_size`` slots, so they compile one graph.
+        groups: dict[tuple[int, int], list[tuple[int, Tile]]] = {}
+        for i, (plan, _) in enumerate(jobs):
+            for tile in plan.tiles:
+                groups.setdefault(plan.window_shape, []).append((i, tile))
+        full = (self.settings.tile + 2 * self.settings.overlap,) * 2
+        for shape, work in groups.items():
+            for start in range(0, len(work), batch_size):
+                chunk = work[start : start + batch_size]
+                batch = np.zeros((batch_size if shape == full else len(chunk), *shape, 3), np.float32)
+                for k, (i, tile) in enumerate(chunk):
+                    batch[k] = extract(jobs[i][1], jobs[i][0], tile)
+                result = self._predict(batch)
+                for k, (i, tile) in enumerate(chunk):
+                    place(outputs[i], self._guard(batch[k], result[k]), tile, s)
         return outputs
+
+    def _guard(self, window: np.ndarray, upscaled: np.ndarray) -> np.ndarray:
+        return guard(window, upscaled, self.scale, self.settings.flat_guard / 255.0)
+
+    def upscale_bands(self, image: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(first output row, rows)`` of the upscaled ``image``, top to bottom.
+
+        ``image`` is ``(H, W, 3)``, integer (scaled by its dtype's range) or float in
+        [0, 1]; it may be a broadcast view.  Only one row of windows is converted
+        to float at a time, and each yielded band is ``tile * scale`` rows of
+        float32 RGB; the result equals ``upscale([image])`` row for row.
+        """
+        s, batch_size = self.scale, self.settings.batch_size
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+        plan = plan_tiles(image.shape[0], image.shape[1], self.settings.tile, self.settings.overlap, self.multiple)
+        rows: dict[int, list[Tile]] = {}
+        for tile in plan.tiles:
+            rows.setdefault(tile.core[0], []).append(tile)
+        for y0, tiles in rows.items():
+            y1 = tiles[0].core[1]
+            band = np.zeros(((y1 - y0) * s, plan.width * s, 3), np.float32)
+            for start in range(0, len(tiles), batch_size):
+                chunk = tiles[start : start + batch_size]
+                batch = np.zeros((batch_size, *plan.window_shape, 3), np.float32)
+                for k, tile in enumerate(chunk):
+                    batch[k] = _window(image, plan, tile)
+                result = self._predict(batch)
+                for k, tile in enumerate(chunk):
+                    _, _, x0, x1 = tile.core
+                    cy, cx = (y0 - tile.y) * s, (x0 - tile.x) * s
+                    out = self._guard(batch[k], result[k])
+                    band[:, x0 * s : x1 * s] = out[cy : cy + (y1 - y0) * s, cx : cx + (x1 - x0) * s]
+            yield y0 * s, band
+
+
+def _window(image: np.ndarray, plan: TilePlan, tile: Tile) -> np.ndarray:
+    """One float window; past the bottom and right edges the last row and column repeat (as ``pad_image``)."""
+    rows = np.minimum(np.arange(tile.y, tile.y + plan.window_height), image.shape[0] - 1)
+    cols = np.minimum(np.arange(tile.x, tile.x + plan.window_width), image.shape[1] - 1)
+    window = image[rows[:, None], cols[None, :]]
+    if np.issubdtype(window.dtype, np.integer):
+        return window.astype(np.float32) / np.float32(np.iinfo(window.dtype).max)
+    return window.astype(np.float32, copy=False)

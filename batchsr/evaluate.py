@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from batchsr.errors import ImageError, InputError
-from batchsr.imageio import atomic_write, from_float, read_image, to_float, to_uint8
+from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, read_image, to_float, to_uint8
 from batchsr.metrics import score
 from batchsr.resize import crop_to_multiple, degrade, imresize
 
@@ -62,18 +62,19 @@ def hr_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts))
     for path in files:
         if not is_image_file(path):
-            raise ImageError(path, "not an image (PNG, JPEG, WebP, BMP or TIFF by content); remove it from the HR folder")
+            raise ImageError(path, "not an image (PNG, JPEG, WebP, BMP, TIFF or GIF by content); remove it from the HR folder")
     if not files:
         raise InputError(f"HR folder {folder} holds no images")
     return files
 
 
-def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = False) -> SetResult:
+def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = False, *,
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> SetResult:
     paths = hr_files(folder)
     name = set_name(Path(folder))
     rows, kept = [], []
     for path in paths:
-        image = read_image(path)
+        image = read_image(path, max_pixels=max_pixels)
         hr = crop_to_multiple(image.rgb, scale)
         if min(hr.shape[:2]) < min_side(scale):
             raise ImageError(
@@ -89,6 +90,8 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
         if engine is not None:
             t0 = time.time()
             sr = engine.upscale([to_float(lr)])[0]
+            if image.gray or image.neutral:  # untinted, as run and watch write it
+                sr = np.repeat(sr.mean(axis=2, keepdims=True), 3, axis=2)
             row["ms"] = (time.time() - t0) * 1000.0
             out = from_float(sr, hr.dtype).astype(np.float64) * peak
             row.update(score(out, ref, scale, gray))

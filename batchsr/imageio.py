@@ -1,21 +1,39 @@
-"""Image reading and writing: formats by content, bit depth by dtype, atomic writes.
+"""Image reading and writing: formats by content, bit depth by dtype, metadata carried.
 
 Pixels travel as ``uint8`` or ``uint16`` arrays in RGB order, ``(H, W, 3)``,
 plus an optional alpha plane; the dtype is the bit depth, never guessed from
-the values.
+the values.  Decoding refuses images above a pixel limit from their header,
+before any pixel is decoded; turns images upright (EXIF orientation); converts
+palette and CMYK images to RGB; takes the first frame of animations and
+multi-page files, with a warning; and extends colour under fully transparent
+pixels so that no fringe appears at transparent edges (see ``alpha.py``).
+Encoding writes the ICC profile, EXIF, XMP and DPI where the format holds them.
+
+Pillow parses every header and decodes 8-bit images; OpenCV decodes 16-bit
+PNG and TIFF, which Pillow would cut to 8 bits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+from loguru import logger
+from PIL import Image as PILImage
 
+from batchsr.alpha import bleed, flatten, unpremultiply
 from batchsr.errors import ImageError
+from batchsr.metadata import Metadata, orient, png_metadata_chunks, png_with_metadata, read_metadata, tiff_tags, tiff_with_exif
+
+# batchsr applies its own limit (image.max_pixels) from the header, with a
+# message naming the image; Pillow's global one would refuse 100-megapixel scans.
+PILImage.MAX_IMAGE_PIXELS = None
 
 # Magic numbers; extensions are only used for naming outputs.
 _SIGNATURES = (
@@ -24,10 +42,17 @@ _SIGNATURES = (
     (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
 )
-FORMATS = ("png", "jpg", "webp", "bmp", "tiff")
+FORMATS = ("png", "jpg", "webp", "bmp", "tiff")  # written
+INPUT_FORMATS = FORMATS + ("gif",)  # read
+WRITTEN_AS = {"gif": "png"}  # 256 colours cannot hold an upscaled image
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "bmp": ".bmp", "tiff": ".tif"}
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
+_MAX_SIDE = {"jpg": 65535, "webp": 16383}
 MIN_SIDE = 1
+DEFAULT_MAX_PIXELS = 200_000_000
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -38,6 +63,9 @@ class Image:
     alpha: np.ndarray | None  # (H, W), same dtype, or None
     gray: bool  # stored single-channel: written back single-channel
     format: str
+    neutral: bool = False  # stored as colour, but R = G = B everywhere: the output is kept untinted too
+    meta: Metadata = field(default_factory=Metadata)
+    source: str = ""  # where it came from, for messages
 
     @property
     def peak(self) -> int:
@@ -58,73 +86,266 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, path: Path | str = "<bytes>") -> Image:
+def written_format(fmt: str) -> str:
+    """The format an image read as ``fmt`` is written in when the output format is ``same``."""
+    return WRITTEN_AS.get(fmt, fmt)
+
+
+def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image:
     """Decodes encoded bytes; raises ImageError naming ``path`` and the reason."""
     if len(data) == 0:
         raise ImageError(path, "empty file")
     fmt = sniff_format(data[:16])
     if fmt is None:
-        raise ImageError(path, "not a supported image (PNG, JPEG, WebP, BMP or TIFF) by its content")
+        raise ImageError(path, "not a supported image (PNG, JPEG, WebP, BMP, TIFF or GIF) by its content")
+    try:
+        pil = PILImage.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
+    except MemoryError:
+        raise
+    except PILImage.UnidentifiedImageError:
+        raise ImageError(path, f"corrupt or truncated {fmt.upper()} data (no valid header)") from None
+    except Exception as exc:  # Pillow signals bad headers with many exception types
+        raise ImageError(path, f"corrupt or truncated {fmt.upper()} data ({exc})") from None
+    with pil:
+        width, height = pil.size
+        if min(width, height) < MIN_SIDE:
+            raise ImageError(path, f"image of {width}x{height} pixels is empty")
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageError(
+                path, f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels) exceeds the limit of "
+                f"{max_pixels} pixels (image.max_pixels); refused before decoding"
+            )
+        frames = getattr(pil, "n_frames", 1)
+        if frames > 1:
+            what = ("multi-page", "page") if fmt == "tiff" else ("animated", "frame")
+            logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), frames, what[1], what[1])
+        meta, orientation = read_metadata(pil, path)
+        if _sixteen_bit(pil, data, fmt, path):
+            rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
+            if alpha is not None and fmt == "tiff" and _associated_alpha(pil):
+                rgb = unpremultiply(rgb, alpha)
+        else:
+            rgb, alpha, gray = _decode_with_pillow(pil, fmt, path)
+    rgb, alpha = orient(rgb, orientation), (orient(alpha, orientation) if alpha is not None else None)
+    if alpha is not None:
+        rgb = bleed(rgb, alpha)
+    return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, neutral=not gray and _channels_equal(rgb), meta=meta, source=str(path))
+
+
+def _sixteen_bit(pil: PILImage.Image, data: bytes, fmt: str, path) -> bool:
+    if fmt == "png":
+        return len(data) > 25 and data[24] == 16
+    if fmt == "tiff":
+        bits = pil.tag_v2.get(258, (8,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        if max(bits) > 16 or pil.tag_v2.get(339, 1) == 3:
+            raise ImageError(path, f"unsupported sample type: {max(bits)}-bit {'floating point' if pil.tag_v2.get(339, 1) == 3 else 'integer'} TIFF (8- or 16-bit integers only)")
+        return max(bits) > 8
+    return False
+
+
+def _gray_header(pil: PILImage.Image, data: bytes, fmt: str) -> bool:
+    if fmt == "png":
+        return data[25] in (0, 4)  # colour types gray, gray + alpha
+    return pil.tag_v2.get(262, 2) in (0, 1)  # TIFF photometric WhiteIsZero / BlackIsZero
+
+
+def _associated_alpha(pil: PILImage.Image) -> bool:
+    """TIFF ExtraSamples = 1: colour is premultiplied by alpha."""
+    extra = pil.tag_v2.get(338, ())
+    return (extra if isinstance(extra, tuple) else (extra,))[:1] == (1,)
+
+
+def _decode_with_opencv(data: bytes, fmt: str, path, gray: bool):
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data")
-    if pixels.dtype not in (np.uint8, np.uint16):
+    if pixels.dtype != np.uint16:
         raise ImageError(path, f"unsupported sample type {pixels.dtype} (8- or 16-bit integers only)")
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     channels = pixels.shape[2]
-    alpha = None
-    if channels in (2, 4):
-        alpha = np.ascontiguousarray(pixels[:, :, -1])
-        pixels = pixels[:, :, :-1]
-    if pixels.shape[2] == 1:
-        rgb, gray = np.repeat(pixels, 3, axis=2), True
-    elif pixels.shape[2] == 3:
-        rgb, gray = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB), False
-    else:
+    if channels not in (1, 2, 3, 4):
         raise ImageError(path, f"unsupported channel count {channels}")
-    if min(rgb.shape[:2]) < MIN_SIDE:
-        raise ImageError(path, f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels is empty")
-    return Image(np.ascontiguousarray(rgb), alpha, gray, fmt)
+    alpha = np.ascontiguousarray(pixels[:, :, -1]) if channels in (2, 4) else None
+    if gray or channels <= 2:
+        return np.repeat(pixels[:, :, :1], 3, axis=2), alpha, True
+    return cv2.cvtColor(np.ascontiguousarray(pixels[:, :, :3]), cv2.COLOR_BGR2RGB), alpha, False
 
 
-def read_image(path: Path | str) -> Image:
+def _decode_with_pillow(pil: PILImage.Image, fmt: str, path):
+    try:
+        pil.load()
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated or corrupt data, in any of Pillow's exception types
+        raise ImageError(path, f"corrupt or truncated {fmt.upper()} data ({exc})") from None
+    mode = pil.mode
+    if mode == "CMYK":
+        pil = _cmyk_to_rgb(pil, path)
+    elif mode in ("P", "PA"):
+        pil = pil.convert("RGBA" if mode == "PA" or "transparency" in pil.info else "RGB")
+    elif mode in ("L", "RGB") and "transparency" in pil.info:
+        pil = pil.convert(mode + "A")
+    elif mode == "1":
+        pil = pil.convert("L")
+    elif mode in ("RGBX", "YCbCr"):
+        pil = pil.convert("RGB")
+    mode = pil.mode
+    if mode in ("La", "RGBa"):  # premultiplied (associated) alpha
+        pixels = np.asarray(pil)
+        alpha = np.ascontiguousarray(pixels[:, :, -1])
+        color = unpremultiply(pixels[:, :, :-1], alpha)
+        return (np.repeat(color, 3, axis=2), alpha, True) if mode == "La" else (color, alpha, False)
+    if mode.startswith("I;16"):
+        return np.repeat(np.asarray(pil).astype(np.uint16)[:, :, None], 3, axis=2), None, True
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        raise ImageError(path, f"unsupported {fmt.upper()} pixel mode {mode} (8- or 16-bit gray, RGB, palette or CMYK only)")
+    pixels = np.asarray(pil)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    alpha = np.ascontiguousarray(pixels[:, :, -1]) if mode.endswith("A") else None
+    if mode.startswith("L"):
+        return np.repeat(pixels[:, :, :1], 3, axis=2), alpha, True
+    return np.ascontiguousarray(pixels[:, :, :3]), alpha, False
+
+
+def _cmyk_to_rgb(pil: PILImage.Image, path) -> PILImage.Image:
+    """CMYK (print) to RGB: through the embedded ICC profile when there is one."""
+    profile = pil.info.get("icc_profile")
+    if profile:
+        from PIL import ImageCms
+
+        try:
+            converted = ImageCms.profileToProfile(pil, io.BytesIO(profile), ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError) as exc:
+            logger.warning("{}: embedded CMYK profile unusable ({}); converting without it", path, exc)
+        else:
+            logger.info("{}: CMYK converted to sRGB through its embedded ICC profile", path)
+            return converted
+    logger.info("{}: CMYK without an ICC profile converted to RGB by the naive formula (colours approximate)", path)
+    return pil.convert("RGB")
+
+
+def _channels_equal(rgb: np.ndarray) -> bool:
+    """True when R = G = B in every pixel (checked in bands: no full-size temporaries)."""
+    for start in range(0, rgb.shape[0], 512):
+        band = rgb[start : start + 512]
+        if not (np.array_equal(band[:, :, 0], band[:, :, 1]) and np.array_equal(band[:, :, 0], band[:, :, 2])):
+            return False
+    return True
+
+
+def read_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(path, f"cannot read: {exc.strerror or exc}") from None
-    return decode_image(data, path)
+    return decode_image(data, path, max_pixels=max_pixels)
 
 
-def encode_image(image: Image, fmt: str, jpeg_quality: int = 95, webp_quality: int = 95) -> bytes:
+def encode_image(
+    image: Image, fmt: str, jpeg_quality: int = 95, webp_quality: int = 95, *, background: tuple[int, int, int] = (255, 255, 255)
+) -> bytes:
+    """Encodes ``image`` as ``fmt`` with its metadata.
+
+    Alpha is kept where the format holds it (PNG, WebP, TIFF); for JPEG and BMP
+    the image is flattened on ``background`` and the log says so.  JPEG, WebP
+    and BMP hold 8 bits: 16-bit images are rounded, never truncated.
+    """
+    fmt = written_format(fmt)
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; allowed: {FORMATS}")
-    pixels = image.rgb[:, :, :1] if image.gray else cv2.cvtColor(image.rgb, cv2.COLOR_RGB2BGR)
-    if image.alpha is not None and fmt in ("png", "webp", "tiff"):
-        pixels = np.dstack([pixels, image.alpha])
-    if fmt in ("jpg", "webp", "bmp") and pixels.dtype != np.uint8:
-        # These formats hold 8 bits only: round, never truncate.
-        pixels = np.floor(pixels.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
-    params: list[int] = []
+    name = image.source or "<output>"
+    width, height = image.size
+    if fmt in _MAX_SIDE and max(width, height) > _MAX_SIDE[fmt]:
+        raise ImageError(name, f"{width}x{height} is too large for {fmt.upper()} (at most {_MAX_SIDE[fmt]} pixels a side); choose png or tiff")
+    rgb, alpha, gray = image.rgb, image.alpha, image.gray
+    if alpha is not None and fmt in ("jpg", "bmp"):
+        logger.warning("{}: {} has no transparency: flattened on #{:02x}{:02x}{:02x} (image.background)", name, fmt.upper(), *background)
+        rgb, alpha = flatten(rgb, alpha, background), None
+    if rgb.dtype != np.uint8 and fmt in ("jpg", "webp", "bmp"):
+        logger.info("{}: {} holds 8 bits per sample: the 16-bit result is rounded to 8 bits", name, fmt.upper())
+        rgb, alpha = to_uint8(rgb), (to_uint8(alpha) if alpha is not None else None)
+    if fmt == "webp" and gray:
+        gray = False  # WebP has no gray mode; R = G = B keeps it untinted
+    planes = rgb[:, :, :1] if gray else rgb
+    pixels = np.dstack([planes, alpha]) if alpha is not None else planes
+    meta = image.meta
+    if fmt == "png":
+        if pixels.shape[2] == 2:
+            from batchsr.pngwriter import encode_png
+
+            return encode_png(pixels, png_metadata_chunks(meta, gray))
+        return png_with_metadata(_opencv_encode(".png", pixels, []), meta, gray)
+    if fmt == "bmp":
+        return _opencv_encode(".bmp", pixels, [])
+    if fmt == "tiff":
+        return _encode_tiff(pixels, gray, meta)
+    pil = PILImage.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else np.ascontiguousarray(pixels))
+    options: dict = {}
+    if meta.icc_for(gray) is not None:
+        options["icc_profile"] = meta.icc_for(gray)
+    if meta.exif is not None:
+        options["exif"] = b"Exif\x00\x00" + meta.exif
+    if meta.xmp is not None:
+        options["xmp"] = meta.xmp
     if fmt == "jpg":
-        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
-    elif fmt == "webp":
-        params = [cv2.IMWRITE_WEBP_QUALITY, webp_quality]
-    ok, buffer = cv2.imencode(EXTENSIONS[fmt], pixels, params)
+        if meta.dpi is not None:
+            options["dpi"] = tuple(round(d) for d in meta.dpi)
+        options["quality"] = jpeg_quality
+    else:
+        options.update(lossless=True, quality=100) if webp_quality > 100 else options.update(quality=webp_quality)
+    buffer = io.BytesIO()
+    pil.save(buffer, _PIL_FORMATS[fmt], **options)
+    return buffer.getvalue()
+
+
+def _opencv_encode(ext: str, pixels: np.ndarray, params: list[int]) -> bytes:
+    if pixels.shape[2] == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    elif pixels.shape[2] == 4:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
+    ok, buffer = cv2.imencode(ext, pixels, params)
     if not ok:
-        raise ImageError("<output>", f"OpenCV could not encode {fmt}")
+        raise ImageError("<output>", f"OpenCV could not encode {ext[1:]}")
     return buffer.tobytes()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete."""
+def tiff_options(gray: bool, channels: int, meta: Metadata) -> dict:
+    """``tifffile`` arguments shared by in-memory and streamed TIFF outputs."""
+    options = {
+        "photometric": "minisblack" if gray else "rgb",
+        "extrasamples": ["unassalpha"] if channels in (2, 4) else None,
+        "metadata": None,
+        "software": False,
+        "extratags": tiff_tags(meta, gray),
+    }
+    if meta.dpi is not None:
+        options.update(resolution=meta.dpi, resolutionunit="INCH")
+    return options
+
+
+def _encode_tiff(pixels: np.ndarray, gray: bool, meta: Metadata) -> bytes:
+    import tifffile
+
+    buffer = io.BytesIO()
+    data = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
+    tifffile.imwrite(buffer, data, compression="zlib", predictor=True, **tiff_options(gray, pixels.shape[2], meta))
+    return tiff_with_exif(buffer.getvalue(), meta)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """A binary file handle whose content appears at ``path`` only once complete (see ``atomic_write``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        os.close(fd)
+        with open(tmp, "w+b") as handle:  # by name, so that writers needing a path (tifffile) can use it
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -139,6 +360,12 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete."""
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def to_float(pixels: np.ndarray) -> np.ndarray:

@@ -21,9 +21,9 @@ def _cubic(x: np.ndarray) -> np.ndarray:
     ) * ((ax > 1) & (ax <= 2))
 
 
-@functools.lru_cache(maxsize=256)
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """The ``(out_size, in_size)`` matrix MATLAB's bicubic imresize applies to one axis."""
+@functools.lru_cache(maxsize=64)
+def resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output index, the input indices and weights MATLAB's bicubic imresize uses on one axis."""
     if in_size < 1 or out_size < 1:
         raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
     scale = out_size / in_size
@@ -40,10 +40,48 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     # MATLAB mirrors out-of-range taps (symmetric boundary).
     mirror = np.concatenate([np.arange(in_size), np.arange(in_size - 1, -1, -1)])
     src = mirror[np.mod(idx.astype(np.int64) - 1, 2 * in_size)]
+    src.setflags(write=False)
+    weights.setflags(write=False)
+    return src, weights
+
+
+@functools.lru_cache(maxsize=256)
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The ``(out_size, in_size)`` matrix MATLAB's bicubic imresize applies to one axis."""
+    src, weights = resize_taps(in_size, out_size)
     matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    np.add.at(matrix, (np.repeat(np.arange(out_size), taps), src.ravel()), weights.ravel())
+    np.add.at(matrix, (np.repeat(np.arange(out_size), src.shape[1]), src.ravel()), weights.ravel())
     matrix.setflags(write=False)
     return matrix
+
+
+def imresize_rows(image: np.ndarray, size: tuple[int, int], start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the bicubic resize of ``image`` to ``size``, in float32, unrounded.
+
+    Only the input rows those output rows need are read and converted, and no
+    weight matrix the size of the image is built, so a huge image can be
+    resized band by band.  Integer input comes back in its own units.
+    """
+    h, w = image.shape[:2]
+    out_h, out_w = size
+    rows_idx, rows_w = resize_taps(h, out_h)
+    cols_idx, cols_w = resize_taps(w, out_w)
+    rows_idx, rows_w = rows_idx[start:stop], rows_w[start:stop].astype(np.float32)
+    needed = np.unique(rows_idx)
+    source = image[needed].astype(np.float32)
+    local = np.searchsorted(needed, rows_idx)
+    extra = (1,) * (image.ndim - 2)
+    rows = np.zeros((stop - start, w) + image.shape[2:], np.float32)
+    for k in range(rows_idx.shape[1]):
+        rows += rows_w[:, k].reshape((-1, 1) + extra) * source[local[:, k]]
+    out = np.zeros((stop - start, out_w) + image.shape[2:], np.float32)
+    cols_w = cols_w.astype(np.float32)
+    for k in range(cols_idx.shape[1]):
+        out += cols_w[:, k].reshape((1, -1) + extra) * rows[:, cols_idx[:, k]]
+    return out
+
+
+_DENSE_LIMIT = 16_000_000  # weight-matrix elements above which float images are resized in bands
 
 
 def _output_size(size: int, scale: float) -> int:
@@ -67,6 +105,10 @@ def imresize(image: np.ndarray, scale: float | None = None, size: tuple[int, int
         size = (_output_size(h, scale), _output_size(w, scale))
     out_h, out_w = size
     integer = np.issubdtype(image.dtype, np.integer)
+    if not integer and out_h * h + out_w * w > _DENSE_LIMIT:
+        # Dense weight matrices would outgrow the image itself: resize in bands of rows.
+        bands = [imresize_rows(image, (out_h, out_w), y, min(y + 256, out_h)) for y in range(0, out_h, 256)]
+        return np.concatenate(bands).astype(image.dtype if image.dtype == np.float32 else np.float64)
     limits = np.iinfo(image.dtype) if integer else None
 
     def settle(x: np.ndarray) -> np.ndarray:

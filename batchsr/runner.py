@@ -26,15 +26,14 @@ from loguru import logger
 from batchsr.checkpoint import DEFAULT_MODEL, ModelInfo, read_info
 from batchsr.config import Settings
 from batchsr.errors import ImageError, InputError, OutputError
-from batchsr.imageio import EXTENSIONS, Image, atomic_write, decode_image, encode_image, from_float, read_image, sniff_format, to_float
+from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
+from batchsr.pipeline import IMAGE_SUFFIXES, finish_image, output_name, streamable, upscale_images, write_streamed
 from batchsr.resize import imresize
 
 STATE_DIR = ".batchsr"
 METRICS_FILE = "metrics.csv"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-_SAME_FORMAT_SUFFIXES = {"jpg": {".jpg", ".jpeg"}, "tiff": {".tif", ".tiff"}}
 METRIC_COLUMNS = [
     "image", "width", "height", "scale", "model_id",
     "psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb",
@@ -105,14 +104,6 @@ class Journal:
         self.db.close()
 
 
-def output_name(rel: Path, fmt: str, output_format: str) -> Path:
-    """The output's path relative to OUTPUT: same folders, suffix of the written format."""
-    target = fmt if output_format == "same" else output_format
-    if rel.suffix.lower() in _SAME_FORMAT_SUFFIXES.get(target, {EXTENSIONS[target]}):
-        return rel
-    return rel.with_suffix(EXTENSIONS[target]) if rel.suffix.lower() in IMAGE_SUFFIXES or not rel.suffix else rel.with_name(rel.name + EXTENSIONS[target])
-
-
 def find_reference(reference_dir: Path, rel: Path) -> Path | None:
     """The HR image at the same relative path, with any image extension."""
     folder = reference_dir / rel.parent
@@ -125,18 +116,6 @@ def find_reference(reference_dir: Path, rel: Path) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
-
-
-def finish_image(image: Image, upscaled: np.ndarray, scale: int) -> Image:
-    """Model output (float RGB) to an image of the input's kind: bit depth, gray, alpha."""
-    rgb = upscaled
-    if image.gray:
-        rgb = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
-    alpha = None
-    if image.alpha is not None:
-        size = (image.alpha.shape[0] * scale, image.alpha.shape[1] * scale)
-        alpha = from_float(imresize(to_float(image.alpha), size=size), image.alpha.dtype)
-    return Image(from_float(rgb, image.rgb.dtype), alpha, image.gray, image.format)
 
 
 def _eight_bit(pixels: np.ndarray) -> np.ndarray:
@@ -250,6 +229,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     paths = list_inputs(input_dir, output_dir, settings.run.recursive)
     logger.info("{} files under {}; model {}", len(paths), input_dir, model_id)
     run = settings.run
+    factor = run.outscale or scale
 
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))
@@ -268,7 +248,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             item.not_image = True
             return item
         try:
-            item.image = decode_image(data, path)
+            item.image = decode_image(data, path, max_pixels=settings.image.max_pixels)
         except ImageError as exc:
             item.error = exc.reason
         return item
@@ -285,18 +265,20 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         summary.failed.append(Failure(item.path, reason))
         logger.error("{}: {}", item.path, reason)
 
-    def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, ms: float) -> dict | None:
-        result = finish_image(item.image, upscaled, scale)
+    def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, alpha: np.ndarray | None, ms: float) -> dict | None:
+        result = finish_image(item.image, upscaled, scale, alpha=alpha, outscale=run.outscale)
         fmt = item.image.format if run.output_format == "same" else run.output_format
-        data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality)
+        data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality, background=settings.image.background_rgb)
         atomic_write(output_dir / out_rel, data)
         metrics = None
         if reference_dir is not None:
             ref = find_reference(Path(reference_dir), item.rel)
             if ref is None:
                 logger.warning("{}: no reference image at the same relative path; no metrics", item.path)
+            elif not float(factor).is_integer():
+                logger.warning("{}: no metrics at the non-integer factor {}", item.path, factor)
             else:
-                metrics = reference_metrics(item.image, result, ref, scale)
+                metrics = reference_metrics(item.image, result, ref, int(factor))
                 metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
                 if report_dir is not None:
                     report_images.append(_report_image(item, result, ref, metrics, scale))
@@ -315,24 +297,45 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             else:
                 journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics)
                 summary.done += 1
-                summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * scale * scale / 1e6
+                summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
             item.image = None
             progress.update()
 
-    def flush(batch: list[_Item]) -> None:
+    def get_engine():
         nonlocal engine
-        if not batch:
-            return
         if engine is None:
             from batchsr.engine import Engine
 
             engine = Engine(settings.model.weights, settings.engine)
+        return engine
+
+    def flush(batch: list[_Item]) -> None:
+        if not batch:
+            return
+        engine = get_engine()
         t0 = time.time()
-        outputs = engine.upscale([to_float(item.image.rgb) for item in batch])
+        outputs = upscale_images(engine, [item.image for item in batch], settings.image.alpha)
         ms = (time.time() - t0) * 1000.0 / len(batch)
-        for item, upscaled in zip(batch, outputs):
-            in_flight.append((item, writers.submit(write_one, item, claimed[item.path], upscaled, ms)))
+        for item, (upscaled, alpha) in zip(batch, outputs):
+            in_flight.append((item, writers.submit(write_one, item, claimed[item.path], upscaled, alpha, ms)))
         settle(block=False)
+
+    def stream_one(item: _Item, out_rel: Path) -> None:
+        """A huge image on its own, band by band (see pipeline.write_streamed)."""
+        fmt = item.image.format if run.output_format == "same" else run.output_format
+        logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
+        try:
+            write_streamed(get_engine(), item.image, output_dir / out_rel, fmt, settings.image.alpha)
+        except (ImageError, OSError, ValueError) as exc:
+            fail(item, f"output not written: {exc.reason if isinstance(exc, ImageError) else exc}")
+            if isinstance(exc, OSError) and exc.errno in (28, 30):
+                raise OutputError(f"cannot write to {output_dir}: {exc.strerror}") from None
+        else:
+            journal.record(item.rel.as_posix(), item.sha256, model_id, out_rel.as_posix(), None)
+            summary.done += 1
+            summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * scale * scale / 1e6
+        item.image = None
+        progress.update()
 
     batch: list[_Item] = []
     tiles = 0
@@ -352,15 +355,20 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 fail(item, item.error)
                 progress.update()
                 continue
-            out_rel = output_name(item.rel, item.image.format, run.output_format)
+            out_rel = output_name(item.rel, item.image.format, run.output_format, run.name_template, factor)
             if out_rel in outputs_taken:
                 fail(item, f"output {out_rel} would overwrite the output of {outputs_taken[out_rel]}")
                 progress.update()
                 continue
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
+            fmt = item.image.format if run.output_format == "same" else run.output_format
+            if reference_dir is None and streamable(item.image, fmt, scale, run.outscale, run.stream_megapixels):
+                stream_one(item, out_rel)
+                continue
             batch.append(item)
-            tiles += _tile_count(engine, settings, info, item.image)
+            alpha_passes = 2 if item.image.alpha is not None and settings.image.alpha == "model" else 1
+            tiles += _tile_count(settings, info, item.image) * alpha_passes
             if tiles >= settings.engine.batch_size:
                 flush(batch)
                 batch, tiles = [], 0
@@ -394,7 +402,7 @@ def _report_image(item: _Item, result: Image, reference_path: Path, metrics: dic
                        to_uint8(result.rgb), to_uint8(ref), metrics)
 
 
-def _tile_count(engine, settings: Settings, info: ModelInfo, image: Image) -> int:
+def _tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
     from batchsr.tiling import plan_tiles
 
     multiple = 2 ** int(info.config.get("depth", 0))

@@ -23,10 +23,15 @@ class Tile:
 class TilePlan:
     height: int  # original size
     width: int
-    padded_height: int
+    padded_height: int  # rounded up to the pooling multiple, exactly as the model pads
     padded_width: int
-    window: int
+    window_height: int  # tile + 2 * overlap, or the padded side when the image is smaller
+    window_width: int
     tiles: tuple[Tile, ...]
+
+    @property
+    def window_shape(self) -> tuple[int, int]:
+        return self.window_height, self.window_width
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -36,8 +41,10 @@ def _round_up(n: int, multiple: int) -> int:
 def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) -> TilePlan:
     """Covers an ``height x width`` image with equal windows of ``tile + 2 * overlap`` pixels.
 
-    ``tile`` and ``overlap`` are rounded up to ``multiple``.  Images smaller than a
-    window are padded to one window.
+    ``tile`` and ``overlap`` are rounded up to ``multiple``.  The image is padded
+    only to the multiple, as the model itself does, so that windows touching the
+    image's edges see the same borders as whole-image inference; along a side
+    shorter than a window, the window shrinks to that side.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
@@ -46,23 +53,23 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) 
     tile = _round_up(tile, multiple)
     overlap = _round_up(overlap, multiple) if overlap else 0
     window = tile + 2 * overlap
-    padded_h = max(_round_up(height, multiple), window)
-    padded_w = max(_round_up(width, multiple), window)
+    padded_h, padded_w = _round_up(height, multiple), _round_up(width, multiple)
+    window_h, window_w = min(window, padded_h), min(window, padded_w)
 
-    def origins(size: int, padded: int):
+    def origins(size: int, padded: int, span: int):
         spans = []
         for start in range(0, size, tile):
             stop = min(start + tile, size)
-            origin = min(max(start - overlap, 0), padded - window)
+            origin = min(max(start - overlap, 0), padded - span)
             spans.append((origin, start, stop))
         return spans
 
     tiles = tuple(
         Tile(y=oy, x=ox, core=(y0, y1, x0, x1))
-        for oy, y0, y1 in origins(height, padded_h)
-        for ox, x0, x1 in origins(width, padded_w)
+        for oy, y0, y1 in origins(height, padded_h, window_h)
+        for ox, x0, x1 in origins(width, padded_w, window_w)
     )
-    return TilePlan(height, width, padded_h, padded_w, window, tiles)
+    return TilePlan(height, width, padded_h, padded_w, window_h, window_w, tiles)
 
 
 def pad_image(image: np.ndarray, plan: TilePlan) -> np.ndarray:
@@ -73,7 +80,7 @@ def pad_image(image: np.ndarray, plan: TilePlan) -> np.ndarray:
 
 
 def extract(padded: np.ndarray, plan: TilePlan, tile: Tile) -> np.ndarray:
-    return padded[tile.y : tile.y + plan.window, tile.x : tile.x + plan.window]
+    return padded[tile.y : tile.y + plan.window_height, tile.x : tile.x + plan.window_width]
 
 
 def place(output: np.ndarray, upscaled_window: np.ndarray, tile: Tile, scale: int) -> None:

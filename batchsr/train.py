@@ -178,7 +178,7 @@ def train(
     import keras
 
     from batchsr.checkpoint import save_model
-    from batchsr.data import load_training_images, training_dataset
+    from batchsr.data import load_training_images, numpy_training_batches, training_dataset
     from batchsr.model import ModelConfig, build_model
 
     keras.utils.set_random_seed(settings.seed)
@@ -187,7 +187,12 @@ def train(
     ckpts = _Checkpoints(out_dir)
     config = ModelConfig(**settings.model.model_dump())
     scale = config.scale
-    state = {"step": 0, "best_psnr": None, "seconds": 0.0, "settings": settings.model_dump(mode="json")}
+    pipeline = settings.pipeline
+    if pipeline == "auto":
+        import importlib.util
+
+        pipeline = "tfdata" if importlib.util.find_spec("tensorflow") else "numpy"
+    state = {"step": 0, "best_psnr": None, "seconds": 0.0, "pipeline": pipeline, "settings": settings.model_dump(mode="json")}
     latest = ckpts.latest()
     if resume and latest is None:
         raise ConfigError(f"--resume: no checkpoint in {ckpts.root}")
@@ -197,6 +202,11 @@ def train(
         saved = json.loads((latest / "state.json").read_text())
         if saved["settings"]["model"] != state["settings"]["model"]:
             raise ConfigError(f"--resume: the model in {latest} differs from the training config's model")
+        if saved.get("pipeline", "tfdata") != pipeline:
+            raise ConfigError(
+                f"--resume: {latest} was trained with the {saved.get('pipeline', 'tfdata')} pipeline, this run would use "
+                f"{pipeline}; set pipeline: {saved.get('pipeline', 'tfdata')} to continue the same patch stream"
+            )
         state.update({k: saved[k] for k in ("step", "best_psnr", "seconds")})
     if state["step"] >= settings.steps:
         logger.info("training already complete at step {}", state["step"])
@@ -255,6 +265,7 @@ def train(
             "loss": settings.loss,
             "ema": settings.ema,
             "precision": settings.precision,
+            "pipeline": pipeline,
             "seconds": round(state["seconds"], 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {keras.backend.backend()} backend",
         }
@@ -316,16 +327,17 @@ def train(
                 self.bar.close()
 
     if first_epoch < last_epoch:
-        dataset = training_dataset(
-            images, scale, settings.patch_size, settings.batch_size, settings.seed,
-            first_epoch * interval, settings.steps, settings.augment,
-        )
+        args = (images, scale, settings.patch_size, settings.batch_size, settings.seed,
+                first_epoch * interval, settings.steps, settings.augment)
+        dataset = training_dataset(*args) if pipeline == "tfdata" else numpy_training_batches(*args)
         model.fit(
             dataset,
             epochs=last_epoch,
             initial_epoch=first_epoch,
             steps_per_epoch=interval,
-            callbacks=[Progress()],
+            callbacks=[Progress()] + (
+                [keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), update_freq=100)] if settings.tensorboard else []
+            ),
             verbose=0,
         )
     if last_epoch < total_epochs:

@@ -15,7 +15,6 @@ Needs only numpy, h5py and keras (plus JAX or PyTorch) beside this repository.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,7 +102,7 @@ def main() -> None:
         print(f"{precision}: PSNR vs TensorFlow-CPU reference {value:.1f} dB (need >= {floor}) {verdict}")
         if value < floor:
             failures.append(f"{precision} output differs from the reference ({value:.1f} dB < {floor})")
-        print(f"| precision | tile | batch | output MP/s |\n|---|---|---|---|")
+        print("| precision | tile | batch | output MP/s |\n|---|---|---|---|")
         for batch in args.batches:
             mps = throughput(model, info.scale, args.tile, batch)
             print(f"| {precision} | {args.tile} | {batch} | {mps:.1f} |", flush=True)

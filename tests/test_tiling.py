@@ -16,10 +16,12 @@ def test_cores_partition_the_image(h, w, tile, overlap, multiple):
         y0, y1, x0, x1 = t.core
         covered[y0:y1, x0:x1] += 1
         assert t.y % multiple == 0 and t.x % multiple == 0
-        assert t.y <= y0 and y1 <= t.y + plan.window and t.x <= x0 and x1 <= t.x + plan.window
-        assert t.y + plan.window <= plan.padded_height and t.x + plan.window <= plan.padded_width
+        wh, ww = plan.window_shape
+        assert t.y <= y0 and y1 <= t.y + wh and t.x <= x0 and x1 <= t.x + ww
+        assert t.y + wh <= plan.padded_height and t.x + ww <= plan.padded_width
     assert (covered == 1).all()
     assert plan.padded_height % multiple == 0 and plan.padded_width % multiple == 0
+    assert plan.padded_height - h < multiple and plan.padded_width - w < multiple  # padded only as the model pads
 
 
 def test_bad_arguments_are_refused():
@@ -37,13 +39,21 @@ def test_tiled_equals_whole_image_on_real_photos():
     from tests.conftest import data_dir
 
     engine = Engine(None, EngineSettings(tile=48, overlap=16, batch_size=4))
+    single = Engine(None, EngineSettings(tile=256, overlap=0, batch_size=1))  # one window covers the image
     for name in ["baboon", "lenna"]:
         hr = read_image(data_dir("Set14", "HR") / f"{name}.png").rgb
         lr = to_float(degrade(hr, 4))
         tiled = engine.upscale([lr])[0]
-        whole = np.asarray(engine.model.predict_on_batch(lr[None]))[0]
+        whole = single.upscale([lr])[0]
+        raw = np.asarray(engine.model.predict_on_batch(lr[None]))[0]
+        assert psnr(whole, raw, peak=1.0) >= 50.0  # the engine's own steps (padding, flat guard) change little
+        assert psnr(tiled, raw, peak=1.0) >= 50.0
         assert tiled.shape == whole.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
         assert len(plan_tiles(lr.shape[0], lr.shape[1], 48, 16, engine.multiple).tiles) >= 4
         assert psnr(tiled, whole, peak=1.0) >= 50.0
-        # No seams: the worst pixel anywhere is still tiny.
-        assert np.abs(tiled - whole).max() < 2.0 / 255
+        # No seams: the worst pixel is a few levels at most, and the rows and columns
+        # where windows meet differ no more than anywhere else.
+        diff = np.abs(tiled - whole).max(axis=2)
+        assert diff.max() < 4.0 / 255
+        seams = [4 * y for y in range(48, lr.shape[0], 48)]
+        assert diff[seams].mean() < 0.25 / 255 and diff[:, seams].mean() < 0.25 / 255

@@ -39,9 +39,10 @@ def _log(out_dir):
     return list(csv.DictReader(open(out_dir / "log.csv")))
 
 
-def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("pipeline", ["tfdata", "numpy"])
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, pipeline):
     straight = tmp_path / "straight"
-    result = train(_settings(straight), progress=False)
+    result = train(_settings(straight, pipeline=pipeline), progress=False)
     log = _log(straight)
     assert [int(r["step"]) for r in log] == [20, 40, 60]
     assert float(log[-1]["loss"]) < 0.8 * float(log[0]["loss"])
@@ -51,13 +52,16 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     assert info.metrics["val_psnr_y"] > 20
 
     split = tmp_path / "split"
-    first = train(_settings(split), progress=False, until=40)
+    first = train(_settings(split, pipeline=pipeline), progress=False, until=40)
     assert first.step == 40 and not first.final_weights.exists()
     with pytest.raises(ConfigError, match="--resume"):
-        train(_settings(split), progress=False)
+        train(_settings(split, pipeline=pipeline), progress=False)
     state = json.loads((split / "checkpoints" / "step-00000040" / "state.json").read_text())
     assert state["step"] == 40
-    second = train(_settings(split), resume=True, progress=False)
+    other = "numpy" if pipeline == "tfdata" else "tfdata"
+    with pytest.raises(ConfigError, match="pipeline"):
+        train(_settings(split, pipeline=other), resume=True, progress=False)
+    second = train(_settings(split, pipeline=pipeline), resume=True, progress=False)
     assert second.step == 60
     assert [int(r["step"]) for r in _log(split)] == [20, 40, 60]
     resumed, _ = load_model(second.final_weights)
@@ -69,3 +73,18 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
 def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(_settings(tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_init_warm_starts_the_shared_layers_across_scales(tmp_path, tiny_model):
+    """x4 weights seed an x2 model: every layer of matching shape is copied, the head is not."""
+    from batchsr.checkpoint import load_model as load
+
+    source, _ = load(tiny_model)
+    settings = _settings(tmp_path / "x2", model={"width": 8, "depth": 2, "blocks": 1, "scale": 2}, steps=1, warmup_steps=0, val_interval=1, lr=1e-12, lr_min=0.0, ema=None)
+    result = train(settings, init=tiny_model, progress=False)
+    target, info = load(result.final_weights)
+    assert info.scale == 2
+    for name in ("enc0_in_conv", "bottleneck_res0_a_conv", "dec1_up"):
+        for a, b in zip(source.get_layer(name).get_weights(), target.get_layer(name).get_weights()):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert target.get_layer("head_conv").get_weights()[0].shape[-1] == 12

@@ -1,0 +1,426 @@
+"""The watch daemon's journal: one SQLite row per version of a file in the inbox.
+
+A row moves through ``seen`` (waiting for the file to settle), ``ready``
+(queued), ``claimed`` (in the batch being processed) to ``done`` or
+``failed``.  At most one active row (seen, ready, claimed) exists per path;
+finished rows are keyed by path and content hash, so a file dropped again with
+new content gets a new row while identical content is recognised.  Every
+change is one committed transaction in WAL mode: a killed daemon resumes from
+the last commit, and ``batchsr status`` reads while the daemon writes.
+
+This module does not import TensorFlow, so ``batchsr status`` starts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from urllib.request import pathname2url
+
+from batchsr.errors import InputError
+
+JOURNAL_FILE = "journal.sqlite"
+LOCK_FILE = "lock"
+STATES = ("seen", "ready", "claimed", "done", "failed")
+ACTIVE = ("seen", "ready", "claimed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,                -- relative to the inbox, '/'-separated, exactly as on disk
+    sha256 TEXT,                       -- content hash, once the file has been read
+    state TEXT NOT NULL CHECK (state IN ('seen', 'ready', 'claimed', 'done', 'failed')),
+    size INTEGER NOT NULL,             -- size and mtime when last observed (or when read)
+    mtime_ns INTEGER NOT NULL,
+    first_seen REAL NOT NULL,
+    changed REAL NOT NULL,             -- when size or mtime last changed: settling counts from here
+    ready_since REAL,
+    not_before REAL NOT NULL DEFAULT 0,  -- retry back-off
+    attempts INTEGER NOT NULL DEFAULT 0,     -- tries that failed
+    interrupted INTEGER NOT NULL DEFAULT 0,  -- tries cut short by the daemon dying
+    error TEXT,
+    traceback_digest TEXT,
+    model_id TEXT,
+    output TEXT,                       -- relative to the output folder
+    metrics TEXT,                      -- JSON, when a reference was found
+    finished REAL,
+    updated REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_active_row_per_path ON files(path) WHERE state IN ('seen', 'ready', 'claimed');
+CREATE UNIQUE INDEX IF NOT EXISTS one_result_per_content ON files(path, sha256) WHERE state IN ('done', 'failed');
+CREATE INDEX IF NOT EXISTS by_state ON files(state, ready_since);
+CREATE INDEX IF NOT EXISTS by_path ON files(path, id);
+CREATE INDEX IF NOT EXISTS by_finished ON files(finished) WHERE finished IS NOT NULL;
+"""
+
+
+class Seen(Enum):
+    """What an observation of a file in the inbox means."""
+
+    NEW = "new"  # no active row: one was created
+    CHANGED = "changed"  # size or mtime differ from the active row: settling restarts
+    UNCHANGED = "unchanged"
+    DONE_BEFORE = "done_before"  # this very file was processed; only its move is left
+    FAILED_BEFORE = "failed_before"  # this very file failed; only its move to failed/ is left
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An active row, as the daemon needs it."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    attempts: int
+    interrupted: int
+    first_seen: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished row (done or failed)."""
+
+    id: int
+    path: str
+    state: str
+    sha256: str | None
+    size: int
+    mtime_ns: int
+    attempts: int
+    interrupted: int
+    error: str | None
+    traceback_digest: str | None
+    model_id: str | None
+    output: str | None
+    finished: float
+    first_seen: float
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A successful output, to be recorded as done."""
+
+    entry_id: int
+    sha256: str
+    size: int
+    mtime_ns: int
+    model_id: str
+    output: str
+    metrics: dict | None
+
+
+@dataclass
+class Status:
+    """What ``batchsr status`` shows."""
+
+    journal: Path
+    counts: dict[str, int]
+    queue: int
+    done_last_hour: int
+    oldest_queued_s: float | None
+    errors: list[dict] = field(default_factory=list)
+    daemon: str | None = None  # the lock holder line, when a daemon holds the state folder
+
+    @property
+    def images_per_minute(self) -> float:
+        return self.done_last_hour / 60.0
+
+    def as_dict(self) -> dict:
+        return {
+            "journal": str(self.journal),
+            "daemon": self.daemon,
+            "queue": self.queue,
+            "counts": self.counts,
+            "done_last_hour": self.done_last_hour,
+            "images_per_minute_last_hour": round(self.images_per_minute, 3),
+            "oldest_queued_s": None if self.oldest_queued_s is None else round(self.oldest_queued_s, 1),
+            "errors": self.errors,
+        }
+
+
+def _entry(row) -> Entry:
+    return Entry(*row)
+
+
+_ENTRY_COLUMNS = "id, path, size, mtime_ns, attempts, interrupted, first_seen"
+_RESULT_COLUMNS = (
+    "id, path, state, sha256, size, mtime_ns, attempts, interrupted, error, traceback_digest, model_id, output, finished, first_seen"
+)
+
+
+class WatchJournal:
+    """The daemon's only connection; used from one thread."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed 'done' survives power loss, not only a crash
+        with self._transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+
+    @contextmanager
+    def _transaction(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- observing the inbox ------------------------------------------------
+
+    def observe(self, files: list[tuple[str, int, int]], now: float) -> list[tuple[str, Seen]]:
+        """Records ``(path, size, mtime_ns)`` observations; says what each one means."""
+        outcomes = []
+        with self._transaction() as db:
+            for path, size, mtime_ns in files:
+                active = db.execute(
+                    "SELECT id, size, mtime_ns FROM files WHERE path = ? AND state IN ('seen', 'ready', 'claimed')", (path,)
+                ).fetchone()
+                if active is not None:
+                    if (active[1], active[2]) == (size, mtime_ns):
+                        outcomes.append((path, Seen.UNCHANGED))
+                        continue
+                    db.execute(
+                        "UPDATE files SET state = 'seen', size = ?, mtime_ns = ?, changed = ?, ready_since = NULL, sha256 = NULL, "
+                        "attempts = 0, interrupted = 0, not_before = 0, error = NULL, traceback_digest = NULL, updated = ? WHERE id = ?",
+                        (size, mtime_ns, now, now, active[0]),
+                    )
+                    outcomes.append((path, Seen.CHANGED))
+                    continue
+                last = db.execute(
+                    "SELECT state, size, mtime_ns FROM files WHERE path = ? AND state IN ('done', 'failed') ORDER BY updated DESC, id DESC LIMIT 1",
+                    (path,),
+                ).fetchone()
+                if last is not None and (last[1], last[2]) == (size, mtime_ns):
+                    outcomes.append((path, Seen.DONE_BEFORE if last[0] == "done" else Seen.FAILED_BEFORE))
+                    continue
+                db.execute(
+                    "INSERT INTO files (path, state, size, mtime_ns, first_seen, changed, updated) VALUES (?, 'seen', ?, ?, ?, ?, ?)",
+                    (path, size, mtime_ns, now, now, now),
+                )
+                outcomes.append((path, Seen.NEW))
+        return outcomes
+
+    def vanish(self, paths: list[str]) -> int:
+        """Forgets active rows whose file left the inbox before it was processed."""
+        with self._transaction() as db:
+            return sum(
+                db.execute("DELETE FROM files WHERE path = ? AND state IN ('seen', 'ready', 'claimed')", (p,)).rowcount for p in paths
+            )
+
+    def active_paths(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT path FROM files WHERE state IN ('seen', 'ready', 'claimed')")}
+
+    def settling(self, changed_before: float) -> list[Entry]:
+        """Seen rows whose size and mtime have not changed since ``changed_before``."""
+        rows = self.db.execute(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'seen' AND changed <= ? ORDER BY changed, id", (changed_before,))
+        return [_entry(r) for r in rows]
+
+    def next_settle_time(self) -> float | None:
+        row = self.db.execute("SELECT MIN(changed) FROM files WHERE state = 'seen'").fetchone()
+        return row[0]
+
+    def mark_ready(self, ids: list[int], now: float) -> None:
+        with self._transaction() as db:
+            db.executemany("UPDATE files SET state = 'ready', ready_since = ?, updated = ? WHERE id = ? AND state = 'seen'", [(now, now, i) for i in ids])
+
+    def restart_settling(self, changes: list[tuple[int, int, int]], now: float) -> None:
+        """``(id, size, mtime_ns)``: the file is still changing; back to seen, from now."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE files SET state = 'seen', size = ?, mtime_ns = ?, changed = ?, ready_since = NULL, sha256 = NULL, "
+                "attempts = 0, interrupted = 0, not_before = 0, updated = ? WHERE id = ? AND state IN ('seen', 'ready', 'claimed')",
+                [(size, mtime_ns, now, now, i) for i, size, mtime_ns in changes],
+            )
+
+    def forget(self, ids: list[int]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM files WHERE id = ? AND state IN ('seen', 'ready', 'claimed')", [(i,) for i in ids])
+
+    # -- the queue --------------------------------------------------------------
+
+    def queue_head(self, now: float) -> tuple[int, float | None]:
+        """Ready rows whose back-off has passed, and the oldest one's ready time."""
+        count, oldest = self.db.execute(
+            "SELECT COUNT(*), MIN(MAX(ready_since, not_before)) FROM files WHERE state = 'ready' AND not_before <= ?", (now,)
+        ).fetchone()
+        return count, oldest
+
+    def next_retry_time(self) -> float | None:
+        return self.db.execute("SELECT MIN(not_before) FROM files WHERE state = 'ready'").fetchone()[0]
+
+    def claim(self, limit: int, now: float) -> list[Entry]:
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'ready' AND not_before <= ? "
+                "ORDER BY MAX(ready_since, not_before), id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany("UPDATE files SET state = 'claimed', updated = ? WHERE id = ?", [(now, r[0]) for r in rows])
+        return [_entry(r) for r in rows]
+
+    def recover_claims(self, now: float) -> list[Entry]:
+        """After a crash: claimed rows go back to the queue, each counting one interrupted try."""
+        with self._transaction() as db:
+            rows = db.execute(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'claimed'").fetchall()
+            db.execute(
+                "UPDATE files SET state = 'ready', interrupted = interrupted + 1, not_before = 0, updated = ? WHERE state = 'claimed'", (now,)
+            )
+        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + 1, r[6]) for r in rows]
+
+    # -- outcomes -----------------------------------------------------------------
+
+    def done_with_content(self, path: str, sha256: str) -> int | None:
+        row = self.db.execute("SELECT id FROM files WHERE path = ? AND sha256 = ? AND state = 'done'", (path, sha256)).fetchone()
+        return row[0] if row else None
+
+    def absorb_duplicate(self, entry_id: int, done_id: int, size: int, mtime_ns: int, now: float) -> None:
+        """The file is identical to a version already done: no new row, the old one now describes it."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM files WHERE id = ? AND state IN ('seen', 'ready', 'claimed')", (entry_id,))
+            db.execute("UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE id = ?", (size, mtime_ns, now, done_id))
+
+    def complete(self, results: list[Completed], now: float) -> set[int]:
+        """Marks claimed rows done; returns the ids that were still claimed (not changed meanwhile)."""
+        completed = set()
+        with self._transaction() as db:
+            for r in results:
+                db.execute(
+                    "DELETE FROM files WHERE path = (SELECT path FROM files WHERE id = ?) AND sha256 = ? AND state IN ('done', 'failed') AND id != ?",
+                    (r.entry_id, r.sha256, r.entry_id),
+                )
+                cursor = db.execute(
+                    "UPDATE files SET state = 'done', sha256 = ?, size = ?, mtime_ns = ?, model_id = ?, output = ?, metrics = ?, "
+                    "error = NULL, traceback_digest = NULL, finished = ?, updated = ? WHERE id = ? AND state = 'claimed'",
+                    (r.sha256, r.size, r.mtime_ns, r.model_id, r.output, json.dumps(r.metrics) if r.metrics else None, now, now, r.entry_id),
+                )
+                if cursor.rowcount:
+                    completed.add(r.entry_id)
+        return completed
+
+    def retry_later(self, entry_id: int, *, attempts: int, error: str, digest: str | None, not_before: float, now: float) -> None:
+        """Back to the queue after ``not_before``; ``attempts`` is the new count of failed tries."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE files SET state = 'ready', attempts = ?, error = ?, traceback_digest = ?, not_before = ?, updated = ? "
+                "WHERE id = ? AND state IN ('claimed', 'ready')",
+                (attempts, error, digest, not_before, now, entry_id),
+            )
+
+    def fail(self, entry_id: int, *, sha256: str | None, attempts: int, error: str, digest: str | None, now: float) -> Result | None:
+        """Marks a row failed for good; returns it, or None when it changed meanwhile."""
+        with self._transaction() as db:
+            if sha256 is not None:
+                db.execute(
+                    "DELETE FROM files WHERE path = (SELECT path FROM files WHERE id = ?) AND sha256 = ? AND state IN ('done', 'failed') AND id != ?",
+                    (entry_id, sha256, entry_id),
+                )
+            cursor = db.execute(
+                "UPDATE files SET state = 'failed', sha256 = COALESCE(?, sha256), attempts = ?, error = ?, traceback_digest = ?, "
+                "finished = ?, updated = ? WHERE id = ? AND state IN ('claimed', 'ready')",
+                (sha256, attempts, error, digest, now, now, entry_id),
+            )
+            if not cursor.rowcount:
+                return None
+            row = db.execute(f"SELECT {_RESULT_COLUMNS} FROM files WHERE id = ?", (entry_id,)).fetchone()
+        return Result(*row)
+
+    def last_result(self, path: str) -> Result | None:
+        row = self.db.execute(
+            f"SELECT {_RESULT_COLUMNS} FROM files WHERE path = ? AND state IN ('done', 'failed') ORDER BY updated DESC, id DESC LIMIT 1", (path,)
+        ).fetchone()
+        return Result(*row) if row else None
+
+    # -- reporting ------------------------------------------------------------------
+
+    def status(self, now: float, errors: int = 10) -> Status:
+        return _status(self.db, self.path, now, errors)
+
+
+def _status(db: sqlite3.Connection, path: Path, now: float, errors: int) -> Status:
+    counts = dict.fromkeys(STATES, 0)
+    counts.update(dict(db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall()))
+    done_last_hour = db.execute("SELECT COUNT(*) FROM files WHERE state = 'done' AND finished >= ?", (now - 3600,)).fetchone()[0]
+    oldest = db.execute("SELECT MIN(first_seen) FROM files WHERE state IN ('seen', 'ready', 'claimed')").fetchone()[0]
+    rows = db.execute(
+        "SELECT path, state, error, attempts, traceback_digest, updated FROM files WHERE error IS NOT NULL ORDER BY updated DESC, id DESC LIMIT ?",
+        (errors,),
+    ).fetchall()
+    recent = [
+        {
+            "file": file,
+            "state": "failed" if state == "failed" else "retrying",
+            "error": error,
+            "attempts": attempts,
+            "traceback_digest": digest,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(updated)),
+        }
+        for file, state, error, attempts, digest, updated in rows
+    ]
+    return Status(
+        journal=path,
+        counts=counts,
+        queue=sum(counts[s] for s in ACTIVE),
+        done_last_hour=done_last_hour,
+        oldest_queued_s=None if oldest is None else max(0.0, now - oldest),
+        errors=recent,
+    )
+
+
+def read_status(state_dir: Path, errors: int = 10) -> Status:
+    """The journal's status, read-only, while a daemon may be writing it."""
+    path = Path(state_dir) / JOURNAL_FILE
+    if not path.is_file():
+        raise InputError(f"no journal at {path}: has `batchsr watch` run with this state folder?")
+    try:
+        db = sqlite3.connect(f"file:{pathname2url(str(path.absolute()))}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise InputError(f"cannot open the journal {path}: {exc}") from None
+    try:
+        status = _status(db, path, time.time(), errors)
+    except sqlite3.Error as exc:
+        raise InputError(f"cannot read the journal {path}: {exc}") from None
+    finally:
+        db.close()
+    status.daemon = _lock_holder(Path(state_dir) / LOCK_FILE)
+    return status
+
+
+def _lock_holder(lock_path: Path) -> str | None:
+    """The line the lock file's holder wrote, if a process holds it now.
+
+    Read from ``/proc/locks`` rather than by trying the lock: a probe could make
+    a daemon that starts at that instant fail.
+    """
+    try:
+        info = os.stat(lock_path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            held = any(_names_inode(line, info) for line in handle)
+        if not held:
+            return None
+        return lock_path.read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
+    except FileNotFoundError:
+        return None
+
+
+def _names_inode(line: str, info: os.stat_result) -> bool:
+    fields = line.split()
+    if len(fields) < 6 or fields[1] != "FLOCK":
+        return False
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return fields[5] == device

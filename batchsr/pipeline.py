@@ -1,0 +1,187 @@
+"""From a decoded image to its output: model inputs, finishing, naming, huge images.
+
+``run`` and ``watch`` share these steps, so an image comes out the same from
+either:
+
+- colour goes through the model; the alpha plane goes through the model too
+  (``image.alpha: model``, the better of the two on sharp and soft masks) or
+  through MATLAB-style bicubic (``bicubic``);
+- gray and R = G = B images come back untinted (the channel mean);
+- ``run.outscale`` resizes the model's output to any factor (bicubic,
+  antialiased when shrinking);
+- metadata follow the new size (``metadata.scaled``).
+
+Images above ``run.stream_megapixels`` written as PNG or TIFF take
+``write_streamed``: the engine yields a row of tiles at a time and each is
+finished and encoded at once, so the output never exists in memory whole.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from batchsr.imageio import EXTENSIONS, Image, atomic_file, from_float, tiff_options, to_float, written_format
+from batchsr.metadata import append_tiff_exif, png_metadata_chunks, scaled
+from batchsr.resize import imresize, imresize_rows
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+_SAME_FORMAT_SUFFIXES = {"jpg": {".jpg", ".jpeg"}, "tiff": {".tif", ".tiff"}}
+STREAMED_FORMATS = ("png", "tiff")
+_TIFF_TILE = 256
+_CHUNK_ROWS = 64
+
+
+def output_size(width: int, height: int, factor: float) -> tuple[int, int]:
+    """Output (width, height) for ``factor``, rounded half up, at least one pixel."""
+    return max(1, math.floor(width * factor + 0.5)), max(1, math.floor(height * factor + 0.5))
+
+
+def factor_text(factor: float) -> str:
+    """``4`` for 4.0, ``2.5`` for 2.5: the factor as it reads in a file name."""
+    return str(int(factor)) if float(factor).is_integer() else f"{factor:g}"
+
+
+def output_name(rel: Path, fmt: str, output_format: str, template: str = "{stem}{ext}", factor: float | None = None) -> Path:
+    """The output's path relative to OUTPUT: same folders, ``template`` filled in.
+
+    ``{stem}`` is the input's name without an image extension, ``{ext}`` the
+    input's own extension when it names the written format (``.jpeg`` stays),
+    else the format's; ``{scale}`` the output factor, ``{format}`` the format.
+    """
+    target = written_format(fmt if output_format == "same" else output_format)
+    suffix = rel.suffix.lower()
+    ext = rel.suffix if suffix in _SAME_FORMAT_SUFFIXES.get(target, {EXTENSIONS[target]}) else EXTENSIONS[target]
+    stem = rel.stem if suffix in IMAGE_SUFFIXES or not rel.suffix else rel.name
+    scale = factor_text(factor) if factor is not None else ""
+    return rel.with_name(template.format(stem=stem, ext=ext, scale=scale, format=target))
+
+
+def upscale_images(engine, images: list[Image], alpha: str = "model") -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``(colour, alpha or None)`` float outputs for each image, from one ``engine.upscale`` call.
+
+    With ``alpha == "model"`` the alpha planes ride along as gray images; with
+    ``bicubic`` the second item is None and ``finish_image`` resizes the plane.
+    """
+    inputs = [to_float(image.rgb) for image in images]
+    planes = [i for i, image in enumerate(images) if image.alpha is not None and alpha == "model"]
+    inputs += [np.repeat(to_float(images[i].alpha)[:, :, None], 3, axis=2) for i in planes]
+    outputs = engine.upscale(inputs)
+    alphas = {i: np.clip(outputs[len(images) + k].mean(axis=2), 0.0, 1.0) for k, i in enumerate(planes)}
+    return [(outputs[i], alphas.get(i)) for i in range(len(images))]
+
+
+def finish_image(image: Image, upscaled: np.ndarray, scale: int, *, alpha: np.ndarray | None = None,
+                 outscale: float | None = None) -> Image:
+    """Model output (float RGB, ``scale`` x the input) to an image of the input's kind.
+
+    Bit depth, gray storage and R = G = B are kept; the alpha plane is
+    ``alpha`` (model-upscaled, float) or else bicubic-upscaled here; with
+    ``outscale`` both are resized to exactly that factor of the input.
+    """
+    height, width = image.rgb.shape[:2]
+    rgb = upscaled
+    if image.gray or image.neutral:
+        rgb = rgb.mean(axis=2, keepdims=True)
+    plane = None
+    if image.alpha is not None:
+        plane = alpha if alpha is not None else imresize(to_float(image.alpha), size=(height * scale, width * scale))
+    factor = float(scale)
+    if outscale is not None and outscale != scale:
+        factor = float(outscale)
+        out_w, out_h = output_size(width, height, factor)
+        rgb = imresize(np.asarray(rgb, np.float32), size=(out_h, out_w))
+        plane = imresize(np.asarray(plane, np.float32), size=(out_h, out_w)) if plane is not None else None
+    pixels = from_float(rgb, image.rgb.dtype)
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    out_alpha = from_float(plane, image.alpha.dtype) if plane is not None else None
+    size = (pixels.shape[1], pixels.shape[0])
+    return Image(pixels, out_alpha, image.gray, image.format, neutral=image.neutral, meta=scaled(image.meta, size, factor),
+                 source=image.source)
+
+
+def streamable(image: Image, fmt: str, scale: int, outscale: float | None, megapixels: float) -> bool:
+    """True when ``image`` is large enough to stream and its output can be streamed."""
+    big = image.rgb.shape[0] * image.rgb.shape[1] > megapixels * 1e6
+    return big and written_format(fmt) in STREAMED_FORMATS and (outscale is None or outscale == scale)
+
+
+def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "model") -> tuple[int, int]:
+    """Upscales ``image`` and writes it to ``path`` (PNG or TIFF) a row of tiles at a time.
+
+    Returns the output (width, height).  Memory: the input, one band of
+    ``engine.tile * scale`` output rows and the encoder's buffers.
+    """
+    fmt = written_format(fmt)
+    if fmt not in STREAMED_FORMATS:
+        raise ValueError(f"{fmt} cannot be written band by band; use one of {STREAMED_FORMATS}")
+    s = engine.scale
+    height, width = image.rgb.shape[:2]
+    out_h, out_w = height * s, width * s
+    meta = scaled(image.meta, (out_w, out_h), s)
+    dtype = image.rgb.dtype
+    channels = (1 if image.gray else 3) + (image.alpha is not None)
+
+    def bands():
+        colour = engine.upscale_bands(image.rgb)
+        planes = None
+        if image.alpha is not None and alpha == "model":
+            planes = engine.upscale_bands(np.broadcast_to(image.alpha[:, :, None], (height, width, 3)))
+        for y, band in colour:
+            alpha_band = next(planes)[1] if planes is not None else None
+            for start in range(0, len(band), _CHUNK_ROWS):  # small float temporaries
+                rows = band[start : start + _CHUNK_ROWS]
+                if image.gray or image.neutral:
+                    rows = rows.mean(axis=2, keepdims=True)
+                pixels = from_float(rows, dtype)
+                if image.neutral:
+                    pixels = np.repeat(pixels, 3, axis=2)
+                if image.alpha is not None:
+                    if alpha_band is not None:
+                        plane = np.clip(alpha_band[start : start + len(rows)].mean(axis=2), 0.0, 1.0)
+                    else:
+                        first = y + start
+                        plane = imresize_rows(image.alpha, (out_h, out_w), first, first + len(rows)) / np.float32(np.iinfo(dtype).max)
+                    pixels = np.concatenate([pixels, from_float(plane, dtype)[:, :, None]], axis=2)
+                yield pixels
+
+    with atomic_file(path) as handle:
+        if fmt == "png":
+            from batchsr.pngwriter import PNGWriter
+
+            writer = PNGWriter(handle, out_w, out_h, channels, dtype, png_metadata_chunks(meta, image.gray))
+            for pixels in bands():
+                writer.write_rows(pixels)
+            writer.close()
+        else:
+            import tifffile
+
+            shape = (out_h, out_w) if channels == 1 else (out_h, out_w, channels)
+            tifffile.imwrite(handle, _tiles(bands(), out_w, channels, dtype), shape=shape, dtype=dtype, tile=(_TIFF_TILE, _TIFF_TILE),
+                             compression="zlib", predictor=True, **tiff_options(image.gray, channels, meta))
+            append_tiff_exif(handle, meta)
+    return out_w, out_h
+
+
+def _tiles(bands, width: int, channels: int, dtype):
+    """TIFF tiles in row-major order from bands of rows of any height; edge tiles zero-padded."""
+    t = _TIFF_TILE
+    pending = np.zeros((0, width, channels), dtype)
+
+    def row_of_tiles(rows: np.ndarray):
+        for x in range(0, width, t):
+            tile = np.zeros((t, t, channels), dtype)
+            part = rows[:, x : x + t]
+            tile[: part.shape[0], : part.shape[1]] = part
+            yield tile[:, :, 0] if channels == 1 else tile
+
+    for band in bands:
+        pending = np.concatenate([pending, band]) if len(pending) else band
+        while len(pending) >= t:
+            yield from row_of_tiles(pending[:t])
+            pending = pending[t:]
+    if len(pending):
+        yield from row_of_tiles(pending)

@@ -1,0 +1,832 @@
+"""Watch mode: a daemon that upscales every image dropped into an inbox, once.
+
+File events (watchdog) are only hints; the journal (``batchsr.journal``) is the
+truth.  A scan at start-up and every ``watch.rescan_interval_s`` catches what
+events missed.  A file is ready once its size and mtime have been stable for
+``watch.settle_s``, and it is processed if it decodes; ready files go through
+the same tf.data decode stage, engine and finishing steps (``batchsr.pipeline``)
+as ``batchsr run``, in batches.
+
+Order of effects, so that a kill at any instant leaves a state the next start
+completes: output written to a temporary file, fsynced and renamed; metrics
+row appended (atomically); journal row marked done; input moved (or deleted).
+At start-up, temporary files are removed, claimed rows go back to the queue
+and inputs whose row is finished but which are still in the inbox are moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import hashlib
+import io
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator
+
+import numpy as np
+from loguru import logger
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from batchsr.checkpoint import DEFAULT_MODEL, description_path, read_info
+from batchsr.config import EngineSettings, Settings, WatchSettings
+from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
+from batchsr.imageio import Image, atomic_write, decode_image, encode_image
+from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
+from batchsr.lock import FolderLock
+from batchsr.pipeline import finish_image, output_name, streamable, upscale_images, write_streamed
+from batchsr.runner import METRIC_COLUMNS, STATE_DIR, find_reference, reference_metrics
+
+METRICS_FILE = "watch-metrics.csv"
+METRICS_COLUMNS = [*METRIC_COLUMNS, "input_sha256", "finished"]
+IGNORED_SUFFIXES = (".tmp", ".part", ".crdownload")
+# Errors of the output folder rather than of the image: they do not count as a try.
+OUTPUT_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_EVENT_KINDS = {EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED}
+
+
+def is_ignored(rel: str) -> bool:
+    """Names producers use while a file is incomplete: hidden files and folders, ``*.tmp``,
+    ``*.part``, ``*.crdownload``, rsync's ``.NAME.XXXXXX``, Syncthing's ``.syncthing.*.tmp``
+    and ``~syncthing~*.tmp``."""
+    parts = rel.split("/")
+    if any(part.startswith(".") for part in parts):
+        return True
+    name = parts[-1].lower()
+    return name.endswith(IGNORED_SUFFIXES) or name.startswith("~syncthing~")
+
+
+@dataclass(frozen=True)
+class WatchFolders:
+    inbox: Path
+    output: Path
+    done: Path
+    failed: Path
+    state: Path
+    reference: Path | None
+
+    @classmethod
+    def from_settings(cls, watch: WatchSettings) -> "WatchFolders":
+        """Absolute folders; refuses overlaps that would make the daemon read its own files."""
+
+        def absolute(path: Path | None) -> Path | None:
+            return None if path is None else Path(os.path.abspath(path.expanduser()))
+
+        folders = cls(*(absolute(getattr(watch, key)) for key in ("inbox", "output", "done", "failed", "state", "reference")))
+        trees = {key: getattr(folders, key) for key in ("inbox", "output", "done", "failed")}
+        names = list(trees)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if _nested(trees[a], trees[b]):
+                    raise ConfigError(f"watch.{a} ({trees[a]}) and watch.{b} ({trees[b]}) must be separate folders, neither inside the other")
+        for key in ("state", "reference"):
+            path = getattr(folders, key)
+            if path is not None and (path == folders.inbox or folders.inbox in path.parents):
+                raise ConfigError(f"watch.{key} ({path}) must not be inside watch.inbox ({folders.inbox})")
+        return folders
+
+    def create(self) -> None:
+        """Creates missing folders; a folder that cannot be made is a start-up error."""
+        try:
+            self.inbox.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"inbox {self.inbox} cannot be created: {exc.strerror or exc}") from None
+        if not self.inbox.is_dir():
+            raise InputError(f"inbox {self.inbox} is not a folder")
+        if self.reference is not None and not self.reference.is_dir():
+            raise InputError(f"reference folder {self.reference} does not exist or is not a folder")
+        for name in ("output", "done", "failed", "state"):
+            folder = getattr(self, name)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".batchsr-probe-", suffix=".tmp"):
+                    pass
+            except OSError as exc:
+                raise OutputError(f"{name} folder {folder} is not writable: {exc.strerror or exc}") from None
+
+
+def _nested(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+@dataclass
+class WatchSummary:
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    model_id: str = ""
+
+
+# -- systemd ------------------------------------------------------------------------
+
+
+def notify(message: str) -> bool:
+    """Sends ``message`` (``READY=1``, ``WATCHDOG=1`` ...) to systemd; a no-op outside ``Type=notify``."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
+            sock.connect(address)
+            sock.send(message.encode("utf-8"))
+    except BlockingIOError:  # the receiver is not reading: never let that stall the daemon
+        logger.debug("systemd notification dropped (its socket is full): {}", message.splitlines()[0])
+        return False
+    except OSError as exc:
+        logger.warning("cannot notify systemd at {}: {}", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+    return True
+
+
+def _watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: half of systemd's ``WatchdogSec``, or None."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    if not usec.isdigit() or int(usec) == 0:
+        logger.warning("ignoring WATCHDOG_USEC={!r}: not a positive number of microseconds", usec)
+        return None
+    return int(usec) / 2e6
+
+
+def stop_on_signals(stop: threading.Event, timeout_s: float) -> None:
+    """First SIGTERM/SIGINT: take no new files, finish the current batch, return.
+    A second one terminates at once (the default action); so does ``timeout_s`` passing."""
+
+    def first(signum, frame) -> None:
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, signal.SIG_DFL)
+        logger.info("{}: finishing the current batch, then stopping (a second signal stops at once)", signal.Signals(signum).name)
+        notify("STOPPING=1")
+        stop.set()
+        timer = threading.Timer(timeout_s, _exit_now, args=(signum, timeout_s))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, first)
+    signal.signal(signal.SIGINT, first)
+
+
+def _exit_now(signum: int, timeout_s: float) -> None:
+    logger.error("the current batch did not finish within watch.stop_timeout_s = {}s; exiting now (the next start resumes)", timeout_s)
+    os._exit(128 + signum)
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+def move_file(source: Path, target: Path) -> None:
+    """Renames ``source`` onto ``target``; across filesystems, a synced copy under a temporary name, then an unlink."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.unlink(source)
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Deletes ``.NAME.XXXX.tmp`` files a killed writer left; only this daemon writes here (it holds the lock)."""
+    removed = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+    return removed
+
+
+def append_metrics(path: Path, rows: list[dict]) -> None:
+    """Adds rows to the CSV by an atomic rewrite; a row for the same image and content replaces the old one."""
+    existing: list[dict] = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as handle:
+            existing = list(csv.DictReader(handle))
+    keys = {(row["image"], row["input_sha256"]) for row in rows}
+    kept = [row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(kept + rows)
+    atomic_write(path, buffer.getvalue().encode("utf-8"))
+
+
+def traceback_digest(exc: BaseException) -> str:
+    """Groups failures by where they happened (exception type and frames), not by message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    text = type(exc).__qualname__ + "".join(f"|{Path(f.filename).name}:{f.name}:{f.lineno}" for f in frames)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+@dataclass
+class _Read:
+    """A claimed file after the decode stage: its content and image, or why not."""
+
+    entry: Entry
+    sha256: str | None = None
+    size: int = -1
+    mtime_ns: int = -1
+    image: Image | None = None
+    error: str | None = None
+    digest: str | None = None
+    missing: bool = False
+    changed: bool = False  # not the file that settled: it is still being written
+
+
+def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
+    """Reads, hashes and decodes one file; errors are returned, never raised (one file never stops a batch)."""
+    item = _Read(entry)
+    try:
+        with open(path, "rb") as handle:
+            before = os.fstat(handle.fileno())
+            data = handle.read()
+            after = os.fstat(handle.fileno())
+    except FileNotFoundError:
+        item.missing = True
+        return item
+    except OSError as exc:
+        item.error, item.digest = f"cannot read: {exc.strerror or exc}", traceback_digest(exc)
+        return item
+    item.size, item.mtime_ns = after.st_size, after.st_mtime_ns
+    signature = (after.st_size, after.st_mtime_ns)
+    if signature != (before.st_size, before.st_mtime_ns) or signature != (entry.size, entry.mtime_ns) or len(data) != after.st_size:
+        item.changed = True
+        return item
+    item.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        item.image = decode_image(data, path, max_pixels=max_pixels)
+    except ImageError as exc:
+        item.error, item.digest = exc.reason, traceback_digest(exc)
+    except Exception as exc:  # a decoder bug fails this image, not the batch; the reason is recorded
+        item.error, item.digest = f"decoder error: {type(exc).__name__}: {exc}", traceback_digest(exc)
+    return item
+
+
+# -- the model --------------------------------------------------------------------------
+
+
+class _Model:
+    """The engine, replaced between batches when its weights file (and description) change."""
+
+    def __init__(self, weights: Path | None, settings: EngineSettings):
+        from batchsr.engine import Engine
+
+        self.path = Path(weights) if weights else DEFAULT_MODEL
+        self.settings = settings
+        self.signature = self._signature()
+        self.rejected: tuple | None = None
+        self.engine = Engine(self.path, settings)
+
+    def _signature(self) -> tuple:
+        def one(path: Path):
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                return None
+            return info.st_ino, info.st_size, info.st_mtime_ns
+
+        return one(self.path), one(description_path(self.path))
+
+    def reload_if_replaced(self) -> None:
+        signature = self._signature()
+        if signature in (self.signature, self.rejected):
+            return
+        from batchsr.engine import Engine
+
+        try:
+            info = read_info(self.path)
+            if info.model_id == self.engine.model_id:
+                self.signature = signature
+                return
+            engine = Engine(self.path, self.settings)
+        except ModelError as exc:
+            self.rejected = signature
+            logger.warning("the model file changed but cannot be loaded ({}); still using {}", exc, self.engine.model_id)
+            return
+        logger.info("model replaced: now using {} (was {})", engine.model_id, self.engine.model_id)
+        self.engine, self.signature, self.rejected = engine, signature, None
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+
+class _InboxEvents(FileSystemEventHandler):
+    """Turns file events into path hints for the loop; decides nothing itself."""
+
+    def __init__(self, hints: queue.Queue):
+        self.hints = hints
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in _EVENT_KINDS:
+            return  # opened / closed-without-writing: our own reads
+        if event.is_directory:
+            # A folder created or moved in: its files may bring no events of their own.
+            if event.event_type in (EVENT_TYPE_CREATED, EVENT_TYPE_MOVED):
+                self.hints.put(os.fsdecode(event.dest_path or event.src_path))
+            return
+        self.hints.put(os.fsdecode(event.src_path))
+        if event.event_type == EVENT_TYPE_MOVED:
+            self.hints.put(os.fsdecode(event.dest_path))  # a move into the inbox counts at its destination
+
+
+@dataclass
+class _BatchCounts:
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    deferred: int = 0
+    duplicates: int = 0
+
+
+class _Daemon:
+    """Daemon-lifetime state: journal, model, writer threads, event hints."""
+
+    def __init__(self, settings: Settings, folders: WatchFolders, journal: WatchJournal, model: _Model,
+                 writers: ThreadPoolExecutor, stop: threading.Event):
+        self.settings, self.watch, self.run_settings = settings, settings.watch, settings.run
+        self.folders, self.journal, self.model, self.writers, self.stop = folders, journal, model, writers, stop
+        self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
+        self.prefix = str(folders.inbox) + os.sep
+        self.bad_names: set[str] = set()  # names already reported as not UTF-8
+
+    # -- the loop --
+
+    def run(self) -> WatchSummary:
+        started = time.time()
+        summary = WatchSummary(model_id=self.model.engine.model_id)
+        observer = self._start_observer()
+        try:
+            self._scan(time.time())
+            status = self.journal.status(time.time())
+            logger.info("watching {} with model {}; {} files queued", self.folders.inbox, self.model.engine.model_id, status.queue)
+            notify(f"READY=1\nSTATUS=watching, {status.queue} queued")
+            tick = min(0.25, max(0.02, min(self.watch.settle_s, self.watch.max_wait_s) / 4))
+            ping_every, last_ping = _watchdog_interval(), 0.0
+            next_scan = time.time() + self.watch.rescan_interval_s
+            while not self.stop.is_set():
+                self._take_hints(tick)
+                now = time.time()
+                if now >= next_scan:
+                    self._scan(now)
+                    next_scan = now + self.watch.rescan_interval_s
+                self._settle(now)
+                if not self.stop.is_set() and self._batch_due(now):
+                    self.model.reload_if_replaced()
+                    counts = self._run_batch(self.journal.claim(self.watch.batch_images, now))
+                    summary.done += counts.done
+                    summary.failed += counts.failed
+                    summary.model_id = self.model.engine.model_id
+                if ping_every is not None and time.time() - last_ping >= ping_every:
+                    notify("WATCHDOG=1")
+                    last_ping = time.time()
+        finally:
+            observer.stop()
+            observer.join(timeout=10)
+        summary.seconds = time.time() - started
+        return summary
+
+    def _start_observer(self):
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        handler = _InboxEvents(self.hints)
+        observer = PollingObserver(timeout=self.watch.poll_interval_s) if self.watch.polling else Observer()
+        observer.schedule(handler, str(self.folders.inbox), recursive=True)
+        try:
+            observer.start()
+        except OSError as exc:
+            if self.watch.polling:
+                raise InputError(f"cannot watch {self.folders.inbox}: {exc.strerror or exc}") from None
+            logger.warning("no kernel file events for {} ({}); polling every {}s instead", self.folders.inbox, exc, self.watch.poll_interval_s)
+            observer = PollingObserver(timeout=self.watch.poll_interval_s)
+            observer.schedule(handler, str(self.folders.inbox), recursive=True)
+            observer.start()
+        return observer
+
+    # -- observing --
+
+    def _relative(self, path: str) -> str | None:
+        if not path.startswith(self.prefix):
+            return None
+        rel = path[len(self.prefix) :]
+        return None if not rel or is_ignored(rel) else rel
+
+    def _walk(self, top: str) -> Iterator[tuple[str, int, int]]:
+        def report(error: OSError) -> None:
+            logger.warning("cannot list {}: {}", error.filename, error.strerror or error)
+
+        for root, dirs, names in os.walk(top, onerror=report):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                rel = self._relative(path)
+                if rel is None:
+                    continue
+                try:
+                    info = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    yield rel, info.st_size, info.st_mtime_ns
+
+    def _scan(self, now: float) -> None:
+        """The whole inbox: new and changed files, and queued files that are gone."""
+        if not self.folders.inbox.is_dir():
+            logger.error("the inbox {} is missing or not a folder (unmounted?); retrying at the next scan", self.folders.inbox)
+            return
+        files = list(self._walk(str(self.folders.inbox)))
+        self._record(files, now)
+        gone = self.journal.active_paths() - {rel for rel, _, _ in files}
+        if gone:
+            self.journal.vanish(sorted(gone))
+
+    def _take_hints(self, timeout: float) -> None:
+        try:
+            paths = {self.hints.get(timeout=timeout)}
+        except queue.Empty:
+            return
+        while len(paths) < 10000:
+            try:
+                paths.add(self.hints.get_nowait())
+            except queue.Empty:
+                break
+        files, gone = [], []
+        for path in sorted(paths):
+            rel = self._relative(path)
+            if rel is None:
+                continue
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                gone.append(rel)
+                continue
+            except OSError as exc:
+                logger.warning("cannot stat {}: {}", path, exc.strerror or exc)
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                files.extend(self._walk(path))
+            elif stat.S_ISREG(info.st_mode):
+                files.append((rel, info.st_size, info.st_mtime_ns))
+        self._record(files, time.time())
+        if gone:
+            self.journal.vanish(gone)
+
+    def _record(self, files: list[tuple[str, int, int]], now: float) -> None:
+        usable = []
+        for rel, size, mtime_ns in files:
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                if rel not in self.bad_names:
+                    self.bad_names.add(rel)
+                    logger.warning("{!r}: the file name is not valid UTF-8; rename it to have it processed", rel)
+                continue
+            usable.append((rel, size, mtime_ns))
+        signatures = {rel: (size, mtime_ns) for rel, size, mtime_ns in usable}
+        for rel, seen in self.journal.observe(usable, now):
+            if seen is Seen.DONE_BEFORE:
+                self._dispose_input(rel, *signatures[rel])
+            elif seen is Seen.FAILED_BEFORE:
+                result = self.journal.last_result(rel)
+                if result is not None:
+                    self._set_aside(result)
+
+    def _settle(self, now: float) -> None:
+        due = self.journal.settling(now - self.watch.settle_s)
+        ready, changed, gone = [], [], []
+        for entry in due:
+            try:
+                info = os.stat(self.folders.inbox / entry.path)
+            except FileNotFoundError:
+                gone.append(entry.path)
+                continue
+            except OSError:
+                ready.append(entry.id)  # reading it will tell why, as a failed try
+                continue
+            if (info.st_size, info.st_mtime_ns) == (entry.size, entry.mtime_ns):
+                ready.append(entry.id)
+            else:
+                changed.append((entry.id, info.st_size, info.st_mtime_ns))
+        if ready:
+            self.journal.mark_ready(ready, now)
+        if changed:
+            self.journal.restart_settling(changed, now)
+        if gone:
+            self.journal.vanish(gone)
+
+    def _batch_due(self, now: float) -> bool:
+        count, oldest = self.journal.queue_head(now)
+        return count >= self.watch.batch_images or (count > 0 and now - oldest >= self.watch.max_wait_s)
+
+    # -- a batch --
+
+    def _run_batch(self, entries: list[Entry]) -> _BatchCounts:
+        counts = _BatchCounts()
+        if not entries:
+            return counts
+        started = time.time()
+        logger.info("batch of {} images", len(entries))
+        engine = self.model.engine
+        writes = self._produce(engine, self._read_batch(entries, counts), counts)
+        completed: list[tuple[_Read, Completed, dict | None]] = []
+        for item, out_rel, future in writes:
+            try:
+                metrics = future.result()
+            except OSError as exc:
+                if exc.errno in OUTPUT_FOLDER_ERRORS:
+                    self._defer(item, f"cannot write {self.folders.output / out_rel}: {exc.strerror or exc}", counts)
+                else:
+                    self._try_failed(item, f"output not written: {exc.strerror or exc}", traceback_digest(exc), counts)
+                continue
+            except Exception as exc:  # an encoder bug fails this image, not the daemon; the reason is recorded
+                reason = exc.reason if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+                self._try_failed(item, f"output not written: {reason}", traceback_digest(exc), counts)
+                continue
+            finally:
+                item.image = None
+            done = Completed(item.entry.id, item.sha256, item.size, item.mtime_ns, engine.model_id, out_rel.as_posix(), metrics)
+            completed.append((item, done, metrics))
+        completed = self._append_metrics(completed, counts)
+        finished = self.journal.complete([done for _, done, _ in completed], time.time())
+        for item, done, _ in completed:
+            if done.entry_id in finished:
+                counts.done += 1
+                logger.debug("{} -> {}", item.entry.path, done.output)
+                self._dispose_input(item.entry.path, item.size, item.mtime_ns)
+            else:
+                logger.info("{} changed while it was processed; the new version is queued", item.entry.path)
+        seconds = time.time() - started
+        logger.info(
+            "batch: {} done, {} failed, {} to retry, {} deferred, {} already done, in {:.2f}s ({:.1f} img/s)",
+            counts.done, counts.failed, counts.retried, counts.deferred, counts.duplicates, seconds, counts.done / max(seconds, 1e-9),
+        )
+        if os.environ.get("NOTIFY_SOCKET"):
+            status = self.journal.status(time.time(), errors=0)
+            notify(f"STATUS=watching, {status.queue} queued, {status.done_last_hour} done in the last hour")
+        return counts
+
+    def _read_batch(self, entries: list[Entry], counts: _BatchCounts) -> list[_Read]:
+        """The tf.data decode stage of ``run``; settles what is not for the model (gone, changed, known, broken)."""
+        from batchsr.data import prepared_files
+
+        claimed = {self.folders.inbox / e.path: e for e in entries}
+        max_pixels = self.settings.image.max_pixels
+        reads = prepared_files(list(claimed), lambda path: read_claimed(path, claimed[path], max_pixels), self.run_settings.decode_workers)
+        usable = []
+        for item in reads:
+            entry, now = item.entry, time.time()
+            if item.missing:
+                self.journal.vanish([entry.path])
+            elif item.changed:
+                self.journal.restart_settling([(entry.id, item.size, item.mtime_ns)], now)
+            elif item.sha256 is not None and (done_id := self.journal.done_with_content(entry.path, item.sha256)) is not None:
+                self.journal.absorb_duplicate(entry.id, done_id, item.size, item.mtime_ns, now)
+                logger.info("{}: same content as the version already done; not redone", entry.path)
+                self._dispose_input(entry.path, item.size, item.mtime_ns)
+                counts.duplicates += 1
+            elif item.error is not None:
+                self._try_failed(item, item.error, item.digest, counts)
+            else:
+                usable.append(item)
+        return usable
+
+    def _produce(self, engine, items: list[_Read], counts: _BatchCounts) -> list[tuple[_Read, Path, Future]]:
+        """Model and writes as in ``run`` (``batchsr.pipeline``): batched, or band by band for huge images."""
+        run, image_settings = self.run_settings, self.settings.image
+        factor = run.outscale or engine.scale
+        batched, streamed = [], []
+        for item in items:
+            fmt = item.image.format if run.output_format == "same" else run.output_format
+            out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
+            huge = self.folders.reference is None and streamable(item.image, fmt, engine.scale, run.outscale, run.stream_megapixels)
+            (streamed if huge else batched).append((item, out_rel, fmt))
+        t0 = time.time()
+        upscaled = self._upscale(engine, [item.image for item, _, _ in batched], image_settings.alpha)
+        ms = (time.time() - t0) * 1000.0 / max(len(batched), 1)
+        writes = []
+        for (item, out_rel, fmt), result in zip(batched, upscaled):
+            if isinstance(result, Exception):
+                self._try_failed(item, f"model failed: {type(result).__name__}: {result}", traceback_digest(result), counts)
+                continue
+            colour, alpha = result
+            job = self.writers.submit(self._write_output, item, colour, alpha, out_rel, fmt, engine, factor, ms)
+            writes.append((item, out_rel, job))
+        for item, out_rel, fmt in streamed:
+            logger.info("{}: {}x{} upscaled band by band", item.entry.path, *item.image.size)
+            job = Future()
+            try:
+                write_streamed(engine, item.image, self.folders.output / out_rel, fmt, image_settings.alpha)
+                job.set_result(None)
+            except Exception as exc:  # judged with the other writes' outcomes
+                job.set_exception(exc)
+            writes.append((item, out_rel, job))
+        return writes
+
+    @staticmethod
+    def _upscale(engine, images: list[Image], alpha: str) -> list:
+        """``(colour, alpha)`` per image, or the exception: a failing batch is retried one image at a time."""
+        if not images:
+            return []
+        try:
+            return upscale_images(engine, images, alpha)
+        except Exception as exc:  # the model failing on one image must not fail its neighbours
+            if len(images) == 1:
+                return [exc]
+            logger.warning("the batch failed in the model ({}: {}); retrying its images one by one", type(exc).__name__, exc)
+        results = []
+        for image in images:
+            try:
+                results.append(upscale_images(engine, [image], alpha)[0])
+            except Exception as exc:  # recorded as this image's failure by the caller
+                results.append(exc)
+        return results
+
+    def _write_output(self, item: _Read, colour: np.ndarray, alpha: np.ndarray | None, out_rel: Path, fmt: str, engine, factor: float,
+                      ms: float) -> dict | None:
+        """Finishes, encodes and atomically writes one output; returns its metrics row when a reference exists."""
+        run = self.run_settings
+        result = finish_image(item.image, colour, engine.scale, alpha=alpha, outscale=run.outscale)
+        data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality, background=self.settings.image.background_rgb)
+        atomic_write(self.folders.output / out_rel, data)
+        if self.folders.reference is None:
+            return None
+        reference = find_reference(self.folders.reference, Path(item.entry.path))
+        if reference is None:
+            logger.warning("{}: no reference image at the same relative path; no metrics", item.entry.path)
+            return None
+        if not float(factor).is_integer():
+            logger.warning("{}: no metrics at the non-integer factor {}", item.entry.path, factor)
+            return None
+        try:
+            metrics = reference_metrics(item.image, result, reference, int(factor))
+        except ImageError as exc:
+            logger.warning("{}: no metrics: {}", item.entry.path, exc)
+            return None
+        metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
+        return {"image": item.entry.path, "scale": int(factor), "model_id": engine.model_id, **metrics, "input_sha256": item.sha256,
+                "finished": _iso(time.time())}
+
+    def _append_metrics(self, completed: list, counts: _BatchCounts) -> list:
+        rows = [metrics for _, _, metrics in completed if metrics is not None]
+        if not rows:
+            return completed
+        try:
+            append_metrics(self.folders.output / METRICS_FILE, rows)
+        except OSError as exc:
+            # The outputs exist but their rows do not: redo those images rather than record them done without.
+            for item, _, metrics in completed:
+                if metrics is not None:
+                    self._defer(item, f"cannot write {self.folders.output / METRICS_FILE}: {exc.strerror or exc}", counts)
+            return [c for c in completed if c[2] is None]
+        return completed
+
+    # -- outcomes --
+
+    def _try_failed(self, item: _Read, reason: str, digest: str | None, counts: _BatchCounts) -> None:
+        entry, now = item.entry, time.time()
+        attempts = entry.attempts + 1
+        tries = attempts + entry.interrupted
+        if tries < self.watch.max_attempts:
+            self.journal.retry_later(entry.id, attempts=attempts, error=reason, digest=digest, not_before=now + self.watch.retry_delay_s, now=now)
+            logger.warning("{}: {} (try {} of {}); retrying in {:g}s", entry.path, reason, tries, self.watch.max_attempts, self.watch.retry_delay_s)
+            counts.retried += 1
+            return
+        result = self.journal.fail(entry.id, sha256=item.sha256, attempts=attempts, error=reason, digest=digest, now=now)
+        if result is not None:
+            logger.error("{}: {} (try {} of {}); moved to {}", entry.path, reason, tries, self.watch.max_attempts, self.folders.failed)
+            self._set_aside(result)
+            counts.failed += 1
+
+    def _defer(self, item: _Read, reason: str, counts: _BatchCounts) -> None:
+        """The output folder refused the write (full, read-only): not the image's fault, not a try."""
+        entry, now = item.entry, time.time()
+        self.journal.retry_later(entry.id, attempts=entry.attempts, error=reason, digest=None, not_before=now + self.watch.retry_delay_s, now=now)
+        logger.error("{}; {} stays in the inbox, retried in {:g}s", reason, entry.path, self.watch.retry_delay_s)
+        counts.deferred += 1
+
+    def set_aside_interrupted(self, entries: list[Entry]) -> None:
+        """Files in flight when the daemon died too often: set aside so they cannot stop it again."""
+        for entry in entries:
+            if entry.attempts + entry.interrupted < self.watch.max_attempts:
+                continue
+            reason = f"the daemon stopped {entry.interrupted} times while processing this file (crash, kill or power loss)"
+            result = self.journal.fail(entry.id, sha256=None, attempts=entry.attempts, error=reason, digest=None, now=time.time())
+            if result is not None:
+                logger.error("{}: {}; moved to {}", entry.path, reason, self.folders.failed)
+                self._set_aside(result)
+
+    def _dispose_input(self, rel: str, size: int, mtime_ns: int) -> None:
+        """Applies watch.done_policy to an input whose output is recorded done."""
+        policy = self.watch.done_policy
+        if policy == "keep":
+            return
+        source = self.folders.inbox / rel
+        try:
+            info = os.stat(source)
+        except FileNotFoundError:
+            return
+        if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+            logger.info("{} changed since it was read; the new version is queued", rel)
+            return
+        try:
+            if policy == "move":
+                move_file(source, self.folders.done / rel)
+            else:
+                source.unlink()
+        except OSError as exc:
+            logger.error("{}: output done, but the input could not be {}d: {}; retried at the next scan", rel, policy, exc.strerror or exc)
+
+    def _set_aside(self, result: Result) -> None:
+        """Writes ``failed/NAME.error.json``, then moves the input beside it."""
+        report = {
+            "file": result.path,
+            "reason": result.error,
+            "attempts": result.attempts,
+            "interrupted": result.interrupted,
+            "time": _iso(result.finished),
+            "first_seen": _iso(result.first_seen),
+            "size": result.size,
+            "sha256": result.sha256,
+            "traceback_digest": result.traceback_digest,
+        }
+        source = self.folders.inbox / result.path
+        try:
+            atomic_write(self.folders.failed / (result.path + ".error.json"), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+            info = os.stat(source)
+            if (info.st_size, info.st_mtime_ns) == (result.size, result.mtime_ns):
+                move_file(source, self.folders.failed / result.path)
+            else:
+                logger.info("{} changed since it failed; the new version is queued", result.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, exc.strerror or exc)
+
+
+def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
+    """Runs the watch daemon until ``stop`` is set, then returns after the current batch.
+
+    Start-up problems raise: ConfigError (overlapping folders), InputError,
+    OutputError (a folder cannot be created or written), LockedError (another
+    daemon holds the state folder, or anyone holds the output folder), ModelError.
+    """
+    folders = WatchFolders.from_settings(settings.watch)
+    folders.create()
+    with FolderLock(folders.state / LOCK_FILE), FolderLock(folders.output / STATE_DIR / "lock"):
+        removed = sum(remove_temporaries(folder) for folder in (folders.output, folders.done, folders.failed))
+        if removed:
+            logger.info("removed {} temporary files left by an interrupted run", removed)
+        journal = WatchJournal(folders.state / JOURNAL_FILE)
+        try:
+            interrupted = journal.recover_claims(time.time())
+            if interrupted:
+                logger.warning("{} files were in flight when the daemon last stopped; they are queued again", len(interrupted))
+            model = _Model(settings.model.weights, settings.engine)
+            with ThreadPoolExecutor(max_workers=settings.run.write_workers, thread_name_prefix="batchsr-write") as writers:
+                daemon = _Daemon(settings, folders, journal, model, writers, stop)
+                daemon.set_aside_interrupted(interrupted)
+                return daemon.run()
+        finally:
+            journal.close()

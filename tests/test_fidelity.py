@@ -1,0 +1,608 @@
+"""Image fidelity: bit depth, alpha, gray, palette, CMYK, orientation, metadata, animation, size.
+
+Fixtures are generated here.  Where a check is about pixel values rather than
+about the model, ``Bicubic`` stands in for the engine (exact, linear, and
+faithful to flat colours); the tiny random model checks the real engine path,
+and the bundled model checks the claims that depend on a trained model (no
+fringe at transparent edges, flat colours unchanged).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from loguru import logger
+from PIL import Image as PILImage
+from PIL import ImageCms, ImageOps, PngImagePlugin
+
+from batchsr.config import EngineSettings, Settings
+from batchsr.errors import ImageError
+from batchsr.evaluate import evaluate_folder
+from batchsr.imageio import Image, decode_image, from_float, read_image, to_float
+from batchsr.pipeline import finish_image, upscale_images
+from batchsr.resize import imresize
+from batchsr.runner import run_folder
+from tests.conftest import REPO
+
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+
+
+class Bicubic:
+    """An engine stand-in: MATLAB bicubic x4, so pixel checks do not depend on a model."""
+
+    scale = 4
+    info = SimpleNamespace(model_id="bicubic-x4", scale=4, config={"depth": 0})
+
+    def upscale(self, images):
+        return [imresize(np.asarray(image, np.float32), scale=4) for image in images]
+
+    def upscale_bands(self, image):
+        image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max) if image.dtype.kind == "u" else image
+        whole = imresize(np.ascontiguousarray(image, np.float32), scale=4)
+        for y in range(0, whole.shape[0], 64):
+            yield y, whole[y : y + 64]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from batchsr.engine import Engine
+
+    return Engine(tiny_model, EngineSettings(tile=32, overlap=8, batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from batchsr.engine import Engine
+
+    return Engine(None, EngineSettings(tile=32, overlap=8, batch_size=4))
+
+
+@pytest.fixture()
+def logs():
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(message.record["message"]), level="DEBUG")
+    yield messages
+    logger.remove(sink)
+
+
+def _settings(run: dict | None = None, image: dict | None = None) -> Settings:
+    return Settings.model_validate(
+        {"engine": {"tile": 32, "overlap": 8, "batch_size": 4}, "run": {"progress": "none", **(run or {})}, "image": image or {}}
+    )
+
+
+def _run(src: Path, out: Path, engine, run: dict | None = None, image: dict | None = None, failures: int = 0):
+    summary = run_folder(src, out, _settings(run, image), engine=engine)
+    assert len(summary.failed) == failures, [f.reason for f in summary.failed]
+    return summary
+
+
+def _save(path: Path, pil: PILImage.Image, fmt: str | None = None, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path, fmt, **options)
+    return path
+
+
+def _unchanged(path: Path) -> np.ndarray:
+    """Pixels as stored (OpenCV: BGR order, no orientation, no conversion)."""
+    pixels = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert pixels is not None, path
+    return pixels
+
+
+def _disk(n: int = 48):
+    """Alpha planes in [0, 1] with a hard edge (left) and a soft edge (right)."""
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - n / 2 + 0.5, xx - n / 2 + 0.5)
+    hard = (r < n * 0.3).astype(np.float32)
+    soft = np.clip((n * 0.38 - r) / (n * 0.12), 0, 1).astype(np.float32)
+    return np.where(xx < n / 2, hard, soft)
+
+
+# -- bit depth ------------------------------------------------------------------------------
+
+
+def test_sixteen_bit_in_gives_sixteen_bit_out_with_no_eight_bit_step(tmp_path, engine):
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (20, 24, 3), dtype=np.uint16)
+    src = tmp_path / "in"
+    src.mkdir()
+    assert cv2.imwrite(str(src / "deep.png"), deep)
+    tifffile.imwrite(src / "deep.tif", deep, photometric="rgb")
+    assert cv2.imwrite(str(src / "eight.png"), (deep >> 8).astype(np.uint8))
+    out = tmp_path / "out"
+    _run(src, out, engine)
+    for name in ("deep.png", "deep.tif"):
+        pixels = _unchanged(out / name)
+        assert pixels.dtype == np.uint16 and pixels.shape == (80, 96, 3), name
+        # An 8-bit step would leave only multiples of 257.
+        assert np.mean(pixels % 257 != 0) > 0.9, name
+    assert _unchanged(out / "eight.png").dtype == np.uint8
+
+
+def test_values_are_rounded_not_truncated_on_the_way_out():
+    image = Image(np.zeros((1, 2, 3), np.uint16), None, False, "png")
+    upscaled = np.empty((1, 2, 3), np.float32)
+    upscaled[0, 0], upscaled[0, 1] = 1000.6 / 65535, 1000.4 / 65535
+    result = finish_image(image, upscaled, 1)
+    assert result.rgb.dtype == np.uint16 and result.rgb[0, :, 0].tolist() == [1001, 1000]
+
+
+# -- alpha ----------------------------------------------------------------------------------
+
+
+def _rgba_png(path: Path, alpha: np.ndarray, colour, hidden) -> Path:
+    rgb = np.where(alpha[..., None] > 0, np.array(colour, np.uint8), np.array(hidden, np.uint8))
+    return _save(path, PILImage.fromarray(np.dstack([rgb, from_float(alpha, np.uint8)]), "RGBA"))
+
+
+def test_colour_under_fully_transparent_pixels_changes_nothing(tmp_path, engine):
+    alpha = _disk(40)
+    src = tmp_path / "in"
+    for name, hidden in [("black", (0, 0, 0)), ("white", (255, 255, 255)), ("green", (0, 255, 0))]:
+        _rgba_png(src / f"{name}.png", alpha, (200, 40, 30), hidden)
+    out = tmp_path / "out"
+    _run(src, out, engine)
+    results = [_unchanged(out / f"{name}.png") for name in ("black", "white", "green")]
+    assert results[0].shape == (160, 160, 4) and results[0].dtype == np.uint8
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+    # Flat areas of the alpha plane stay exact: transparent corners, opaque centre.
+    assert results[0][:12, :12, 3].max() == 0 and results[0][76:84, 60:72, 3].min() == 255
+
+
+def test_transparent_edges_get_no_fringe_with_the_bundled_model(tmp_path, bundled):
+    """Colour bleeding beats premultiplying: the choice made in alpha.py, measured."""
+    alpha = _disk(48)
+    red = np.array([200, 30, 30])
+    path = _rgba_png(tmp_path / "disk.png", alpha, red, (0, 255, 0))
+    image = read_image(path)
+    (colour, plane), = upscale_images(bundled, [image], "model")
+    result = finish_image(image, colour, 4, alpha=plane)
+    a = result.alpha.astype(np.float64) / 255
+    visible = result.alpha >= 8
+    error = np.abs(result.rgb.astype(np.float64) - red).max(axis=2)[visible]
+    assert error.max() <= 3
+    over_white = result.rgb * a[..., None] + 255 * (1 - a[..., None])
+    ideal = red * a[..., None] + 255 * (1 - a[..., None])
+    assert np.abs(over_white - ideal).max() <= 3
+    # The alternatives fringe: raw colour (green under transparency) and premultiplied colour.
+    raw = np.where(alpha[..., None] > 0, red / 255, [0, 1, 0]).astype(np.float32)
+    naive, premultiplied = bundled.upscale([raw, (raw * alpha[..., None]).astype(np.float32)])
+    straight = premultiplied / np.maximum(plane[..., None], 1e-6)
+    for other in (naive, straight):
+        other_error = np.abs(np.clip(other, 0, 1) * 255 - red).max(axis=2)[visible]
+        assert other_error.max() > 30
+
+
+def test_alpha_bicubic_option_and_jpeg_flattening_with_a_log_line(tmp_path, engine, logs):
+    alpha = np.zeros((16, 20), np.float32)
+    alpha[:, :8] = 1.0
+    alpha[:, 8:11] = [0.75, 0.5, 0.25]
+    src = tmp_path / "in"
+    _rgba_png(src / "half.png", alpha, (255, 0, 0), (0, 0, 0))
+    out = tmp_path / "bicubic"
+    _run(src, out, engine, image={"alpha": "bicubic"})
+    expected = from_float(imresize(from_float(alpha, np.uint8).astype(np.float32) / 255, size=(64, 80)), np.uint8)
+    assert np.array_equal(_unchanged(out / "half.png")[:, :, 3], expected)
+    jpeg = tmp_path / "jpeg"
+    _run(src, jpeg, engine, run={"output_format": "jpg"}, image={"background": "#00ff00"})
+    flat = cv2.cvtColor(_unchanged(jpeg / "half.jpg"), cv2.COLOR_BGR2RGB).astype(int)
+    assert flat.shape == (64, 80, 3)
+    assert np.abs(flat[8:56, 60:76] - [0, 255, 0]).max() <= 8  # transparent: the background colour
+    assert np.abs(flat[8:56, 4:20] - [255, 0, 0]).max() <= 8  # opaque: the image
+    assert any("flattened on #00ff00" in m and "half.png" in m for m in logs)
+
+
+def test_la_and_palette_transparency_keep_their_alpha(tmp_path):
+    src = tmp_path / "in"
+    la = np.zeros((12, 16, 2), np.uint8)
+    la[:, :, 0] = np.arange(16, dtype=np.uint8) * 16
+    la[:, 8:, 1] = 255
+    _save(src / "la.png", PILImage.fromarray(la, "LA"))
+    palette = PILImage.new("P", (16, 12), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    palette.paste(1, (8, 0, 16, 6))
+    palette.paste(2, (8, 6, 16, 12))
+    _save(src / "p.png", palette, transparency=0)
+    out = tmp_path / "out"
+    _run(src, out, Bicubic())
+    with PILImage.open(out / "la.png") as back:
+        assert back.mode == "LA" and back.size == (64, 48)
+        values = np.asarray(back)
+    assert values[:, :24, 1].max() == 0 and values[:, 40:, 1].min() == 255
+    with PILImage.open(out / "p.png") as back:
+        assert back.mode == "RGBA"
+        rgba = np.asarray(back)
+    assert rgba[:, :24, 3].max() == 0 and rgba[:, 40:, 3].min() == 255
+    assert (rgba[4:16, 44:60, :3] == [255, 0, 0]).all() and (rgba[32:44, 44:60, :3] == [0, 0, 255]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_premultiplied_tiff_alpha_is_made_straight(dtype):
+    peak = np.iinfo(dtype).max
+    pixels = np.zeros((4, 5, 4), dtype)
+    pixels[..., 0], pixels[..., 3] = peak // 4, peak // 2  # a quarter of full red at half coverage: half red
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, photometric="rgb", extrasamples=["assocalpha"])
+    image = decode_image(buffer.getvalue(), "premultiplied.tif")
+    assert image.rgb.dtype == dtype and abs(int(image.rgb[0, 0, 0]) - peak // 2) <= 1 and image.alpha[0, 0] == peak // 2
+
+
+# -- gray and palette -----------------------------------------------------------------------
+
+
+def test_gray_stays_gray_and_untinted(tmp_path, engine):
+    rng = np.random.default_rng(3)
+    texture = rng.integers(0, 256, (16, 20), dtype=np.uint8)
+    src = tmp_path / "in"
+    src.mkdir()
+    assert cv2.imwrite(str(src / "l8.png"), texture)
+    assert cv2.imwrite(str(src / "l16.png"), texture.astype(np.uint16) * 257 + 3)
+    assert cv2.imwrite(str(src / "rgb_gray.png"), np.dstack([texture] * 3))
+    assert cv2.imwrite(str(src / "colour.png"), rng.integers(0, 256, (16, 20, 3), dtype=np.uint8))
+    gray_palette = PILImage.fromarray(texture // 16 * 16, "L").convert("P")
+    _save(src / "gray_palette.png", gray_palette)
+    out = tmp_path / "out"
+    _run(src, out, engine)
+    l8, l16 = _unchanged(out / "l8.png"), _unchanged(out / "l16.png")
+    assert l8.shape == (64, 80) and l8.dtype == np.uint8
+    assert l16.shape == (64, 80) and l16.dtype == np.uint16
+    for name in ("rgb_gray.png", "gray_palette.png"):
+        pixels = _unchanged(out / name)
+        assert pixels.shape == (64, 80, 3), name
+        assert np.array_equal(pixels[:, :, 0], pixels[:, :, 1]) and np.array_equal(pixels[:, :, 1], pixels[:, :, 2]), name
+    colour = _unchanged(out / "colour.png")  # the check above can fail: this random model tints
+    assert not np.array_equal(colour[:, :, 0], colour[:, :, 1])
+
+
+def test_palette_without_transparency_becomes_rgb(tmp_path):
+    palette = PILImage.new("P", (10, 8), 0)
+    palette.putpalette([10, 200, 30, 250, 250, 0] + [0] * 762)
+    palette.paste(1, (5, 0, 10, 8))
+    src = tmp_path / "in"
+    _save(src / "p.png", palette)
+    out = tmp_path / "out"
+    _run(src, out, Bicubic())
+    with PILImage.open(out / "p.png") as back:
+        assert back.mode == "RGB" and back.size == (40, 32)
+        rgb = np.asarray(back)
+    assert (rgb[:, :12] == [10, 200, 30]).all() and (rgb[:, 28:] == [250, 250, 0]).all()
+
+
+def test_cmyk_jpeg_is_converted_to_rgb_with_a_log_line(tmp_path, logs):
+    cmyk = PILImage.new("CMYK", (32, 32), (0, 0, 0, 0))
+    for box, ink in [((0, 0, 16, 16), (255, 0, 0, 0)), ((16, 0, 32, 16), (0, 255, 0, 0)),
+                     ((0, 16, 16, 32), (0, 0, 255, 0)), ((16, 16, 32, 32), (0, 0, 0, 255))]:
+        cmyk.paste(ink, box)
+    src = tmp_path / "in"
+    _save(src / "print.jpg", cmyk, quality=95)
+    out = tmp_path / "out"
+    _run(src, out, Bicubic())
+    rgb = cv2.cvtColor(_unchanged(out / "print.jpg"), cv2.COLOR_BGR2RGB).astype(int)
+    assert rgb.shape == (128, 128, 3)
+    for (y, x), colour in [((20, 20), (0, 255, 255)), ((20, 100), (255, 0, 255)), ((100, 20), (255, 255, 0)), ((100, 100), (0, 0, 0))]:
+        assert np.abs(rgb[y - 8 : y + 8, x - 8 : x + 8] - colour).max() <= 12, colour
+    assert any("CMYK" in m and "print.jpg" in m for m in logs)
+
+
+# -- orientation ----------------------------------------------------------------------------
+
+_INVERSE = {
+    2: PILImage.Transpose.FLIP_LEFT_RIGHT, 3: PILImage.Transpose.ROTATE_180, 4: PILImage.Transpose.FLIP_TOP_BOTTOM,
+    5: PILImage.Transpose.TRANSPOSE, 6: PILImage.Transpose.ROTATE_90, 7: PILImage.Transpose.TRANSVERSE,
+    8: PILImage.Transpose.ROTATE_270,
+}
+
+
+def _upright() -> np.ndarray:
+    """24 x 40, red top-left and green top-right: every one of the 8 orientations looks different."""
+    image = np.full((24, 40, 3), 60, np.uint8)
+    image[:10, :14] = (230, 20, 20)
+    image[:10, 26:] = (20, 230, 20)
+    return image
+
+
+def _corners_upright(rgb: np.ndarray) -> None:
+    h, w = rgb.shape[:2]
+    top_left = rgb[: h // 8, : w // 8].reshape(-1, 3).mean(axis=0)
+    top_right = rgb[: h // 8, -w // 8 :].reshape(-1, 3).mean(axis=0)
+    assert np.abs(top_left - (230, 20, 20)).max() < 20 and np.abs(top_right - (20, 230, 20)).max() < 20
+
+
+def test_exif_orientation_is_applied_for_all_eight(tmp_path, logs):
+    src = tmp_path / "in"
+    upright = PILImage.fromarray(_upright())
+    for orientation in range(1, 9):
+        stored = upright if orientation == 1 else upright.transpose(_INVERSE[orientation])
+        exif = PILImage.Exif()
+        exif[0x0112] = orientation
+        _save(src / f"o{orientation}.jpg", stored, exif=exif.tobytes(), quality=95)
+        with PILImage.open(src / f"o{orientation}.jpg") as check:  # the fixture is what a phone writes
+            _corners_upright(np.asarray(ImageOps.exif_transpose(check)))
+        image = read_image(src / f"o{orientation}.jpg")
+        assert image.rgb.shape == (24, 40, 3)
+        _corners_upright(image.rgb)
+    out = tmp_path / "out"
+    _run(src, out, Bicubic())
+    for orientation in range(1, 9):
+        with PILImage.open(out / f"o{orientation}.jpg") as back:
+            assert back.size == (160, 96), orientation
+            assert back.getexif().get(0x0112) == 1, orientation
+            _corners_upright(np.asarray(back))
+
+
+# -- metadata -------------------------------------------------------------------------------
+
+
+def _tagged_png(path: Path, rgb: np.ndarray) -> Path:
+    exif = PILImage.Exif()
+    exif[0x010F] = "Acme"
+    exif[0x0112] = 1
+    exif[282] = exif[283] = 300.0
+    exif[296] = 2
+    sub = exif.get_ifd(0x8769)
+    sub[0x9003] = "2024:05:06 07:08:09"
+    sub[0xA002], sub[0xA003] = rgb.shape[1], rgb.shape[0]
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP.decode())
+    if rgb.dtype == np.uint8:
+        return _save(path, PILImage.fromarray(rgb), icc_profile=SRGB, exif=exif.tobytes(), pnginfo=info, dpi=(300, 300))
+    from batchsr.metadata import Metadata, png_with_metadata
+
+    _, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    meta = Metadata(icc=SRGB, exif=exif.tobytes()[6:], xmp=XMP, dpi=(300.0, 300.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_with_metadata(data.tobytes(), meta, gray=False))
+    return path
+
+
+def _xmp_of(back: PILImage.Image) -> bytes | None:
+    xmp = back.info.get("xmp") or back.info.get("XML:com.adobe.xmp")
+    if xmp is None and hasattr(back, "tag_v2"):
+        xmp = back.tag_v2.get(700)
+    return xmp.encode() if isinstance(xmp, str) else xmp
+
+
+@pytest.mark.parametrize("fmt, ext", [("png", "png"), ("jpg", "jpg"), ("webp", "webp"), ("tiff", "tif")])
+def test_icc_exif_xmp_and_dpi_are_carried(tmp_path, fmt, ext):
+    src = tmp_path / "in"
+    gradient = np.dstack([*np.meshgrid(np.linspace(0, 255, 20), np.linspace(0, 255, 16)), np.full((16, 20), 99.0)]).astype(np.uint8)
+    _tagged_png(src / "eight.png", gradient)
+    _tagged_png(src / "deep.png", gradient.astype(np.uint16) * 257)
+    out = tmp_path / "out"
+    _run(src, out, Bicubic(), run={"output_format": fmt})
+    for name in ("eight", "deep"):
+        with PILImage.open(out / f"{name}.{ext}") as back:
+            assert back.size == (80, 64)
+            assert back.info.get("icc_profile") == SRGB, name
+            exif = back.getexif()
+            assert exif.get(0x010F) == "Acme" and exif.get(0x0112) == 1
+            assert float(exif.get(282)) == pytest.approx(1200.0, abs=0.1)  # 300 dpi x 4: same print size
+            sub = exif.get_ifd(0x8769)
+            assert sub.get(0x9003) == "2024:05:06 07:08:09" and (sub.get(0xA002), sub.get(0xA003)) == (80, 64)
+            xmp = _xmp_of(back)
+            assert xmp is not None and b"adobe:ns:meta" in xmp and b'tiff:Orientation="1"' in xmp
+            if fmt != "webp":  # WebP has no resolution field outside EXIF
+                assert back.info["dpi"][0] == pytest.approx(1200.0, abs=0.1)
+    if fmt in ("png", "tiff"):
+        assert _unchanged(out / f"deep.{ext}").dtype == np.uint16
+
+
+def test_a_gray_output_does_not_carry_an_rgb_profile(tmp_path):
+    src = tmp_path / "in"
+    _save(src / "g.png", PILImage.fromarray(np.full((8, 8), 90, np.uint8), "L"), icc_profile=SRGB)
+    _save(src / "c.png", PILImage.fromarray(np.full((8, 8, 3), 90, np.uint8)), icc_profile=SRGB)
+    out = tmp_path / "out"
+    _run(src, out, Bicubic())
+    with PILImage.open(out / "g.png") as gray, PILImage.open(out / "c.png") as colour:
+        assert gray.mode == "L" and "icc_profile" not in gray.info
+        assert colour.info.get("icc_profile") == SRGB
+
+
+# -- animation and pages ---------------------------------------------------------------------
+
+
+def test_animations_and_multi_page_tiff_take_the_first_frame_with_a_warning(tmp_path, logs):
+    src = tmp_path / "in"
+    src.mkdir()
+    frames = [PILImage.new("P", (12, 10), i) for i in range(3)]
+    for frame in frames:
+        frame.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9] + [0] * 756)
+    frames[0].paste(3, (0, 0, 4, 10))  # index 3 is transparent
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0, transparency=3, disposal=2)
+    moving = [PILImage.new("RGB", (12, 10), (40 + 80 * i, 90, 10)) for i in range(3)]
+    moving[0].save(src / "anim.webp", save_all=True, append_images=moving[1:], duration=100, lossless=True)
+    tifffile.imwrite(src / "pages.tif", np.stack([np.full((10, 12, 3), v, np.uint8) for v in (70, 140, 210)]), photometric="rgb")
+    out = tmp_path / "out"
+    summary = _run(src, out, Bicubic())
+    assert summary.done == 3 and summary.ignored == 0
+    with PILImage.open(out / "anim.png") as gif:  # GIF cannot hold an upscaled image: written as PNG
+        assert gif.mode == "RGBA" and gif.size == (48, 40)
+        rgba = np.asarray(gif)
+    assert rgba[:, :8, 3].max() == 0 and (rgba[:, 24:] == [255, 0, 0, 255]).all()
+    with PILImage.open(out / "anim.webp") as webp:
+        assert getattr(webp, "n_frames", 1) == 1
+        assert np.abs(np.asarray(webp.convert("RGB")).astype(int) - (40, 90, 10)).max() <= 4  # lossy WebP out
+    pages = tifffile.TiffFile(out / "pages.tif")
+    assert len(pages.pages) == 1 and (pages.pages[0].asarray() == 70).all()
+    pages.close()
+    for text in ("animated GIF (3 frames)", "animated WEBP (3 frames)", "multi-page TIFF (3 pages)"):
+        assert any(text in m for m in logs), text
+
+
+# -- output options --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outscale, size", [(2.0, (20, 14)), (2.5, (25, 18)), (3.0, (30, 21)), (6.0, (60, 42))])
+def test_outscale_gives_the_exact_factor_and_names_follow_the_template(tmp_path, outscale, size):
+    src = tmp_path / "in"
+    _save(src / "flat.png", PILImage.new("RGB", (10, 7), (12, 200, 90)))
+    out = tmp_path / "out"
+    _run(src, out, Bicubic(), run={"outscale": outscale, "name_template": "{stem}_x{scale}{ext}"})
+    name = f"flat_x{int(outscale) if outscale.is_integer() else outscale}.png"
+    with PILImage.open(out / name) as back:
+        assert back.size == size
+        assert (np.asarray(back) == (12, 200, 90)).all()
+        assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == [name]
+
+
+def test_cli_outscale_and_name_template(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    _save(src / "a.png", PILImage.new("RGB", (10, 8), (200, 100, 50)))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "batchsr.cli", "run", str(src), str(tmp_path / "out"), "--model", str(tiny_model), "--progress", "none",
+         "--outscale", "1.5", "--name-template", "{stem}-{scale}x{ext}", "--format", "webp"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    with PILImage.open(tmp_path / "out" / "a-1.5x.webp") as back:
+        assert back.size == (15, 12)
+
+
+# -- size limits -----------------------------------------------------------------------------
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path):
+    with pytest.raises(ImageError) as info:
+        decode_image(_png_header_only(100_000, 100_000), "bomb.png")  # 30 GB of pixels if decoded
+    message = str(info.value)
+    assert "bomb.png" in message and "100000x100000" in message and "200000000" in message
+    src = tmp_path / "in"
+    _save(src / "big.png", PILImage.new("RGB", (20, 10)))
+    _save(src / "ok.png", PILImage.new("RGB", (10, 10)))
+    summary = _run(src, tmp_path / "out", Bicubic(), image={"max_pixels": 100}, failures=1)
+    reason = summary.failed[0].reason
+    assert summary.failed[0].path.name == "big.png" and "20x10" in reason and "limit of 100 pixels" in reason
+    assert summary.done == 1
+
+
+def test_images_smaller_than_the_model_window_are_padded(tmp_path, engine):
+    src = tmp_path / "in"
+    for name, (w, h) in {"dot": (1, 1), "bar": (5, 1), "tiny": (2, 3)}.items():
+        _save(src / f"{name}.png", PILImage.new("RGB", (w, h), (90, 140, 230)))
+    out = tmp_path / "out"
+    _run(src, out, engine)
+    for name, (w, h) in {"dot": (1, 1), "bar": (5, 1), "tiny": (2, 3)}.items():
+        assert _unchanged(out / f"{name}.png").shape == (4 * h, 4 * w, 3)
+
+
+# -- colour ----------------------------------------------------------------------------------
+
+_FLAT_8 = [(0, 0, 0), (255, 255, 255), (128, 128, 128), (255, 0, 0), (12, 200, 90), (250, 5, 250)]
+_FLAT_16 = [(0, 0, 0), (65535, 65535, 65535), (12345, 12345, 12345), (65535, 0, 30000)]
+
+
+@pytest.mark.parametrize("dtype, colours", [(np.uint8, _FLAT_8), (np.uint16, _FLAT_16)])
+def test_flat_colours_survive_the_bundled_model(bundled, dtype, colours):
+    images = [Image(np.full((20, 28, 3), colour, dtype), None, False, "png") for colour in colours]
+    for image, colour, (upscaled, _) in zip(images, colours, upscale_images(bundled, images)):
+        result = finish_image(image, upscaled, 4)
+        assert result.rgb.dtype == dtype
+        assert np.abs(result.rgb.astype(np.int64) - colour).max() <= 1, colour
+
+
+def test_the_flat_guard_is_what_keeps_flat_colours(tiny_model):
+    from batchsr.engine import Engine
+
+    flat = to_float(np.full((20, 28, 3), 128, np.uint8))
+    unguarded = Engine(tiny_model, EngineSettings(tile=32, overlap=8, flat_guard=0)).upscale([flat])[0]
+    guarded = Engine(tiny_model, EngineSettings(tile=32, overlap=8)).upscale([flat])[0]
+    assert np.abs(from_float(unguarded, np.uint8).astype(int) - 128).max() > 5  # a random model shifts colours
+    assert (from_float(guarded, np.uint8) == 128).all()
+
+
+# -- huge images -----------------------------------------------------------------------------
+
+
+def test_band_by_band_output_equals_the_whole_image_path(tmp_path, engine):
+    rng = np.random.default_rng(5)
+    src = tmp_path / "in"
+    src.mkdir()
+    colour = rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(src / "colour.png"), colour)
+    assert cv2.imwrite(str(src / "gray16.tif"), rng.integers(0, 65536, (37, 45), dtype=np.uint16))
+    assert cv2.imwrite(str(src / "neutral.png"), np.dstack([colour[:, :, 0]] * 3))
+    _rgba_png(src / "rgba.png", _disk(40), (30, 60, 200), (0, 0, 0))
+    _save(src / "tagged.png", PILImage.fromarray(colour), icc_profile=SRGB, dpi=(72, 72))
+    for alpha in ("model", "bicubic"):
+        whole, banded = tmp_path / f"whole-{alpha}", tmp_path / f"banded-{alpha}"
+        _run(src, whole, engine, image={"alpha": alpha})
+        _run(src, banded, engine, run={"stream_megapixels": 1e-4}, image={"alpha": alpha})
+        for name in ("colour.png", "gray16.tif", "neutral.png", "rgba.png", "tagged.png"):
+            a, b = _unchanged(whole / name), _unchanged(banded / name)
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= (1 if alpha == "bicubic" else 0), name
+        with PILImage.open(banded / "tagged.png") as back:
+            assert back.info.get("icc_profile") == SRGB and back.info["dpi"][0] == pytest.approx(288, abs=0.1)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_streaming_png_writer_round_trips_every_colour_type(channels, dtype):
+    from batchsr.pngwriter import PNGWriter
+
+    pixels = np.random.default_rng(channels).integers(0, np.iinfo(dtype).max + 1, (37, 23, channels), dtype=dtype)
+    buffer = io.BytesIO()
+    writer = PNGWriter(buffer, 23, 37, channels, dtype)
+    for start in (0, 5, 30):  # bands of uneven heights
+        writer.write_rows(pixels[start : {0: 5, 5: 30, 30: 37}[start]])
+    writer.close()
+    with PILImage.open(io.BytesIO(buffer.getvalue())) as check:
+        check.verify()  # CRCs and structure
+    image = decode_image(buffer.getvalue())
+    colours = 1 if channels <= 2 else 3
+    visible = pixels[:, :, -1] > 0 if channels in (2, 4) else np.ones((37, 23), bool)  # hidden colour is bled
+    assert image.rgb.dtype == dtype and image.gray == (channels <= 2)
+    assert np.array_equal(image.rgb[:, :, :colours][visible], pixels[:, :, :colours][visible])
+    if channels in (2, 4):
+        assert np.array_equal(image.alpha, pixels[:, :, -1])
+
+
+@pytest.mark.slow
+def test_a_hundred_megapixel_image_is_upscaled_in_bounded_memory(tmp_path, tiny_model):
+    """10000 x 10000 in, 40000 x 40000 out: peak memory stays far below the 4.8 GB output."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_memory.py"), "--megapixels", "100", "--model", str(tiny_model),
+         "--work", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=3600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = dict(line.split("=", 1) for line in result.stdout.split() if "=" in line)
+    assert (int(report["out_width"]), int(report["out_height"])) == (40000, 40000)
+    assert float(report["peak_rss_mb"]) < 2500, report
+
+
+# -- eval ------------------------------------------------------------------------------------
+
+
+def test_eval_reads_through_the_same_module(tmp_path):
+    folder = tmp_path / "hr"
+    upright = np.random.default_rng(2).integers(0, 256, (64, 40, 3), dtype=np.uint8)
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    _save(folder / "phone.png", PILImage.fromarray(upright).transpose(PILImage.Transpose.ROTATE_90), exif=exif.tobytes())
+    row = evaluate_folder(folder, 4).rows[0]
+    assert (row["width"], row["height"]) == (40, 64)
+    with pytest.raises(ImageError, match="limit of 1000 pixels"):
+        evaluate_folder(folder, 4, max_pixels=1000)

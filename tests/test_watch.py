@@ -1,0 +1,810 @@
+"""``batchsr watch`` and ``batchsr status`` end to end: real daemon processes, real files.
+
+Most daemons here run the real command (``batchsr.cli.main``) in a process
+forked from a multiprocessing fork server that has TensorFlow imported already:
+a start costs about a second instead of ten, which is what makes twenty
+``kill -9`` trials affordable.  The SIGTERM test, the lock tests and the slow
+variant of the kill test start ``python -m batchsr.cli`` itself.  A few tests
+run the daemon in this process to make a write fail on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import unicodedata
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from loguru import logger
+
+from batchsr.config import Settings, WatchSettings, load_settings
+from batchsr.errors import ConfigError
+from batchsr.imageio import read_image
+from batchsr.resize import degrade
+from batchsr.watch import METRICS_COLUMNS, METRICS_FILE, WatchFolders, is_ignored, serve
+from conftest import REPO, write_png  # works under both `pytest` and `python -m pytest`
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+KILL_TRIALS = 20
+_numbers = itertools.count()
+
+
+# -- images, folders, journal ---------------------------------------------------------------------------
+
+
+def image(seed: int, size: tuple[int, int] = (8, 8)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def png(seed: int, size: tuple[int, int] = (8, 8)) -> bytes:
+    ok, data = cv2.imencode(".png", image(seed, size))
+    assert ok
+    return data.tobytes()
+
+
+def jpeg(seed: int, size: tuple[int, int] = (16, 16)) -> bytes:
+    ok, data = cv2.imencode(".jpg", image(seed, size))
+    assert ok
+    return data.tobytes()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def drop(inbox: Path, rel: str, data: bytes) -> Path:
+    """The producer contract: write under a hidden temporary name, then rename."""
+    target = inbox / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.part")
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
+    return target
+
+
+def write_config(root: Path, model: Path, **watch) -> Path:
+    """Folders relative to the config file (so also a test of their resolution); fast timings."""
+    settings = {
+        "model": {"weights": str(model)},
+        "engine": {"tile": 16, "overlap": 4, "batch_size": 16},
+        "run": {"decode_workers": 2, "write_workers": 2},
+        "watch": {
+            "inbox": "inbox", "output": "output", "done": "done", "failed": "failed", "state": "state",
+            "settle_s": 0.2, "max_wait_s": 0.1, "retry_delay_s": 0.2, "max_attempts": 3,
+            "rescan_interval_s": 30.0, "poll_interval_s": 0.1, "stop_timeout_s": 60.0, **watch,
+        },
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    return path
+
+
+def journal_rows(root: Path) -> list[dict]:
+    path = root / "state" / "journal.sqlite"
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+        db.row_factory = sqlite3.Row
+        if db.execute("SELECT name FROM sqlite_master WHERE name = 'files'").fetchone() is None:
+            return []  # created, not yet initialised
+        return [dict(row) for row in db.execute("SELECT * FROM files ORDER BY id")]
+
+
+def states(root: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for row in journal_rows(root):
+        found.setdefault(row["state"], []).append(row["path"])
+    return found
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and ".batchsr" not in p.parts)
+
+
+def temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*") if p.is_file() and p.name.endswith(".tmp")]
+
+
+def wait_for(condition, timeout: float = 90, daemon: "Daemon | None" = None, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if daemon is not None and not daemon.alive():
+            pytest.fail(f"the daemon exited ({daemon.returncode()}) while waiting for {what}:\n{daemon.log()[-4000:]}")
+        time.sleep(0.05)
+    log = daemon.log()[-4000:] if daemon is not None else ""
+    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{log}")
+
+
+def assert_outputs_complete(output: Path) -> None:
+    """Whatever is under a final name is complete: kills may only leave temporary files."""
+    for rel in files_under(output):
+        path = output / rel
+        if rel.endswith(".png"):
+            assert path.read_bytes().endswith(PNG_END), f"truncated output {rel}"
+        if rel == METRICS_FILE:
+            with open(path, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                assert reader.fieldnames == METRICS_COLUMNS
+                rows = list(reader)
+            keys = [(r["image"], r["input_sha256"]) for r in rows]
+            assert len(keys) == len(set(keys)), "duplicate metrics rows"
+            assert all(r["psnr_y"] and r["finished"] and r["model_id"] for r in rows), "torn metrics row"
+
+
+def assert_consistent(root: Path, expected: dict[str, bytes], side: int = 8) -> None:
+    """Each input once: one complete output, the input in done/, journal and folders agreeing, no temporaries."""
+    inbox, output, done = root / "inbox", root / "output", root / "done"
+    assert files_under(inbox) == []
+    assert files_under(done) == sorted(expected)
+    assert files_under(output) == sorted([*expected, *([METRICS_FILE] if (output / METRICS_FILE).exists() else [])])
+    assert_outputs_complete(output)
+    for rel, data in expected.items():
+        assert (done / rel).read_bytes() == data
+        assert read_image(output / rel).rgb.shape == (side * 4, side * 4, 3)
+    assert temporaries(root) == []
+    rows = journal_rows(root)
+    assert [r for r in rows if r["state"] != "done"] == []
+    assert sorted((r["path"], r["sha256"], r["output"]) for r in rows) == sorted((rel, sha(d), rel) for rel, d in expected.items())
+
+
+# -- daemon processes ------------------------------------------------------------------------
+
+
+def _daemon_main(args: list[str], env: dict[str, str], log_path: str) -> None:
+    """Fork-server child: the real ``batchsr`` command, output into a log file."""
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from batchsr.cli import main
+
+    main(args, prog_name="batchsr")
+
+
+class Daemon:
+    """A ``batchsr watch`` process and the datagram socket it notifies, as systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, context, root: Path, config: Path, launcher: str, env: dict | None = None):
+        self.launcher = launcher
+        self.log_path = root / f"daemon-{next(_numbers)}.log"
+        name = f"batchsr-test-{uuid.uuid4().hex}"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind("\0" + name)
+        self.messages: list[str] = []
+        self.closed = False
+        self.reader = threading.Thread(target=self._read_messages, daemon=True)  # like systemd, always reading
+        self.reader.start()
+        env = {"NOTIFY_SOCKET": "@" + name, **(env or {})}
+        args = ["--config", str(config), "watch"]
+        if launcher == "fork":
+            self.process = context.Process(target=_daemon_main, args=(args, env, str(self.log_path)), daemon=True)
+            self.process.start()
+        else:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen([sys.executable, "-m", "batchsr.cli", *args], env={**os.environ, **env},
+                                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.pid = self.process.pid
+
+    def returncode(self) -> int | None:
+        return self.process.exitcode if self.launcher == "fork" else self.process.poll()
+
+    def alive(self) -> bool:
+        return self.returncode() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def _read_messages(self) -> None:
+        self.socket.settimeout(0.1)
+        while not self.closed:
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.socket.recv(4096).decode())
+
+    def wait_message(self, text: str, timeout: float = 120) -> None:
+        wait_for(lambda: any(text in m for m in list(self.messages)), timeout, self, f"{text!r} from the daemon")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 120) -> int:
+        if self.launcher == "fork":
+            self.process.join(timeout)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        code = self.returncode()
+        if code is None:
+            self.signal(signal.SIGKILL)
+            pytest.fail(f"the daemon did not exit within {timeout}s:\n{self.log()[-4000:]}")
+        return code
+
+    def stop(self) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.alive():
+            self.signal(signal.SIGKILL)
+            self.wait(30)
+        self.closed = True
+        self.reader.join()
+        self.socket.close()
+
+
+@pytest.fixture(scope="module")
+def fork_context():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        ["tensorflow", "keras", "cv2", "batchsr.cli", "batchsr.watch", "batchsr.engine", "batchsr.model", "batchsr.data", _daemon_main.__module__]
+    )
+    return context
+
+
+@pytest.fixture()
+def start(fork_context, tmp_path):
+    started: list[Daemon] = []
+
+    def start_daemon(config: Path, launcher: str = "fork", env: dict | None = None) -> Daemon:
+        daemon = Daemon(fork_context, tmp_path, config, launcher, env)
+        started.append(daemon)
+        return daemon
+
+    yield start_daemon
+    for daemon in started:
+        daemon.close()
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batchsr.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+@contextlib.contextmanager
+def serving_here(config: Path):
+    """The daemon in a thread of this process (for tests that make writes fail); yields its log messages."""
+    settings = load_settings(config)
+    stop, outcome, messages = threading.Event(), {}, []
+    sink = logger.add(lambda m: messages.append(str(m)), level="DEBUG", format="{level} {message}")
+
+    def target():
+        try:
+            outcome["summary"] = serve(settings, stop)
+        except BaseException as exc:  # re-raised in the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: any("watching" in m for m in messages) or not thread.is_alive(), 120, what="start-up")
+        yield messages
+    finally:
+        stop.set()
+        thread.join(60)
+        logger.remove(sink)
+    assert not thread.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+# -- crash safety ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("launcher", ["fork", pytest.param("command", marks=pytest.mark.slow)])
+def test_kill_9_at_random_moments_then_restart_processes_each_input_exactly_once(tmp_path, tiny_model, start, launcher):
+    """Kills during start-up, scans, settling, batches, writes and moves; a metrics CSV is kept too."""
+    rng = random.Random(20240611)
+    config = write_config(tmp_path, tiny_model, batch_images=3, max_attempts=1000, reference="hr", rescan_interval_s=0.5)
+    (tmp_path / "hr").mkdir()
+    inbox, expected, killed_mid_batch = tmp_path / "inbox", {}, 0
+    for trial in range(KILL_TRIALS):
+        for k in range(4):
+            rel = f"t{trial:02d}/{k}.png" if k % 2 else f"t{trial:02d}-{k}.png"
+            hr = image(1000 * trial + k, (32, 32))
+            write_png(tmp_path / "hr" / rel, hr)
+            ok, data = cv2.imencode(".png", degrade(hr, 4))
+            expected[rel] = drop(inbox, rel, data.tobytes()).read_bytes()
+        daemon = start(config, launcher)
+        mode = trial % 3
+        if mode == 0:  # anywhere, start-up included
+            time.sleep(rng.uniform(0.0, 2.5 if launcher == "fork" else 12.0))
+        elif mode == 1:  # after start-up: scanning, settling, batches, idle
+            daemon.wait_message("READY=1")
+            time.sleep(rng.uniform(0.0, 0.8))
+        else:  # inside a batch
+            daemon.wait_message("READY=1")
+            wait_for(lambda: "claimed" in states(tmp_path), 60, daemon, "a batch")
+            time.sleep(rng.uniform(0.0, 0.15))
+        daemon.signal(signal.SIGKILL)
+        assert daemon.wait() == -signal.SIGKILL
+        daemon.close()
+        killed_mid_batch += "claimed" in states(tmp_path)
+        assert_outputs_complete(tmp_path / "output")
+    assert killed_mid_batch >= 3, f"only {killed_mid_batch} kills landed inside a batch"
+
+    daemon = start(config, launcher)
+    wait_for(lambda: len(states(tmp_path).get("done", [])) == len(expected) and not files_under(inbox), 300, daemon, "every input done")
+    assert daemon.stop() == 0
+    assert_consistent(tmp_path, expected)
+    with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["image"], r["input_sha256"]) for r in rows) == sorted((rel, sha(d)) for rel, d in expected.items())
+    model_id = journal_rows(tmp_path)[0]["model_id"]
+    assert model_id.startswith("unet-x4-") and {r["model_id"] for r in rows} == {model_id}
+
+
+def test_sigterm_during_a_batch_finishes_it_and_exits_0(tmp_path, tiny_model, start):
+    config = write_config(tmp_path, tiny_model, batch_images=4, max_wait_s=1.0)
+    inbox = tmp_path / "inbox"
+    expected = {f"big{i}.png": drop(inbox, f"big{i}.png", png(i, (256, 256))).read_bytes() for i in range(4)}
+    daemon = start(config, "command", env={"WATCHDOG_USEC": "300000"})
+    wait_for(lambda: "batch of 4 images" in daemon.log(), 180, daemon, "the batch to start")
+    daemon.signal(signal.SIGTERM)
+    drop(inbox, "late.png", png(99))  # arrives after the signal: not taken
+    assert daemon.wait(120) == 0
+    log = daemon.log()
+    assert log.index("batch of 4 images") < log.index("SIGTERM") < log.index("batch: 4 done"), log
+    assert files_under(inbox) == ["late.png"]
+    assert files_under(tmp_path / "done") == sorted(expected)
+    assert files_under(tmp_path / "output") == sorted(expected)
+    assert_outputs_complete(tmp_path / "output")
+    assert sorted(states(tmp_path)["done"]) == sorted(expected)
+    wait_for(lambda: any("STOPPING=1" in m for m in list(daemon.messages)), 5, what="STOPPING=1")
+    for message in ("READY=1", "WATCHDOG=1", "STATUS=watching"):
+        assert any(message in m for m in daemon.messages), daemon.messages
+
+
+@pytest.mark.parametrize("how", ["second signal", "stop timeout"])
+def test_an_abrupt_stop_inside_a_batch_is_resumed_by_the_next_start(tmp_path, tiny_model, start, how):
+    config = write_config(tmp_path, tiny_model, batch_images=4, max_wait_s=1.0, stop_timeout_s=0.3 if how == "stop timeout" else 60.0)
+    inbox = tmp_path / "inbox"
+    expected = {f"big{i}.png": drop(inbox, f"big{i}.png", png(i, (256, 256))).read_bytes() for i in range(4)}
+    daemon = start(config)
+    wait_for(lambda: "batch of 4 images" in daemon.log(), 120, daemon, "the batch to start")
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_message("STOPPING=1", 30)
+    if how == "second signal":
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(5) == -signal.SIGTERM  # at once, by the default action
+    else:
+        assert daemon.wait(10) == 128 + signal.SIGTERM
+        assert "did not finish within watch.stop_timeout_s" in daemon.log()
+    assert "claimed" in states(tmp_path), "the batch had finished: the test did not stop it midway"
+    write_config(tmp_path, tiny_model, batch_images=4, max_wait_s=1.0)  # an ordinary stop timeout for the restart
+    again = start(config)
+    wait_for(lambda: len(states(tmp_path).get("done", [])) == 4, 120, again, "the batch redone")
+    assert again.stop() == 0
+    assert_consistent(tmp_path, expected, side=256)
+
+
+def test_a_file_in_flight_whenever_the_daemon_dies_is_set_aside_after_max_attempts(tmp_path, tiny_model, start):
+    """A file that crashes the process must not crash it forever: each death counts as a try."""
+    config = write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2)
+    inbox = tmp_path / "inbox"
+    poison = {"poison.png": drop(inbox, "poison.png", png(1, (256, 256))).read_bytes()}
+    for _ in range(2):
+        daemon = start(config)
+        daemon.wait_message("READY=1")  # claims left by the previous kill are released by then
+        wait_for(lambda: "claimed" in states(tmp_path), 120, daemon, "the batch")
+        daemon.signal(signal.SIGKILL)
+        assert daemon.wait() == -signal.SIGKILL
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(inbox, "fine.png", png(7))
+    wait_for(lambda: states(tmp_path).get("done") == ["fine.png"], 60, daemon, "fine.png")
+    assert daemon.stop() == 0
+    assert sorted(states(tmp_path)["failed"]) == sorted(poison)
+    for name, data in poison.items():
+        assert (tmp_path / "failed" / name).read_bytes() == data
+        error = json.loads((tmp_path / "failed" / f"{name}.error.json").read_text())
+        assert error["interrupted"] == 2 and "the daemon stopped 2 times" in error["reason"]
+    assert files_under(inbox) == [] and files_under(tmp_path / "output") == ["fine.png"]
+
+
+# -- readiness and producers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pause, settle", [(0.6, 1.5), (1.0, 0.2)], ids=["pause shorter than settle", "pause longer than settle"])
+def test_a_slow_writer_is_processed_once_from_the_complete_file(tmp_path, tiny_model, start, pause, settle):
+    """Half the file, a pause longer than one poll, the rest: never an output from half a file."""
+    config = write_config(tmp_path, tiny_model, settle_s=settle, polling=True, max_attempts=20)
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    data = png(5, (24, 20))
+    with open(tmp_path / "inbox" / "slow.png", "wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        time.sleep(pause)
+        handle.write(data[len(data) // 2 :])
+    wait_for(lambda: states(tmp_path).get("done"), 60, daemon, "the file done")
+    time.sleep(0.5)
+    assert daemon.stop() == 0
+    rows = journal_rows(tmp_path)
+    assert [(r["path"], r["state"], r["sha256"]) for r in rows] == [("slow.png", "done", sha(data))]
+    assert (tmp_path / "done" / "slow.png").read_bytes() == data
+    assert read_image(tmp_path / "output" / "slow.png").rgb.shape == (96, 80, 3)
+    assert daemon.log().count("batch: 1 done") == 1
+    if pause < settle:
+        assert rows[0]["attempts"] == 0 and "truncated" not in daemon.log()
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_cp_mv_and_rsync_producers_are_each_processed_once(tmp_path, tiny_model, start, polling):
+    config = write_config(tmp_path, tiny_model, polling=polling)  # rescans 30 s apart: events must do it
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    staging.mkdir()
+    sources = {name: staging / f"src-{name}.png" for name in ("cp", "mv", "rsync", "album1", "album2")}
+    for i, path in enumerate(sources.values()):
+        path.write_bytes(png(i))
+    expected = {"cp.png": sources["cp"].read_bytes(), "moved.png": sources["mv"].read_bytes(),
+                "album/1.png": sources["album1"].read_bytes(), "album/2.png": sources["album2"].read_bytes()}
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    subprocess.run(["cp", "--", str(sources["cp"]), str(inbox / "cp.png")], check=True)
+    subprocess.run(["mv", "--", str(sources["mv"]), str(inbox / "moved.png")], check=True)
+    (staging / "album").mkdir()
+    shutil.move(sources["album1"], staging / "album" / "1.png")
+    shutil.move(sources["album2"], staging / "album" / "2.png")
+    subprocess.run(["mv", "--", str(staging / "album"), str(inbox / "album")], check=True)  # a whole folder moved in
+    if shutil.which("rsync") is not None:  # rsync writes .NAME.XXXXXX, then renames
+        expected["rsync.png"] = sources["rsync"].read_bytes()
+        subprocess.run(["rsync", "--", str(sources["rsync"]), str(inbox / "rsync.png")], check=True)
+    wait_for(lambda: sorted(states(tmp_path).get("done", [])) == sorted(expected), 60, daemon, "every producer's file")
+    time.sleep(0.5)
+    assert daemon.stop() == 0
+    assert_consistent(tmp_path, expected)
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed: cp and mv were checked, rsync was not")
+
+
+def test_temporary_names_are_ignored_until_renamed(tmp_path, tiny_model, start):
+    config = write_config(tmp_path, tiny_model)
+    inbox = tmp_path / "inbox"
+    ignored = [".hidden.png", "a.png.tmp", "b.part", "c.crdownload", ".d.png.Xy12Ab", ".syncthing.e.png.tmp", "~syncthing~f.png.tmp",
+               ".stage/g.png"]
+    for i, rel in enumerate(ignored):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(png(i))
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(inbox, "marker.png", png(50))
+    wait_for(lambda: states(tmp_path).get("done") == ["marker.png"], 60, daemon, "marker.png")
+    time.sleep(0.5)
+    assert files_under(inbox) == sorted(ignored)
+    assert [r["path"] for r in journal_rows(tmp_path)] == ["marker.png"]
+    os.replace(inbox / "a.png.tmp", inbox / "a.png")  # the rename that completes the upload
+    wait_for(lambda: "a.png" in states(tmp_path).get("done", []), 60, daemon, "a.png after its rename")
+    assert daemon.stop() == 0
+    assert files_under(tmp_path / "output") == ["a.png", "marker.png"]
+
+
+@pytest.mark.parametrize("rel", [
+    "with space.png", "-leading-dash.png", unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png"),
+    "sous dossier/ünïcode – ok.png",
+])
+def test_is_ignored_accepts_ordinary_names(rel):
+    assert not is_ignored(rel)
+
+
+def test_awkward_names_are_processed_and_mirrored_exactly(tmp_path, tiny_model, start):
+    config = write_config(tmp_path, tiny_model)
+    names = ["with space.png", "-leading-dash.png", unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png"),
+             "sous dossier/ünïcode – ok.png"]
+    assert len(set(names)) == 5  # NFC and NFD are two different files
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    expected = {name: drop(tmp_path / "inbox", name, png(i)).read_bytes() for i, name in enumerate(names)}
+    wait_for(lambda: len(states(tmp_path).get("done", [])) == 5, 60, daemon, "every name")
+    time.sleep(0.3)
+    assert daemon.stop() == 0
+    assert_consistent(tmp_path, expected)
+    assert {p.name for p in (tmp_path / "output").iterdir()} >= {names[2], names[3]}
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def test_bad_files_land_in_failed_with_their_reason_and_status_reports_them(tmp_path, tiny_model, start):
+    config = write_config(tmp_path, tiny_model, max_attempts=2)
+    good = jpeg(1)
+    bad = {
+        "truncated.png": (png(2, (32, 32))[:150], "corrupt or truncated PNG"),
+        "truncated.jpg": (good[: len(good) // 2], "corrupt or truncated JPG"),
+        "empty.png": (b"", "empty file"),
+        "text.png": (b"this is not an image\n", "not a supported image"),
+        "photo.heic": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(40), "not a supported image"),
+    }
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    for name, (data, _) in bad.items():
+        drop(tmp_path / "inbox", name, data)
+    wait_for(lambda: len(states(tmp_path).get("failed", [])) == len(bad), 60, daemon, "the bad files failed")
+    drop(tmp_path / "inbox", "after.jpg", good)  # the daemon keeps going
+    wait_for(lambda: states(tmp_path).get("done") == ["after.jpg"], 60, daemon, "after.jpg")
+
+    status = cli("--config", str(config), "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["counts"]["failed"] == len(bad) and report["counts"]["done"] == 1 and report["queue"] == 0
+    assert report["done_last_hour"] == 1 and report["daemon"].startswith(f"pid {daemon.pid}:")
+    assert sorted(e["file"] for e in report["errors"]) == sorted(bad)
+    text = cli("--config", str(config), "status")
+    assert text.returncode == 0 and "failed 5" in text.stdout and "truncated.jpg" in text.stdout
+
+    assert daemon.stop() == 0
+    assert files_under(tmp_path / "inbox") == []
+    assert files_under(tmp_path / "failed") == sorted([*bad, *(f"{n}.error.json" for n in bad)])
+    for name, (data, reason) in bad.items():
+        assert (tmp_path / "failed" / name).read_bytes() == data
+        error = json.loads((tmp_path / "failed" / f"{name}.error.json").read_text())
+        assert reason in error["reason"] and error["attempts"] == 2 and error["sha256"] == sha(data)
+        assert len(error["traceback_digest"]) == 12 and error["time"]
+    assert files_under(tmp_path / "output") == ["after.jpg"]
+    stopped = json.loads(cli("--config", str(config), "status", "--json").stdout)
+    assert stopped["daemon"] is None
+
+
+def test_output_folder_under_a_regular_file_is_a_clear_error_and_moves_nothing(tmp_path, tiny_model):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    config = write_config(tmp_path, tiny_model, output=str(blocker / "output"))
+    drop(tmp_path / "inbox", "a.png", png(1))
+    result = cli("--config", str(config), "watch")
+    assert result.returncode == 73, result.stderr
+    assert "output folder" in result.stderr and "not writable" in result.stderr and str(blocker) in result.stderr
+    assert files_under(tmp_path / "inbox") == ["a.png"]
+    assert not (tmp_path / "done").exists() and not (tmp_path / "state" / "journal.sqlite").exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["disk full", "read-only"])
+def test_a_refused_output_write_keeps_the_input_pending_until_it_works(tmp_path, tiny_model, monkeypatch, code):
+    config = write_config(tmp_path, tiny_model, max_attempts=2, retry_delay_s=0.2)
+    output = str(tmp_path / "output") + os.sep
+    refusing = threading.Event()
+    refusing.set()
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the output's data never reaches the disk while refusing
+        if refusing.is_set() and os.readlink(f"/proc/self/fd/{fd}").startswith(output):
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    data = png(3)
+    with serving_here(config) as messages:
+        drop(tmp_path / "inbox", "a.png", data)
+        wait_for(lambda: sum(os.strerror(code) in m for m in messages) >= 3, 60, what="three refused writes")
+        rows = journal_rows(tmp_path)
+        assert [(r["state"], r["attempts"]) for r in rows] == [("ready", 0)]  # not a try: never failed for it
+        assert os.strerror(code) in rows[0]["error"]
+        assert files_under(tmp_path / "output") == [] and temporaries(tmp_path) == []
+        assert files_under(tmp_path / "inbox") == ["a.png"] and files_under(tmp_path / "done") == []
+        assert any("a.png stays in the inbox" in m for m in messages)
+        refusing.clear()  # space returns / the folder is writable again
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
+    assert_consistent(tmp_path, {"a.png": data})
+
+
+def test_the_periodic_rescan_catches_what_events_missed(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr("batchsr.watch._InboxEvents.on_any_event", lambda self, event: None)
+    config = write_config(tmp_path, tiny_model, rescan_interval_s=0.3)
+    data = png(4)
+    with serving_here(config):
+        drop(tmp_path / "inbox", "missed.png", data)
+        wait_for(lambda: states(tmp_path).get("done") == ["missed.png"], 60, what="missed.png done")
+    assert_consistent(tmp_path, {"missed.png": data})
+
+
+# -- content, policies, model -------------------------------------------------------------------
+
+
+def test_same_name_new_content_is_redone_identical_content_is_not(tmp_path, tiny_model, start):
+    config = write_config(tmp_path, tiny_model)
+    inbox, output = tmp_path / "inbox", tmp_path / "output"
+    first, second = png(10, (8, 8)), png(11, (12, 10))
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(inbox, "a.png", first)
+    wait_for(lambda: (tmp_path / "done" / "a.png").exists(), 60, daemon, "a.png")
+    stamp = (output / "a.png").stat().st_mtime_ns
+    drop(inbox, "a.png", first)  # identical content, new file
+    wait_for(lambda: "not redone" in daemon.log(), 60, daemon, "the duplicate")
+    wait_for(lambda: not files_under(inbox), 30, daemon, "the duplicate moved")
+    assert (output / "a.png").stat().st_mtime_ns == stamp
+    drop(inbox, "a.png", second)  # new content, same name
+    wait_for(lambda: len(states(tmp_path).get("done", [])) == 2 and not files_under(inbox), 60, daemon, "the new version")
+    assert daemon.stop() == 0
+    assert read_image(output / "a.png").rgb.shape == (48, 40, 3)
+    assert (tmp_path / "done" / "a.png").read_bytes() == second
+    assert sorted((r["path"], r["sha256"], r["state"]) for r in journal_rows(tmp_path)) == sorted(
+        [("a.png", sha(first), "done"), ("a.png", sha(second), "done")])
+
+
+@pytest.mark.parametrize("policy", ["keep", "delete"])
+def test_done_policy_keep_and_delete(tmp_path, tiny_model, start, policy):
+    config = write_config(tmp_path, tiny_model, done_policy=policy, rescan_interval_s=0.2)
+    data = png(12)
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(tmp_path / "inbox", "a.png", data)
+    wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, daemon, "a.png")
+    stamp = (tmp_path / "output" / "a.png").stat().st_mtime_ns
+    time.sleep(1.0)  # several rescans
+    assert daemon.stop() == 0
+    assert files_under(tmp_path / "inbox") == (["a.png"] if policy == "keep" else [])
+    assert files_under(tmp_path / "done") == []
+    assert (tmp_path / "output" / "a.png").stat().st_mtime_ns == stamp  # a kept input is not redone
+    assert len(journal_rows(tmp_path)) == 1 and daemon.log().count("batch of") == 1
+
+
+def test_a_replaced_model_is_loaded_between_batches_and_recorded(tmp_path, tiny_model, start):
+    from batchsr.checkpoint import read_info, save_model
+    from batchsr.model import ModelConfig, build_model
+
+    import keras
+
+    weights = tmp_path / "model" / "m.weights.h5"
+    weights.parent.mkdir()
+    shutil.copy(tiny_model, weights)
+    shutil.copy(tiny_model.with_name("tiny_x4.json"), weights.with_name("m.json"))
+    first_id = read_info(weights).model_id
+    config = write_config(tmp_path, weights, reference="hr")
+    for i, name in enumerate(["a.png", "b.png"]):
+        hr = image(20 + i, (32, 32))
+        write_png(tmp_path / "hr" / name, hr)
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    ok, lr = cv2.imencode(".png", degrade(image(20, (32, 32)), 4))
+    drop(tmp_path / "inbox", "a.png", lr.tobytes())
+    wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, daemon, "a.png")
+
+    keras.utils.set_random_seed(2)
+    model_config = ModelConfig(width=8, depth=2, blocks=1)
+    new = save_model(build_model(model_config), model_config, tmp_path / "new" / "m.weights.h5")
+    assert new.model_id != first_id
+    os.replace(tmp_path / "new" / "m.weights.h5", weights)  # weights first, description last, as save_model does
+    time.sleep(0.3)
+    os.replace(tmp_path / "new" / "m.json", weights.with_name("m.json"))
+    ok, lr = cv2.imencode(".png", degrade(image(21, (32, 32)), 4))
+    drop(tmp_path / "inbox", "b.png", lr.tobytes())
+    wait_for(lambda: len(states(tmp_path).get("done", [])) == 2, 60, daemon, "b.png")
+    assert daemon.stop() == 0
+    assert f"model replaced: now using {new.model_id} (was {first_id})" in daemon.log()
+    assert {r["path"]: r["model_id"] for r in journal_rows(tmp_path)} == {"a.png": first_id, "b.png": new.model_id}
+    with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
+        assert {r["image"]: r["model_id"] for r in csv.DictReader(handle)} == {"a.png": first_id, "b.png": new.model_id}
+
+
+# -- volume and exclusivity ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [200, pytest.param(1000, marks=pytest.mark.slow)])
+def test_many_files_present_at_start_and_dropped_at_once_are_each_done_once(tmp_path, tiny_model, start, count):
+    config = write_config(tmp_path, tiny_model, batch_images=64, rescan_interval_s=5.0)
+    config_data = yaml.safe_load(config.read_text())
+    config_data["engine"]["batch_size"] = 64
+    config.write_text(yaml.safe_dump(config_data))
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    expected = {f"pre/{i:04d}.png": png(i) for i in range(count)}
+    for rel, data in expected.items():
+        drop(inbox, rel, data)
+    daemon = start(config)
+    wait_for(lambda: len(states(tmp_path).get("done", [])) == count, 600, daemon, "the files present at start")
+    rss_before = _rss_kib(daemon.pid)
+    batch = {f"drop/{i:04d}.png": png(count + i) for i in range(count)}
+    for rel, data in batch.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+    os.replace(staging / "drop", inbox / "drop")  # all at once
+    expected.update(batch)
+    wait_for(lambda: len(states(tmp_path).get("done", [])) == 2 * count and not files_under(inbox), 600, daemon, "the dropped files")
+    rss_after = _rss_kib(daemon.pid)
+    assert daemon.stop() == 0
+    assert_consistent(tmp_path, expected)
+    batches = [int(line.split("batch of ")[1].split()[0]) for line in daemon.log().splitlines() if "batch of " in line]
+    assert max(batches) <= 64 and sum(batches) == 2 * count  # bounded batches, no file taken twice
+    assert rss_after - rss_before < 150 * 1024, f"memory grew by {(rss_after - rss_before) // 1024} MiB"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_second_instance_and_a_run_on_the_same_output_are_refused_with_75(tmp_path, tiny_model, start):
+    config = write_config(tmp_path, tiny_model)
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    second = cli("--config", str(config), "watch")
+    assert second.returncode == 75, second.stderr
+    assert f"pid {daemon.pid}" in second.stderr and "state" in second.stderr
+    other_state = cli("--config", str(config), "watch", "--state", str(tmp_path / "other-state"))
+    assert other_state.returncode == 75 and f"pid {daemon.pid}" in other_state.stderr and "output" in other_state.stderr
+    (tmp_path / "archive").mkdir()
+    archive = cli("run", str(tmp_path / "archive"), str(tmp_path / "output"), "--model", str(tiny_model))
+    assert archive.returncode == 75 and f"pid {daemon.pid}" in archive.stderr
+    assert daemon.alive()
+    assert daemon.stop() == 0
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_watch_folders_in_the_file_are_taken_from_its_folder_and_flags_from_the_current_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("watch:\n  inbox: in\n  state: /abs/state\n")
+    settings = load_settings(path, {"watch.output": "out"})
+    assert settings.watch.inbox == tmp_path / "in" and settings.watch.state == Path("/abs/state")
+    assert settings.watch.output == Path("out") and settings.watch.done == WatchSettings().done
+    assert load_settings(None) == Settings()
+
+
+@pytest.mark.parametrize("field, value", [("output", "/srv/in/out"), ("done", "/srv"), ("failed", "/srv/in"), ("state", "/srv/in/.state")])
+def test_overlapping_folders_are_refused(field, value):
+    watch = WatchSettings(inbox=Path("/srv/in"), output=Path("/srv/out"), done=Path("/srv/done"), failed=Path("/srv/failed"))
+    with pytest.raises(ConfigError, match=f"watch.{field}"):
+        WatchFolders.from_settings(watch.model_copy(update={field: Path(value)}))
+
+
+@pytest.mark.parametrize("rel", [".a.png", "x/.b.png", ".dir/c.png", "d.png.tmp", "e.PART", "f.crdownload", ".g.png.AbC123",
+                                 ".syncthing.h.png.tmp", "~syncthing~i.png.tmp"])
+def test_temporary_names_are_recognised(rel):
+    assert is_ignored(rel)
+
+
+# -- service files ---------------------------------------------------------------------------------
+
+
+def _unit(path: Path) -> dict[str, dict[str, str]]:
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None, strict=False, comment_prefixes=("#", ";"))
+    parser.optionxform = str
+    parser.read_string(path.read_text(encoding="utf-8"))
+    return {section: dict(parser[section]) for section in parser.sections()}
+
+
+def _seconds(value: str) -> float:
+    units = {"min": 60, "ms": 0.001, "s": 1, "h": 3600}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
+def test_the_systemd_units_fit_the_daemon():
+    watch = _unit(REPO / "scripts" / "batchsr-watch.service")["Service"]
+    assert watch["Type"] == "notify" and watch["Restart"] == "on-failure"
+    assert watch["ExecStart"].split()[1:] == ["watch"]
+    assert _seconds(watch["TimeoutStopSec"]) > WatchSettings().stop_timeout_s  # the batch finishes before systemd's SIGKILL
+    assert _seconds(watch["WatchdogSec"]) > 0 and "78" in watch["RestartPreventExitStatus"].split()
+    run = _unit(REPO / "scripts" / "batchsr-run.service")["Service"]
+    assert run["Type"] == "oneshot" and run["ExecStart"].split()[1] == "run" and "75" in run["SuccessExitStatus"].split()
+    timer = _unit(REPO / "scripts" / "batchsr-run.timer")
+    assert timer["Timer"]["OnCalendar"] and timer["Install"]["WantedBy"] == "timers.target"
