@@ -115,7 +115,10 @@ class Engine:
         for shape, work in groups.items():
             for start in range(0, len(work), batch_size):
                 chunk = work[start : start + batch_size]
-                batch = np.zeros((batch_size if shape == full else len(chunk), *shape, 3), np.float32)
+                # Batch sizes are rounded up to a power of two (full windows: to batch_size)
+                # so that a folder of odd-sized images compiles a few graphs, not one per call.
+                rows = batch_size if shape == full else min(batch_size, 1 << (len(chunk) - 1).bit_length())
+                batch = np.zeros((rows, *shape, 3), np.float32)
                 for k, (i, tile) in enumerate(chunk):
                     batch[k] = extract(jobs[i][1], jobs[i][0], tile)
                 result = self._predict(batch)
