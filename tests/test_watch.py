@@ -405,7 +405,8 @@ def test_a_file_in_flight_whenever_the_daemon_dies_is_set_aside_after_max_attemp
     """A file that crashes the process must not crash it forever: each death counts as a try."""
     config = write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2)
     inbox = tmp_path / "inbox"
-    poison = {"poison.png": drop(inbox, "poison.png", png(1, (256, 256))).read_bytes()}
+    # Large enough that the batch is still in flight when the test kills the daemon.
+    poison = {"poison.png": drop(inbox, "poison.png", png(1, (640, 640))).read_bytes()}
     for _ in range(2):
         daemon = start(config)
         daemon.wait_message("READY=1")  # claims left by the previous kill are released by then
