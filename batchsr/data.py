@@ -26,17 +26,20 @@ def is_image_file(path: Path) -> bool:
         return False
 
 
+def list_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """Regular files under ``folder``, sorted; hidden files and folders skipped."""
+    folder = Path(folder)
+    pattern = "**/*" if recursive else "*"
+    return [
+        path
+        for path in sorted(folder.glob(pattern))
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts) and path.is_file()
+    ]
+
+
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` (by content), sorted, hidden files and folders skipped."""
-    pattern = "**/*" if recursive else "*"
-    found = []
-    for path in sorted(Path(folder).glob(pattern)):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if is_image_file(path):
-            found.append(path)
-    return found
+    return [path for path in list_files(folder, recursive) if is_image_file(path)]
 
 
 def load_training_images(folders: Iterable[Path], min_side: int) -> list[np.ndarray]:

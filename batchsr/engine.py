@@ -21,7 +21,8 @@ from batchsr.checkpoint import DEFAULT_MODEL
 from batchsr.config import EngineSettings
 from batchsr.errors import ConfigError
 from batchsr.flatguard import guard
-from batchsr.tiling import Tile, TilePlan, extract, pad_image, place, plan_tiles
+from batchsr.imageio import to_float
+from batchsr.tiling import Tile, place, plan_tiles, window
 
 
 def _configure_device(device: str) -> str | None:
@@ -84,9 +85,6 @@ class Engine:
     def model_id(self) -> str:
         return self.info.model_id
 
-    def tiles_for(self, height: int, width: int) -> int:
-        return len(plan_tiles(height, width, self.settings.tile, self.settings.overlap, self.multiple).tiles)
-
     def _predict(self, batch: np.ndarray) -> np.ndarray:
         if self.device is None:
             return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
@@ -97,37 +95,21 @@ class Engine:
 
     def upscale(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Upscales float32 ``(H, W, 3)`` images in [0, 1]; outputs are ``scale`` times larger, unclipped."""
-        s, batch_size = self.scale, self.settings.batch_size
-        jobs = []  # (image index, plan, padded image)
+        s = self.scale
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected (H, W, 3) images, got shape {image.shape}")
-            plan = plan_tiles(image.shape[0], image.shape[1], self.settings.tile, self.settings.overlap, self.multiple)
-            jobs.append((plan, pad_image(image.astype(np.float32, copy=False), plan)))
-        outputs = [np.zeros((p.height * s, p.width * s, 3), np.float32) for p, _ in jobs]
-        # Windows of one shape share batches; full-size windows (every image larger than
-        # a window) always fill ``batch_size`` slots, so they compile one graph.
+        plans = [plan_tiles(im.shape[0], im.shape[1], self.settings.tile, self.settings.overlap, self.multiple) for im in images]
+        outputs = [np.zeros((p.height * s, p.width * s, 3), np.float32) for p in plans]
+        # Windows of one shape share batches, across images.
         groups: dict[tuple[int, int], list[tuple[int, Tile]]] = {}
-        for i, (plan, _) in enumerate(jobs):
+        for i, plan in enumerate(plans):
             for tile in plan.tiles:
                 groups.setdefault(plan.window_shape, []).append((i, tile))
-        full = (self.settings.tile + 2 * self.settings.overlap,) * 2
         for shape, work in groups.items():
-            for start in range(0, len(work), batch_size):
-                chunk = work[start : start + batch_size]
-                # Batch sizes are rounded up to a power of two (full windows: to batch_size)
-                # so that a folder of odd-sized images compiles a few graphs, not one per call.
-                rows = batch_size if shape == full else min(batch_size, 1 << (len(chunk) - 1).bit_length())
-                batch = np.zeros((rows, *shape, 3), np.float32)
-                for k, (i, tile) in enumerate(chunk):
-                    batch[k] = extract(jobs[i][1], jobs[i][0], tile)
-                result = self._predict(batch)
-                for k, (i, tile) in enumerate(chunk):
-                    place(outputs[i], self._guard(batch[k], result[k]), tile, s)
+            for i, tile, upscaled in self._through_model(work, lambda i, t: _float(window(images[i], plans[i], t)), shape):
+                place(outputs[i], upscaled, tile, s)
         return outputs
-
-    def _guard(self, window: np.ndarray, upscaled: np.ndarray) -> np.ndarray:
-        return guard(window, upscaled, self.scale, self.settings.flat_guard / 255.0)
 
     def upscale_bands(self, image: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Yields ``(first output row, rows)`` of the upscaled ``image``, top to bottom.
@@ -137,7 +119,7 @@ class Engine:
         to float at a time, and each yielded band is ``tile * scale`` rows of
         float32 RGB; the result equals ``upscale([image])`` row for row.
         """
-        s, batch_size = self.scale, self.settings.batch_size
+        s = self.scale
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
         plan = plan_tiles(image.shape[0], image.shape[1], self.settings.tile, self.settings.overlap, self.multiple)
@@ -145,27 +127,34 @@ class Engine:
         for tile in plan.tiles:
             rows.setdefault(tile.core[0], []).append(tile)
         for y0, tiles in rows.items():
-            y1 = tiles[0].core[1]
-            band = np.zeros(((y1 - y0) * s, plan.width * s, 3), np.float32)
-            for start in range(0, len(tiles), batch_size):
-                chunk = tiles[start : start + batch_size]
-                batch = np.zeros((batch_size, *plan.window_shape, 3), np.float32)
-                for k, tile in enumerate(chunk):
-                    batch[k] = _window(image, plan, tile)
-                result = self._predict(batch)
-                for k, tile in enumerate(chunk):
-                    _, _, x0, x1 = tile.core
-                    cy, cx = (y0 - tile.y) * s, (x0 - tile.x) * s
-                    out = self._guard(batch[k], result[k])
-                    band[:, x0 * s : x1 * s] = out[cy : cy + (y1 - y0) * s, cx : cx + (x1 - x0) * s]
+            band = np.zeros(((tiles[0].core[1] - y0) * s, plan.width * s, 3), np.float32)
+            work = [(None, tile) for tile in tiles]
+            for _, tile, upscaled in self._through_model(work, lambda _, t: _float(window(image, plan, t)), plan.window_shape):
+                place(band, upscaled, tile, s, first_row=y0)
             yield y0 * s, band
 
+    def _through_model(self, work: list[tuple[object, Tile]], window_of, shape: tuple[int, int]):
+        """Yields ``(job, tile, upscaled window)`` for each ``(job, tile)`` of ``work``, in batches.
 
-def _window(image: np.ndarray, plan: TilePlan, tile: Tile) -> np.ndarray:
-    """One float window; past the bottom and right edges the last row and column repeat (as ``pad_image``)."""
-    rows = np.minimum(np.arange(tile.y, tile.y + plan.window_height), image.shape[0] - 1)
-    cols = np.minimum(np.arange(tile.x, tile.x + plan.window_width), image.shape[1] - 1)
-    window = image[rows[:, None], cols[None, :]]
-    if np.issubdtype(window.dtype, np.integer):
-        return window.astype(np.float32) / np.float32(np.iinfo(window.dtype).max)
-    return window.astype(np.float32, copy=False)
+        Full-size windows always fill ``batch_size`` slots (one compiled graph);
+        smaller ones round the batch up to a power of two, so a folder of
+        odd-sized images compiles a few graphs, not one per call.
+        """
+        batch_size = self.settings.batch_size
+        full = (self.settings.tile + 2 * self.settings.overlap,) * 2
+        for start in range(0, len(work), batch_size):
+            chunk = work[start : start + batch_size]
+            rows = batch_size if shape == full else min(batch_size, 1 << (len(chunk) - 1).bit_length())
+            batch = np.zeros((rows, *shape, 3), np.float32)
+            for k, (job, tile) in enumerate(chunk):
+                batch[k] = window_of(job, tile)
+            result = self._predict(batch)
+            for k, (job, tile) in enumerate(chunk):
+                yield job, tile, self._guard(batch[k], result[k])
+
+    def _guard(self, pixels: np.ndarray, upscaled: np.ndarray) -> np.ndarray:
+        return guard(pixels, upscaled, self.scale, self.settings.flat_guard / 255.0)
+
+
+def _float(pixels: np.ndarray) -> np.ndarray:
+    return to_float(pixels) if np.issubdtype(pixels.dtype, np.integer) else pixels.astype(np.float32, copy=False)

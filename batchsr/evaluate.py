@@ -18,6 +18,7 @@ import numpy as np
 from batchsr.errors import ImageError, InputError
 from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, read_image, to_float, to_uint8
 from batchsr.metrics import score
+from batchsr.report import ReportImage
 from batchsr.resize import crop_to_multiple, degrade, imresize
 
 # Images stored as RGB here whose published source was single-channel; the
@@ -54,12 +55,12 @@ def min_side(scale: int) -> int:
 
 def hr_files(folder: Path) -> list[Path]:
     """Every image of an HR folder; anything else there is an error, not silently skipped."""
-    from batchsr.data import is_image_file
+    from batchsr.data import is_image_file, list_files
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"HR folder {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts))
+    files = list_files(folder)
     for path in files:
         if not is_image_file(path):
             raise ImageError(path, "not an image (PNG, JPEG, WebP, BMP, TIFF or GIF by content); remove it from the HR folder")
@@ -84,24 +85,21 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
         lr = degrade(hr, scale)
         peak = 255.0 / np.iinfo(hr.dtype).max
         ref = hr.astype(np.float64) * peak
-        bicubic = imresize(lr, size=hr.shape[:2]).astype(np.float64) * peak
+        bicubic = imresize(lr, size=hr.shape[:2])
         row = {"set": name, "image": path.stem, "width": hr.shape[1], "height": hr.shape[0], "scale": scale}
-        row.update({f"bicubic_{k}": v for k, v in score(bicubic, ref, scale, gray).items()})
+        row.update({f"bicubic_{k}": v for k, v in score(bicubic.astype(np.float64) * peak, ref, scale, gray).items()})
         if engine is not None:
             t0 = time.time()
             sr = engine.upscale([to_float(lr)])[0]
             if image.gray or image.neutral:  # untinted, as run and watch write it
                 sr = np.repeat(sr.mean(axis=2, keepdims=True), 3, axis=2)
             row["ms"] = (time.time() - t0) * 1000.0
-            out = from_float(sr, hr.dtype).astype(np.float64) * peak
-            row.update(score(out, ref, scale, gray))
+            out = from_float(sr, hr.dtype)
+            row.update(score(out.astype(np.float64) * peak, ref, scale, gray))
             row["gain_psnr_y"] = row["psnr_y"] - row["bicubic_psnr_y"]
             row["model_id"] = engine.model_id
             if keep_images:
-                from batchsr.report import ReportImage
-
-                kept.append(ReportImage(f"{name}/{path.stem}", to_uint8(lr), to_uint8(imresize(lr, size=hr.shape[:2])),
-                                        to_uint8(from_float(sr, hr.dtype)), to_uint8(hr), row))
+                kept.append(ReportImage(f"{name}/{path.stem}", to_uint8(lr), to_uint8(bicubic), to_uint8(out), to_uint8(hr), row))
         rows.append(row)
     return SetResult(name, rows, kept)
 

@@ -26,10 +26,11 @@ from loguru import logger
 from batchsr.checkpoint import DEFAULT_MODEL, ModelInfo, read_info
 from batchsr.config import Settings
 from batchsr.errors import ImageError, InputError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format
+from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format, to_uint8
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import IMAGE_SUFFIXES, finish_image, output_name, streamable, upscale_images, write_streamed
+from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
 
 STATE_DIR = ".batchsr"
@@ -122,23 +123,40 @@ def _eight_bit(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float64) * (255.0 / np.iinfo(pixels.dtype).max)
 
 
-def reference_metrics(lr: Image, sr: Image, reference_path: Path, scale: int) -> dict:
-    """Scores the output and a MATLAB-bicubic baseline against the HR reference."""
+@dataclass
+class Reference:
+    """An HR reference cropped to the output's size, and the bicubic baseline beside it."""
+
+    rgb: np.ndarray  # the reference's own dtype
+    bicubic: np.ndarray  # MATLAB bicubic upscale of the input, the input's dtype
+    gray: bool
+
+
+def load_reference(lr: Image, sr: Image, reference_path: Path, scale: int) -> Reference:
     ref = read_image(reference_path)
     h, w = sr.rgb.shape[:2]
     rh, rw = ref.rgb.shape[:2]
     if not (h <= rh < h + scale and w <= rw < w + scale):
         raise ImageError(reference_path, f"reference is {rw}x{rh}, expected {w}x{h} (scale x the input)")
-    ref_rgb = _eight_bit(ref.rgb[:h, :w])
     bicubic = imresize(lr.rgb, size=(h, w))  # integer in, integer out, rounded per axis as MATLAB
-    gray = lr.gray and ref.gray
-    ours = score(_eight_bit(sr.rgb), ref_rgb, border=scale, gray=gray)
-    base = score(_eight_bit(bicubic), ref_rgb, border=scale, gray=gray)
+    return Reference(ref.rgb[:h, :w], bicubic, lr.gray and ref.gray)
+
+
+def score_against(sr: Image, reference: Reference, scale: int) -> dict:
+    """The output and the bicubic baseline scored against the reference."""
+    ref_rgb = _eight_bit(reference.rgb)
+    ours = score(_eight_bit(sr.rgb), ref_rgb, border=scale, gray=reference.gray)
+    base = score(_eight_bit(reference.bicubic), ref_rgb, border=scale, gray=reference.gray)
     return {
         **{k: round(v, 4) for k, v in ours.items()},
         **{f"bicubic_{k}": round(v, 4) for k, v in base.items()},
         "gain_psnr_y": round(ours["psnr_y"] - base["psnr_y"], 4),
     }
+
+
+def reference_metrics(lr: Image, sr: Image, reference_path: Path, scale: int) -> dict:
+    """Scores the output and a MATLAB-bicubic baseline against the HR reference."""
+    return score_against(sr, load_reference(lr, sr, reference_path, scale), scale)
 
 
 class _Progress:
@@ -184,18 +202,10 @@ def _check_output_dir(output_dir: Path) -> None:
 
 def list_inputs(input_dir: Path, output_dir: Path, recursive: bool) -> list[Path]:
     """Every regular, non-hidden file under INPUT (outside OUTPUT when nested)."""
+    from batchsr.data import list_files
+
     out = output_dir.resolve()
-    pattern = "**/*" if recursive else "*"
-    files = []
-    for path in sorted(input_dir.glob(pattern)):
-        rel = path.relative_to(input_dir)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        resolved = path.resolve()
-        if resolved == out or out in resolved.parents:
-            continue
-        files.append(path)
-    return files
+    return [path for path in list_files(input_dir, recursive) if not ((real := path.resolve()) == out or out in real.parents)]
 
 
 def run_folder(
@@ -261,14 +271,16 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     report_images: list = []
     claimed: dict[Path, Path] = {}
 
+    def target_format(image: Image) -> str:
+        return image.format if run.output_format == "same" else run.output_format
+
     def fail(item: _Item, reason: str) -> None:
         summary.failed.append(Failure(item.path, reason))
         logger.error("{}: {}", item.path, reason)
 
     def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, alpha: np.ndarray | None, ms: float) -> dict | None:
         result = finish_image(item.image, upscaled, scale, alpha=alpha, outscale=run.outscale)
-        fmt = item.image.format if run.output_format == "same" else run.output_format
-        data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality, background=settings.image.background_rgb)
+        data = encode_image(result, target_format(item.image), run.jpeg_quality, run.webp_quality, background=settings.image.background_rgb)
         atomic_write(output_dir / out_rel, data)
         metrics = None
         if reference_dir is not None:
@@ -278,11 +290,26 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             elif not float(factor).is_integer():
                 logger.warning("{}: no metrics at the non-integer factor {}", item.path, factor)
             else:
-                metrics = reference_metrics(item.image, result, ref, int(factor))
+                reference = load_reference(item.image, result, ref, int(factor))
+                metrics = score_against(result, reference, int(factor))
                 metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
                 if report_dir is not None:
-                    report_images.append(_report_image(item, result, ref, metrics, scale))
+                    report_images.append(ReportImage(item.rel.as_posix(), to_uint8(item.image.rgb), to_uint8(reference.bicubic),
+                                                     to_uint8(result.rgb), to_uint8(reference.rgb), metrics))
         return metrics
+
+    def conclude(item: _Item, error: Exception | None, metrics: dict | None = None) -> None:
+        """One image's end: journal and counts once its output is on disk, else a failure line."""
+        if error is None:
+            journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics)
+            summary.done += 1
+            summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
+        else:
+            fail(item, f"output not written: {error.reason if isinstance(error, ImageError) else error}")
+            if isinstance(error, OSError) and error.errno in (28, 30):  # ENOSPC, EROFS: nothing more can succeed
+                raise OutputError(f"cannot write to {output_dir}: {error.strerror}") from None
+        item.image = None
+        progress.update()
 
     def settle(block: bool) -> None:
         while in_flight and (block or len(in_flight) > 2 * run.write_workers or in_flight[0][1].done()):
@@ -290,16 +317,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             try:
                 metrics = future.result()
             except (ImageError, OSError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, ImageError) else str(exc)
-                fail(item, f"output not written: {reason}")
-                if isinstance(exc, OSError) and exc.errno in (28, 30):  # ENOSPC, EROFS: nothing more can succeed
-                    raise OutputError(f"cannot write to {output_dir}: {exc.strerror}") from None
+                conclude(item, exc)
             else:
-                journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics)
-                summary.done += 1
-                summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
-            item.image = None
-            progress.update()
+                conclude(item, None, metrics)
 
     def get_engine():
         nonlocal engine
@@ -322,20 +342,13 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
     def stream_one(item: _Item, out_rel: Path) -> None:
         """A huge image on its own, band by band (see pipeline.write_streamed)."""
-        fmt = item.image.format if run.output_format == "same" else run.output_format
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
         try:
-            write_streamed(get_engine(), item.image, output_dir / out_rel, fmt, settings.image.alpha)
+            write_streamed(get_engine(), item.image, output_dir / out_rel, target_format(item.image), settings.image.alpha)
         except (ImageError, OSError, ValueError) as exc:
-            fail(item, f"output not written: {exc.reason if isinstance(exc, ImageError) else exc}")
-            if isinstance(exc, OSError) and exc.errno in (28, 30):
-                raise OutputError(f"cannot write to {output_dir}: {exc.strerror}") from None
+            conclude(item, exc)
         else:
-            journal.record(item.rel.as_posix(), item.sha256, model_id, out_rel.as_posix(), None)
-            summary.done += 1
-            summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * scale * scale / 1e6
-        item.image = None
-        progress.update()
+            conclude(item, None)
 
     batch: list[_Item] = []
     tiles = 0
@@ -362,8 +375,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 continue
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
-            fmt = item.image.format if run.output_format == "same" else run.output_format
-            if reference_dir is None and streamable(item.image, fmt, scale, run.outscale, run.stream_megapixels):
+            if reference_dir is None and streamable(item.image, target_format(item.image), scale, run.outscale, run.stream_megapixels):
                 stream_one(item, out_rel)
                 continue
             batch.append(item)
@@ -381,8 +393,6 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale, model_id)
     journal.close()
     if report_dir is not None and report_images:
-        from batchsr.report import write_report
-
         report_images.sort(key=lambda im: im.name)
         rows = [{"images": len(report_images), "scale": scale, "model": model_id,
                  **{k: round(float(np.mean([im.metrics[k] for im in report_images])), 4)
@@ -390,16 +400,6 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         summary.report = write_report(Path(report_dir), report_images, f"batchsr run: {input_dir}", rows)
     summary.seconds = time.time() - started
     return summary
-
-
-def _report_image(item: _Item, result: Image, reference_path: Path, metrics: dict, scale: int):
-    from batchsr.imageio import to_uint8
-    from batchsr.report import ReportImage
-
-    h, w = result.rgb.shape[:2]
-    ref = read_image(reference_path).rgb[:h, :w]
-    return ReportImage(item.rel.as_posix(), to_uint8(item.image.rgb), to_uint8(imresize(item.image.rgb, size=(h, w))),
-                       to_uint8(result.rgb), to_uint8(ref), metrics)
 
 
 def _tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:

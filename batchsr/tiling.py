@@ -72,21 +72,18 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) 
     return TilePlan(height, width, padded_h, padded_w, window_h, window_w, tiles)
 
 
-def pad_image(image: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """Replicates the bottom and right edges up to the plan's padded size, as the model does."""
-    pad_h = plan.padded_height - image.shape[0]
-    pad_w = plan.padded_width - image.shape[1]
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+def window(image: np.ndarray, plan: TilePlan, tile: Tile) -> np.ndarray:
+    """The pixels of one window; past the bottom and right edges the last row and column
+    repeat, as the model's own padding does.  Works on views (no padded copy of the image)."""
+    rows = np.minimum(np.arange(tile.y, tile.y + plan.window_height), image.shape[0] - 1)
+    cols = np.minimum(np.arange(tile.x, tile.x + plan.window_width), image.shape[1] - 1)
+    return image[rows[:, None], cols[None, :]]
 
 
-def extract(padded: np.ndarray, plan: TilePlan, tile: Tile) -> np.ndarray:
-    return padded[tile.y : tile.y + plan.window_height, tile.x : tile.x + plan.window_width]
-
-
-def place(output: np.ndarray, upscaled_window: np.ndarray, tile: Tile, scale: int) -> None:
-    """Copies the core of one upscaled window into the full-size output."""
+def place(output: np.ndarray, upscaled_window: np.ndarray, tile: Tile, scale: int, first_row: int = 0) -> None:
+    """Copies the core of one upscaled window into ``output``, whose first row is image row ``first_row``."""
     y0, y1, x0, x1 = tile.core
     cy, cx = (y0 - tile.y) * scale, (x0 - tile.x) * scale
-    output[y0 * scale : y1 * scale, x0 * scale : x1 * scale] = upscaled_window[
+    output[(y0 - first_row) * scale : (y1 - first_row) * scale, x0 * scale : x1 * scale] = upscaled_window[
         cy : cy + (y1 - y0) * scale, cx : cx + (x1 - x0) * scale
     ]
