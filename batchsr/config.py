@@ -6,6 +6,7 @@ is allowed.  Downstream code receives these objects, never raw dicts.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -37,8 +38,8 @@ class EngineSettings(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|gpu|gpu:\d+", value):
-            raise ValueError("must be auto, cpu, gpu or gpu:N")
+        if not re.fullmatch(r"auto|cpu|gpu|all|gpu:\d+(,\d+)*", value):
+            raise ValueError("must be auto, cpu, gpu, gpu:N, a list gpu:N,M,... or all")
         return value
 
 
@@ -54,6 +55,17 @@ class RunSettings(_Section):
     outscale: float | None = Field(None, gt=0, le=64)  # None: the model's scale
     name_template: str = "{stem}{ext}"
     stream_megapixels: float = Field(16.0, gt=0)
+    memory_mb: int | None = Field(None, ge=256)  # None: three quarters of the physical memory
+
+    @property
+    def memory_cap_mb(self) -> float:
+        """``memory_mb``, or three quarters of the machine's physical memory."""
+        if self.memory_mb is not None:
+            return float(self.memory_mb)
+        try:
+            return 0.75 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e6
+        except (ValueError, OSError, AttributeError):
+            return 8192.0
 
     @field_validator("name_template")
     @classmethod
@@ -150,6 +162,7 @@ class TrainSettings(_Section):
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs TensorFlow installed)
     pipeline: Literal["auto", "tfdata", "numpy"] = "auto"  # auto: tf.data when TensorFlow is installed
+    devices: Literal["auto", "all"] = "auto"  # all: data-parallel over every GPU (TensorFlow's MirroredStrategy)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSettings":

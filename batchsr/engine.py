@@ -7,6 +7,8 @@ kept on the engine, so one engine can serve many callers in turn.
 ``upscale_bands`` does the same for one huge image, a row of tiles at a time,
 so that memory follows the tile size and the image width.  Every window's
 output passes the flat-area guard (``flatguard.py``).
+With several devices (``engine.device: all`` or ``gpu:0,1``) each holds a copy
+of the model and the batches go round-robin over them, a thread per device.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ from batchsr.imageio import to_float
 from batchsr.tiling import Tile, place, plan_tiles, window
 
 
-def _configure_device(device: str) -> str | None:
-    """Returns the TensorFlow device name to run on (None: let TensorFlow choose)."""
+def _configure_devices(device: str) -> list[str | None]:
+    """The TensorFlow devices to run on, one model copy each ([None]: let the backend choose)."""
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        if device not in ("auto",):
+        if device != "auto":
             logger.warning("device {} is only honoured on the TensorFlow backend", device)
-        return None
+        return [None]
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -42,13 +44,16 @@ def _configure_device(device: str) -> str | None:
         except RuntimeError:
             pass  # already initialised by an earlier engine in this process
     if device == "cpu":
-        return "/CPU:0"
+        return ["/CPU:0"]
     if device == "auto":
-        return "/GPU:0" if gpus else "/CPU:0"
-    index = 0 if device == "gpu" else int(device.split(":")[1])
-    if index >= len(gpus):
-        raise ConfigError(f"engine.device = {device!r}: only {len(gpus)} GPU(s) visible")
-    return f"/GPU:{index}"
+        return ["/GPU:0" if gpus else "/CPU:0"]
+    if device == "all":  # every GPU; without one, every CPU device TensorFlow was given
+        return [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
+    indices = [0] if device == "gpu" else [int(i) for i in device.split(":")[1].split(",")]
+    for index in indices:
+        if index >= len(gpus):
+            raise ConfigError(f"engine.device = {device!r}: only {len(gpus)} GPU(s) visible")
+    return [f"/GPU:{index}" for index in indices]
 
 
 class Engine:
@@ -58,40 +63,45 @@ class Engine:
         from batchsr.checkpoint import load_model
 
         self.settings = settings
-        self.device = _configure_device(settings.device)
-        if settings.precision == "mixed_float16" and self.device == "/CPU:0":
+        self.devices = _configure_devices(settings.device)
+        if settings.precision == "mixed_float16" and "/CPU:0" in self.devices:
             logger.warning("mixed_float16 is slow on the CPU; float32 or mixed_bfloat16 suit it better")
         previous = keras.mixed_precision.global_policy().name
         keras.mixed_precision.set_global_policy(settings.precision)
         try:
-            self.model, self.info = self._load(load_model, Path(weights) if weights else DEFAULT_MODEL)
+            loaded = [self._load(load_model, Path(weights) if weights else DEFAULT_MODEL, device) for device in self.devices]
         finally:
             keras.mixed_precision.set_global_policy(previous)
+        self.models = [model for model, _ in loaded]
+        self.model, self.info = loaded[0]
         self.scale = self.info.scale
         self.multiple = 2 ** int(self.info.config.get("depth", 0))
         logger.info(
-            "model {} (x{}) on {} in {}", self.info.model_id, self.scale, self.device or "default device", settings.precision
+            "model {} (x{}) on {} in {}", self.info.model_id, self.scale,
+            ", ".join(d or "default device" for d in self.devices), settings.precision,
         )
 
-    def _load(self, load_model, weights: Path):
-        if self.device is None:
+    @staticmethod
+    def _load(load_model, weights: Path, device: str | None):
+        if device is None:
             return load_model(weights)
         import tensorflow as tf
 
-        with tf.device(self.device):
+        with tf.device(device):
             return load_model(weights)
 
     @property
     def model_id(self) -> str:
         return self.info.model_id
 
-    def _predict(self, batch: np.ndarray) -> np.ndarray:
-        if self.device is None:
-            return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+    def _predict(self, batch: np.ndarray, copy: int = 0) -> np.ndarray:
+        model, device = self.models[copy], self.devices[copy]
+        if device is None:
+            return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
         import tensorflow as tf
 
-        with tf.device(self.device):
-            return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+        with tf.device(device):
+            return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
 
     def upscale(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Upscales float32 ``(H, W, 3)`` images in [0, 1]; outputs are ``scale`` times larger, unclipped."""
@@ -142,15 +152,38 @@ class Engine:
         """
         batch_size = self.settings.batch_size
         full = (self.settings.tile + 2 * self.settings.overlap,) * 2
-        for start in range(0, len(work), batch_size):
-            chunk = work[start : start + batch_size]
-            rows = batch_size if shape == full else min(batch_size, 1 << (len(chunk) - 1).bit_length())
-            batch = np.zeros((rows, *shape, 3), np.float32)
-            for k, (job, tile) in enumerate(chunk):
-                batch[k] = window_of(job, tile)
-            result = self._predict(batch)
+
+        def batches():
+            for start in range(0, len(work), batch_size):
+                chunk = work[start : start + batch_size]
+                rows = batch_size if shape == full else min(batch_size, 1 << (len(chunk) - 1).bit_length())
+                batch = np.zeros((rows, *shape, 3), np.float32)
+                for k, (job, tile) in enumerate(chunk):
+                    batch[k] = window_of(job, tile)
+                yield chunk, batch
+
+        if len(self.models) == 1:
+            results = ((chunk, batch, self._predict(batch)) for chunk, batch in batches())
+        else:
+            results = self._spread(batches())
+        for chunk, batch, result in results:
             for k, (job, tile) in enumerate(chunk):
                 yield job, tile, self._guard(batch[k], result[k])
+
+    def _spread(self, batches):
+        """Batches round-robin over the model copies, one thread per device, results in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        copies = len(self.models)
+        with ThreadPoolExecutor(max_workers=copies, thread_name_prefix="batchsr-device") as pool:
+            pending = []
+            for n, (chunk, batch) in enumerate(batches):
+                pending.append((chunk, batch, pool.submit(self._predict, batch, n % copies)))
+                if len(pending) >= copies:
+                    chunk, batch, future = pending.pop(0)
+                    yield chunk, batch, future.result()
+            for chunk, batch, future in pending:
+                yield chunk, batch, future.result()
 
     def _guard(self, pixels: np.ndarray, upscaled: np.ndarray) -> np.ndarray:
         return guard(pixels, upscaled, self.scale, self.settings.flat_guard / 255.0)

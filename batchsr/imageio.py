@@ -219,10 +219,11 @@ def _cmyk_to_rgb(pil: PILImage.Image, path) -> PILImage.Image:
         try:
             converted = ImageCms.profileToProfile(pil, io.BytesIO(profile), ImageCms.createProfile("sRGB"), outputMode="RGB")
         except (ImageCms.PyCMSError, OSError) as exc:
-            logger.warning("{}: embedded CMYK profile unusable ({}); converting without it", path, exc)
-        else:
-            logger.info("{}: CMYK converted to sRGB through its embedded ICC profile", path)
-            return converted
+            logger.warning("{}: embedded CMYK profile unusable ({}); converted to RGB by the naive formula (colours approximate)",
+                           path, exc)
+            return pil.convert("RGB")
+        logger.info("{}: CMYK converted to sRGB through its embedded ICC profile", path)
+        return converted
     logger.info("{}: CMYK without an ICC profile converted to RGB by the naive formula (colours approximate)", path)
     return pil.convert("RGB")
 

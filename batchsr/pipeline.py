@@ -14,11 +14,17 @@ either:
 Images above ``run.stream_megapixels`` written as PNG or TIFF take
 ``write_streamed``: the engine yields a row of tiles at a time and each is
 finished and encoded at once, so the output never exists in memory whole.
+``plan_route`` holds every image to ``run.memory_mb``: what would not fit in
+memory whole is streamed when its output allows, else refused with the reason.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import resource
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +109,82 @@ def finish_image(image: Image, upscaled: np.ndarray, scale: int, *, alpha: np.nd
                  source=image.source)
 
 
-def streamable(image: Image, fmt: str, scale: int, outscale: float | None, megapixels: float) -> bool:
-    """True when ``image`` is large enough to stream and its output can be streamed."""
-    big = image.rgb.shape[0] * image.rgb.shape[1] > megapixels * 1e6
-    return big and written_format(fmt) in STREAMED_FORMATS and (outscale is None or outscale == scale)
+def process_rss_mb() -> float:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
+
+
+def whole_mb(image: Image, scale: int, factor: float, *, reference: bool) -> float:
+    """Upper estimate of the memory one image takes upscaled whole (``upscale_images`` + ``finish_image``
+    + encoding), and with its reference and bicubic baseline for metrics."""
+    h, w = image.rgb.shape[:2]
+    item = image.rgb.dtype.itemsize
+    passes = 2 if image.alpha is not None else 1
+    model_px = h * w * scale * scale
+    out_w, out_h = output_size(w, h, factor)
+    out_px = out_w * out_h
+    total = passes * (h * w + model_px) * 12  # float input and model output
+    if factor != scale:
+        total += (out_px + h * scale * out_w) * 12  # the two passes of the resize
+    total += out_px * (12 + 2 * 4 * item)  # rounding temporaries, pixels, encoded file
+    if reference:
+        total += out_px * (2 * 3 * item + 12 + 8 * 8)  # reference, 8-bit copies, bicubic, SSIM planes
+    return total / 1e6
+
+
+def band_mb(image: Image, scale: int, tile: int) -> float:
+    """Upper estimate of the memory ``write_streamed`` takes besides the decoded input."""
+    out_w = image.rgb.shape[1] * scale
+    item = image.rgb.dtype.itemsize
+    passes = 2 if image.alpha is not None else 1
+    band = passes * tile * scale * out_w * 12  # float rows of tiles
+    encoder = out_w * ((_TIFF_TILE + _CHUNK_ROWS) * 4 * item + _CHUNK_ROWS * 36)  # pending rows, chunk temporaries
+    return (band + encoder) / 1e6
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one image goes: whole (in a batch) or band by band, with metrics or not, or refused."""
+
+    streamed: bool = False
+    metrics: bool = True
+    refusal: str | None = None
+    note: str | None = None
+
+
+def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, in_use_mb: float) -> Route:
+    """The route that keeps this process under ``run.memory_mb`` (``run`` is the run settings).
+
+    ``in_use_mb`` is what the process holds already (model and decoded input
+    included); ``reference``: metrics are wanted, which need the output whole.
+    """
+    cap = run.memory_cap_mb
+    factor = float(run.outscale or scale)
+    can_stream = written_format(fmt) in STREAMED_FORMATS and factor == scale
+    whole = in_use_mb + whole_mb(image, scale, factor, reference=reference)
+    band = in_use_mb + band_mb(image, scale, tile)
+    big = image.rgb.shape[0] * image.rgb.shape[1] > run.stream_megapixels * 1e6
+    if can_stream and (big and not reference or whole > cap) and band <= cap:
+        note = None
+        if reference:
+            note = f"no metrics: scoring needs the output whole (about {whole:,.0f} MB, above run.memory_mb = {cap:,.0f})"
+        return Route(streamed=True, metrics=False, note=note)
+    if whole <= cap:
+        return Route()
+    if can_stream:
+        advice = "lower engine.tile or raise run.memory_mb"
+        need = band
+    else:
+        why = f"{written_format(fmt).upper()} output" if factor == scale else f"outscale {factor:g}"
+        advice = f"the {why} needs the whole image in memory; write PNG or TIFF at the model's scale (band by band) or raise run.memory_mb"
+        need = whole
+    size = f"{image.rgb.shape[1]}x{image.rgb.shape[0]}"
+    return Route(refusal=f"{size} needs about {need:,.0f} MB, above run.memory_mb = {cap:,.0f}; {advice}")
 
 
 def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "model") -> tuple[int, int]:

@@ -26,10 +26,10 @@ from loguru import logger
 from batchsr.checkpoint import DEFAULT_MODEL, ModelInfo, read_info
 from batchsr.config import Settings
 from batchsr.errors import ImageError, InputError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format, to_uint8
+from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format, to_uint8, written_format
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
-from batchsr.pipeline import IMAGE_SUFFIXES, finish_image, output_name, streamable, upscale_images, write_streamed
+from batchsr.pipeline import IMAGE_SUFFIXES, finish_image, output_name, plan_route, process_rss_mb, upscale_images, write_streamed
 from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
 
@@ -78,7 +78,7 @@ class _Item:
 
 
 class Journal:
-    """What each input became: ``input -> (content hash, model id, output, metrics)``."""
+    """What each input became: ``input -> (content hash, model id, output, metrics, output options)``."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,23 +86,42 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS outputs (input TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
-            "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL)"
+            "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL, options TEXT)"
         )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(outputs)")}
+        if "options" not in columns:  # a journal from before output options were recorded
+            self.db.execute("ALTER TABLE outputs ADD COLUMN options TEXT")
         self.db.commit()
 
-    def entries(self) -> dict[str, tuple[str, str, str, dict | None]]:
-        rows = self.db.execute("SELECT input, sha256, model_id, output, metrics FROM outputs")
-        return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None) for r in rows}
+    def entries(self) -> dict[str, tuple[str, str, str, dict | None, str | None]]:
+        rows = self.db.execute("SELECT input, sha256, model_id, output, metrics, options FROM outputs")
+        return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows}
 
-    def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None) -> None:
+    def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?)",
-            (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time()),
+            "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options),
         )
         self.db.commit()
 
     def close(self) -> None:
         self.db.close()
+
+
+def output_options(settings: Settings, fmt: str, factor: float) -> str:
+    """What besides the input and the model decides an output's pixels, for the written format ``fmt``
+    at the output ``factor``.
+
+    A re-run redoes an image when this changes (a journal entry without it,
+    from an older version, counts as matching).
+    """
+    run, image = settings.run, settings.image
+    options = {"factor": float(factor), "alpha": image.alpha, "background": image.background}
+    if fmt == "jpg":
+        options["quality"] = run.jpeg_quality
+    elif fmt == "webp":
+        options["quality"] = run.webp_quality
+    return json.dumps(options, sort_keys=True)
 
 
 def find_reference(reference_dir: Path, rel: Path) -> Path | None:
@@ -241,6 +260,15 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     run = settings.run
     factor = run.outscale or scale
 
+    def _up_to_date(entry, item: _Item, fmt: str) -> bool:
+        """Same content, model, output name and options, the output still there, metrics if asked."""
+        sha256, model, output, metrics, options = entry
+        target = written_format(fmt if run.output_format == "same" else run.output_format)
+        expected = output_name(item.rel, fmt, run.output_format, run.name_template, factor).as_posix()
+        return (sha256 == item.sha256 and model == model_id and output == expected and (output_dir / output).is_file()
+                and (options is None or options == output_options(settings, target, factor))
+                and (reference_dir is None or metrics is not None))
+
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))
         try:
@@ -250,11 +278,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             return item
         item.sha256 = hashlib.sha256(data).hexdigest()
         entry = known.get(item.rel.as_posix())
-        if (not force and entry is not None and entry[0] == item.sha256 and entry[1] == model_id
-                and (output_dir / entry[2]).is_file() and (reference_dir is None or entry[3] is not None)):
+        sniffed = sniff_format(data[:16])
+        if not force and entry is not None and sniffed is not None and _up_to_date(entry, item, sniffed):
             item.skip = True
             return item
-        if sniff_format(data[:16]) is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES and data:
+        if sniffed is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES and data:
             item.not_image = True
             return item
         try:
@@ -301,7 +329,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def conclude(item: _Item, error: Exception | None, metrics: dict | None = None) -> None:
         """One image's end: journal and counts once its output is on disk, else a failure line."""
         if error is None:
-            journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics)
+            options = output_options(settings, written_format(target_format(item.image)), factor)
+            journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics, options)
             summary.done += 1
             summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
         else:
@@ -375,7 +404,17 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 continue
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
-            if reference_dir is None and streamable(item.image, target_format(item.image), scale, run.outscale, run.stream_megapixels):
+            get_engine()  # loaded before the memory check, which counts it
+            route = plan_route(item.image, target_format(item.image), scale, run, settings.engine.tile,
+                               reference=reference_dir is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
+            if route.refusal is not None:
+                fail(item, route.refusal)
+                item.image = None
+                progress.update()
+                continue
+            if route.streamed:
+                if route.note:
+                    logger.warning("{}: {}", item.path, route.note)
                 stream_one(item, out_rel)
                 continue
             batch.append(item)

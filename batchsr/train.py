@@ -4,10 +4,14 @@ The loop is Keras ``fit`` (backend-agnostic); only the input pipeline uses
 TensorFlow.  A resumable checkpoint is written after every validation
 interval: model weights, every optimizer variable (moments, EMA, step) and the
 state, so ``--resume`` continues exactly — the patch stream is indexed by step.
+``devices: all`` trains data-parallel with TensorFlow's MirroredStrategy: the
+model and optimizer are built in its scope and each device takes a slice of
+every batch (``batch_size`` stays the global batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -166,6 +170,23 @@ def _warm_start(model, init: Path) -> None:
     logger.info("warm start from {} ({}): {} layers copied, skipped {}", init, info.model_id, copied, skipped or "none")
 
 
+def _distribution(devices: str):
+    """The scope the model and optimizer are built in: MirroredStrategy for ``devices: all``."""
+    if devices == "auto":
+        return contextlib.nullcontext()
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ConfigError(f"devices: all needs the TensorFlow backend (MirroredStrategy), not {keras.backend.backend()}")
+    import tensorflow as tf
+
+    kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    names = [d.name for d in tf.config.list_logical_devices(kind)]
+    strategy = tf.distribute.MirroredStrategy(names)
+    logger.info("data-parallel training on {} replicas: {}", strategy.num_replicas_in_sync, ", ".join(names))
+    return strategy.scope()
+
+
 def train(
     settings: TrainSettings,
     resume: bool = False,
@@ -213,18 +234,19 @@ def train(
 
     keras.mixed_precision.set_global_policy("float32")
     eval_model = build_model(config)
-    keras.mixed_precision.set_global_policy(settings.precision)
-    try:
-        model = build_model(config)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    optimizer = keras.optimizers.Adam(
-        learning_rate=_schedule(settings),
-        use_ema=settings.ema is not None,
-        ema_momentum=settings.ema or 0.99,
-    )
-    model.compile(optimizer=optimizer, loss=_loss(settings.loss), jit_compile=False)
-    optimizer.build(model.trainable_variables)
+    with _distribution(settings.devices):
+        keras.mixed_precision.set_global_policy(settings.precision)
+        try:
+            model = build_model(config)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        optimizer = keras.optimizers.Adam(
+            learning_rate=_schedule(settings),
+            use_ema=settings.ema is not None,
+            ema_momentum=settings.ema or 0.99,
+        )
+        model.compile(optimizer=optimizer, loss=_loss(settings.loss), jit_compile=False)
+        optimizer.build(model.trainable_variables)
     if resume:
         model.load_weights(latest / "model.weights.h5")
         saved_vars = np.load(latest / "optimizer.npz")

@@ -55,7 +55,7 @@ from batchsr.errors import ConfigError, ImageError, InputError, ModelError, Outp
 from batchsr.imageio import Image, atomic_write, decode_image, encode_image
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock
-from batchsr.pipeline import finish_image, output_name, streamable, upscale_images, write_streamed
+from batchsr.pipeline import finish_image, output_name, plan_route, process_rss_mb, upscale_images, write_streamed
 from batchsr.runner import METRIC_COLUMNS, STATE_DIR, find_reference, reference_metrics
 
 METRICS_FILE = "watch-metrics.csv"
@@ -640,8 +640,14 @@ class _Daemon:
         for item in items:
             fmt = item.image.format if run.output_format == "same" else run.output_format
             out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
-            huge = self.folders.reference is None and streamable(item.image, fmt, engine.scale, run.outscale, run.stream_megapixels)
-            (streamed if huge else batched).append((item, out_rel, fmt))
+            route = plan_route(item.image, fmt, engine.scale, run, self.settings.engine.tile,
+                               reference=self.folders.reference is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
+            if route.refusal is not None:
+                self._try_failed(item, route.refusal, None, counts)
+                continue
+            if route.note:
+                logger.warning("{}: {}", item.entry.path, route.note)
+            (streamed if route.streamed else batched).append((item, out_rel, fmt))
         t0 = time.time()
         upscaled = self._upscale(engine, [item.image for item, _, _ in batched], image_settings.alpha)
         ms = (time.time() - t0) * 1000.0 / max(len(batched), 1)

@@ -3,8 +3,9 @@
 
 Writes a synthetic N-megapixel PNG (textured, with flat areas, written row
 band by row band so this script stays small), upscales it with `batchsr run`
-in a child process and reports the child's peak resident memory next to the
-sizes that an in-memory pipeline would have to hold.  Output: key=value lines.
+in a child process held to ``run.memory_mb`` (``--memory-mb``) and reports the
+child's peak resident memory next to that cap and to the sizes that an
+in-memory pipeline would have to hold.  Output: key=value lines.
 
     .venv/bin/python scripts/bench_memory.py --megapixels 100            # bundled model (slow on CPU)
     .venv/bin/python scripts/bench_memory.py --megapixels 16 --whole     # the in-memory path, for contrast
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--megapixels", type=float, default=100.0, help="input size (a square image)")
     parser.add_argument("--model", type=Path, help="weights (default: the bundled x4 model)")
     parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--memory-mb", type=int, default=2500, help="run.memory_mb: the cap the run is held to (not with --whole)")
     parser.add_argument("--whole", action="store_true", help="force the in-memory path (run.stream_megapixels above the input)")
     parser.add_argument("--work", type=Path, help="folder for the input and output (default: a temporary one)")
     args = parser.parse_args()
@@ -70,7 +72,9 @@ def main() -> None:
     made = time.time() - t0
     config = work / "bench.yaml"
     stream = args.megapixels * 2 if args.whole else 1.0
-    config.write_text(f"run:\n  stream_megapixels: {stream}\n  progress: log\n  log_interval_s: 60\nengine:\n  tile: {args.tile}\n")
+    cap = None if args.whole else args.memory_mb  # the in-memory path would be refused under a small cap
+    config.write_text(f"run:\n  stream_megapixels: {stream}\n  memory_mb: {cap or 'null'}\n  progress: log\n  log_interval_s: 60\n"
+                      f"engine:\n  tile: {args.tile}\n")
     command = [sys.executable, "-m", "batchsr.cli", "--config", str(config), "run", str(src), str(out), "--format", "png"]
     if args.model is not None:
         command += ["--model", str(args.model)]
@@ -94,6 +98,8 @@ def main() -> None:
         "output_float_mb": round(out_w * out_h * 12 / 1e6, 1),
         "output_file_mb": round((out / "large.png").stat().st_size / 1e6, 1),
         "peak_rss_mb": round(peak_mb, 1),
+        "memory_cap_mb": cap or "auto",
+        "under_cap": cap is None or peak_mb < cap,
         "input_written_s": round(made, 1),
         "run_s": round(seconds, 1),
     }

@@ -33,3 +33,55 @@ def test_mixed_bfloat16_stays_close_to_float32(tiny_model):
     half = Engine(tiny_model, EngineSettings(device="cpu", precision="mixed_bfloat16")).upscale([image])[0]
     assert half.dtype == np.float32
     assert psnr(np.clip(half, 0, 1), np.clip(exact, 0, 1), peak=1.0) > 35
+
+
+_TWO_DEVICES = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from batchsr.config import EngineSettings
+from batchsr.engine import Engine
+
+settings = dict(tile=32, overlap=8, batch_size=2)
+one = Engine(sys.argv[1], EngineSettings(device="cpu", **settings))
+every = Engine(sys.argv[1], EngineSettings(device="all", **settings))
+copies = []
+predict = every._predict
+every._predict = lambda batch, copy=0: (copies.append(copy), predict(batch, copy))[1]
+rng = np.random.default_rng(3)
+images = [rng.random((70, 90, 3)).astype(np.float32), rng.random((33, 47, 3)).astype(np.float32)]
+a, b = one.upscale(images), every.upscale(images)
+bands = np.concatenate([band for _, band in every.upscale_bands(images[0])])
+print(json.dumps({"devices": every.devices, "copies": copies,
+                  "diff": max(float(np.abs(x - y).max()) for x, y in zip(a, b)),
+                  "bands": float(np.abs(bands - a[0]).max())}))
+"""
+
+
+def test_device_all_spreads_batches_over_every_device(tiny_model):
+    """Two logical CPU devices stand in for two GPUs: one model copy each, same pixels as one device."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(tiny_model)], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [d.split(":")[-2:] for d in report["devices"]] == [["CPU", "0"], ["CPU", "1"]]
+    assert set(report["copies"]) == {0, 1} and len(report["copies"]) >= 4
+    assert report["diff"] < 1e-5 and report["bands"] < 1e-5
+
+
+def test_device_lists_are_validated():
+    from batchsr.config import EngineSettings
+
+    assert EngineSettings(device="gpu:0,1").device == "gpu:0,1"
+    with pytest.raises(ValueError, match="gpu:N,M"):
+        EngineSettings(device="gpu:0,")

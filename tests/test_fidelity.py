@@ -579,9 +579,58 @@ def test_the_streaming_png_writer_round_trips_every_colour_type(channels, dtype)
         assert np.array_equal(image.alpha, pixels[:, :, -1])
 
 
+def _big(width: int, height: int, dtype=np.uint8, alpha: bool = False) -> Image:
+    """An image of that size that takes no memory: plan_route only looks at shapes."""
+    rgb = np.broadcast_to(np.zeros(1, dtype), (height, width, 3))
+    return Image(rgb, np.broadcast_to(np.zeros(1, dtype), (height, width)) if alpha else None, False, "png")
+
+
+def test_the_memory_cap_streams_what_fits_band_by_band_and_refuses_the_rest():
+    from batchsr.config import RunSettings
+    from batchsr.pipeline import band_mb, plan_route, whole_mb
+
+    run = RunSettings(memory_mb=3000)
+    image = _big(10000, 10000)  # 100 MP in, 1.6 gigapixels out: whole is out of the question
+    assert whole_mb(image, 4, 4.0, reference=False) > 3000 * 5
+    assert 300 < band_mb(image, 4, 128) < 1000
+    png = plan_route(image, "png", 4, run, 128, reference=False, in_use_mb=1500)
+    assert png.streamed and png.refusal is None
+    with_reference = plan_route(image, "tiff", 4, run, 128, reference=True, in_use_mb=1500)
+    assert with_reference.streamed and not with_reference.metrics and "no metrics" in with_reference.note
+    jpeg = plan_route(image, "jpg", 4, run, 128, reference=False, in_use_mb=1500)
+    assert not jpeg.streamed and "10000x10000" in jpeg.refusal and "run.memory_mb = 3,000" in jpeg.refusal
+    assert "JPG output" in jpeg.refusal and "PNG or TIFF" in jpeg.refusal
+    outscale = plan_route(image, "png", 4, run.model_copy(update={"outscale": 3.0}), 128, reference=False, in_use_mb=1500)
+    assert "outscale 3" in outscale.refusal
+    tight = plan_route(image, "png", 4, run, 128, reference=False, in_use_mb=2750)
+    assert tight.refusal is not None and "lower engine.tile" in tight.refusal
+    assert plan_route(image, "png", 4, run, 16, reference=False, in_use_mb=2750).streamed  # smaller bands fit
+    small = _big(640, 480, np.uint16, alpha=True)
+    assert plan_route(small, "jpg", 4, run, 128, reference=True, in_use_mb=1500) == type(png)()  # whole, with metrics
+    assert whole_mb(small, 4, 4.0, reference=True) > whole_mb(small, 4, 4.0, reference=False) > whole_mb(_big(640, 480), 4, 4.0, reference=False)
+
+
+def test_run_holds_each_image_to_the_memory_cap(tmp_path, monkeypatch):
+    rng = np.random.default_rng(9)
+    src = tmp_path / "in"
+    src.mkdir()
+    pixels = rng.integers(0, 256, (200, 240, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(src / "photo.png"), pixels)
+    assert cv2.imwrite(str(src / "photo2.jpg"), pixels)
+    whole = tmp_path / "whole"
+    _run(src, whole, Bicubic())
+    monkeypatch.setattr("batchsr.runner.process_rss_mb", lambda: 1000.0)  # the estimates, not this test process
+    capped = tmp_path / "capped"
+    summary = _run(src, capped, Bicubic(), run={"memory_mb": 1012}, failures=1)
+    [failure] = summary.failed
+    assert failure.path.name == "photo2.jpg" and "240x200" in failure.reason and "run.memory_mb = 1,012" in failure.reason
+    assert not (capped / "photo2.jpg").exists()
+    assert np.abs(_unchanged(capped / "photo.png").astype(int) - _unchanged(whole / "photo.png").astype(int)).max() <= 1
+
+
 @pytest.mark.slow
 def test_a_hundred_megapixel_image_is_upscaled_in_bounded_memory(tmp_path, tiny_model):
-    """10000 x 10000 in, 40000 x 40000 out: peak memory stays far below the 4.8 GB output."""
+    """10000 x 10000 in, 40000 x 40000 out: peak memory stays under the configured cap, far below the 4.8 GB output."""
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_memory.py"), "--megapixels", "100", "--model", str(tiny_model),
          "--work", str(tmp_path)],
@@ -590,7 +639,7 @@ def test_a_hundred_megapixel_image_is_upscaled_in_bounded_memory(tmp_path, tiny_
     assert result.returncode == 0, result.stderr[-3000:]
     report = dict(line.split("=", 1) for line in result.stdout.split() if "=" in line)
     assert (int(report["out_width"]), int(report["out_height"])) == (40000, 40000)
-    assert float(report["peak_rss_mb"]) < 2500, report
+    assert float(report["peak_rss_mb"]) < float(report["memory_cap_mb"]) == 2500, report
 
 
 # -- eval ------------------------------------------------------------------------------------

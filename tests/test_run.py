@@ -80,6 +80,38 @@ def test_up_to_date_outputs_are_skipped_until_forced_or_changed(tree, tmp_path, 
     assert read_image(out / "bird.png").rgb.shape == (80, 96, 3)
 
 
+def test_changed_output_options_redo_only_the_images_they_change(tree, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    base = _settings(tiny_model)
+    first = run_folder(tree, out, base)
+
+    def again(**run):
+        return run_folder(tree, out, base.model_copy(update={"run": base.run.model_copy(update=run)}))
+
+    assert (again().done, again().skipped) == (0, first.done)
+    jpeg_quality = again(jpeg_quality=80)  # only the JPEG output depends on it
+    assert (jpeg_quality.done, jpeg_quality.skipped) == (1, first.done - 1)
+    renamed = again(jpeg_quality=80, name_template="{stem}_x{scale}{ext}")
+    assert renamed.done == first.done and (out / "bird_x4.png").is_file()
+    outscale = again(jpeg_quality=80, name_template="{stem}_x{scale}{ext}", outscale=4.0)
+    assert outscale.skipped == first.done  # the model's own scale: the same pixels
+    outscale = again(jpeg_quality=80, name_template="{stem}_x{scale}{ext}", outscale=2.0)
+    assert outscale.done == first.done and read_image(out / "bird_x2.png").rgb.shape[0] == read_image(tree / "bird.png").rgb.shape[0] * 2
+
+
+def test_a_journal_from_before_output_options_still_skips(tree, tmp_path, tiny_model):
+    import sqlite3
+
+    out = tmp_path / "out"
+    first = run_folder(tree, out, _settings(tiny_model))
+    db = sqlite3.connect(out / ".batchsr" / "journal.sqlite")
+    db.execute("ALTER TABLE outputs DROP COLUMN options")
+    db.commit()
+    db.close()
+    again = run_folder(tree, out, _settings(tiny_model))
+    assert (again.done, again.skipped) == (0, first.done)
+
+
 def test_reference_metrics_match_a_recomputation(tmp_path, tiny_model):
     hr_dir, lr_dir = tmp_path / "hr", tmp_path / "lr"
     for name in ["baby", "woman"]:

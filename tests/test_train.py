@@ -88,3 +88,45 @@ def test_init_warm_starts_the_shared_layers_across_scales(tmp_path, tiny_model):
         for a, b in zip(source.get_layer(name).get_weights(), target.get_layer(name).get_weights()):
             np.testing.assert_allclose(a, b, atol=1e-6)
     assert target.get_layer("head_conv").get_weights()[0].shape[-1] == 12
+
+
+_MIRRORED = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from batchsr.checkpoint import load_model
+from batchsr.config import TrainSettings
+from batchsr.train import train
+
+base = json.loads(sys.argv[1])
+weights = {}
+for devices in ("auto", "all"):
+    settings = TrainSettings.model_validate({**base, "devices": devices, "out_dir": base["out_dir"] + "-" + devices})
+    result = train(settings, progress=False)
+    model, _ = load_model(result.final_weights)
+    weights[devices] = [np.asarray(w) for w in model.get_weights()]
+moved = max(float(np.abs(a).max()) for a in weights["auto"])
+diff = max(float(np.abs(a - b).max()) for a, b in zip(weights["auto"], weights["all"]))
+print(json.dumps({"diff": diff, "largest": moved}))
+"""
+
+
+def test_devices_all_trains_data_parallel_like_one_device(tmp_path):
+    """Two logical CPU devices stand in for two GPUs: MirroredStrategy gives the weights one device gives."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    base = _settings(tmp_path / "run", steps=12, val_interval=6, warmup_steps=2, ema=None).model_dump(mode="json")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", _MIRRORED, json.dumps(base)], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data-parallel training on 2 replicas" in result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["diff"] < 1e-4 * max(1.0, report["largest"]), report
