@@ -99,7 +99,7 @@ def main(ctx: click.Context, config: Path | None, log_level: str | None) -> None
 def _engine_options(f):
     options = [
         click.option("--model", "weights", type=click.Path(path_type=Path), help="A .weights.h5 file with its .json (model.weights)."),
-        click.option("--device", help="auto, cpu, gpu or gpu:N (engine.device)."),
+        click.option("--device", help="auto, cpu, gpu, gpu:N, gpu:N,M,... or all (engine.device)."),
         click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), help="engine.precision."),
         click.option("--tile", type=int, help="Tile side in input pixels (engine.tile)."),
         click.option("--overlap", type=int, help="Context pixels around each tile (engine.overlap)."),
@@ -122,31 +122,51 @@ def _engine_overrides(weights, device, precision, tile, overlap, batch_size) -> 
 
 
 @main.command()
-@click.argument("input_dir", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("output_dir", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.argument("input_dir", metavar="INPUT", type=click.Path())  # str: with --engine beam also a gs:// (etc.) URI
+@click.argument("output_dir", metavar="OUTPUT", type=click.Path())
+@click.argument("beam_args", metavar="[-- BEAM_OPTIONS...]", nargs=-1, type=click.UNPROCESSED)
 @_engine_options
 @click.option("--format", "output_format", type=click.Choice(["same", "png", "jpg", "webp", "tiff"]), help="run.output_format.")
-@click.option("--reference", "reference_dir", type=click.Path(path_type=Path),
+@click.option("--reference", "reference_dir", type=click.Path(),
               help="Folder of HR references at the same relative paths: writes OUTPUT/metrics.csv.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="With --reference: an HTML visual report in this folder.")
 @click.option("--force", is_flag=True, help="Redo images whose output is already up to date.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), help="run.progress.")
 @click.option("--outscale", type=float, help="Output factor, any value (run.outscale): the model's scale, then a bicubic resize.")
 @click.option("--name-template", help="Output file name, e.g. '{stem}_x{scale}{ext}' (run.name_template).")
+@click.option("--engine", type=click.Choice(["local", "beam"]), default="local", show_default=True,
+              help="local: this process; beam: an Apache Beam pipeline, INPUT and OUTPUT may be gs://, s3://... "
+              "(pip install 'batchsr[beam]'; see docs/SCALING.md).")
+@click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner, in this process). Beam's own options go after --.")
 @click.pass_context
-def run(ctx, input_dir, output_dir, weights, device, precision, tile, overlap, batch_size, output_format, reference_dir, report_dir, force, progress,
-        outscale, name_template):
-    """Upscale every image under INPUT into OUTPUT (mirrored tree); exit 0, or 65 if some failed."""
+def run(ctx, input_dir, output_dir, beam_args, weights, device, precision, tile, overlap, batch_size, output_format, reference_dir, report_dir, force,
+        progress, outscale, name_template, engine, runner):
+    """Upscale every image under INPUT into OUTPUT (mirrored tree); exit 0, or 65 if some failed.
+
+    With --engine beam the same run is an Apache Beam pipeline (docs/SCALING.md): e.g.
+    `batchsr run gs://b/in gs://b/out --engine beam --runner DataflowRunner -- --project P --region R`.
+    """
     overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size)
     overrides.update({"run.output_format": output_format, "run.progress": progress, "run.outscale": outscale, "run.name_template": name_template})
     settings = _load(ctx, overrides)
     from loguru import logger
 
-    from batchsr.runner import run_folder
-
     if report_dir is not None and reference_dir is None:
         raise ConfigError("--report needs --reference")
-    summary = run_folder(input_dir, output_dir, settings, force=force, reference_dir=reference_dir, report_dir=report_dir)
+    if engine == "beam":
+        if report_dir is not None:
+            raise ConfigError("--report is not available with --engine beam")
+        from batchsr.beam import run_beam
+
+        summary = run_beam(input_dir, output_dir, settings, reference_dir=reference_dir, runner=runner, pipeline_args=list(beam_args))
+    else:
+        if runner is not None or beam_args:
+            raise ConfigError(f"--runner and Beam options after -- need --engine beam (got: {' '.join(beam_args) or '--runner'})")
+        from batchsr.runner import run_folder
+
+        summary = run_folder(Path(input_dir), Path(output_dir), settings, force=force,
+                             reference_dir=Path(reference_dir) if reference_dir is not None else None,
+                             report_dir=report_dir)
     logger.info(
         "done {}, skipped {}, failed {}, ignored {} in {:.1f}s ({:.2f} img/s, {:.1f} output MP)",
         summary.done, summary.skipped, len(summary.failed), summary.ignored, summary.seconds, summary.throughput, summary.megapixels,
