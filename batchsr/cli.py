@@ -48,7 +48,7 @@ def _quiet_tensorflow() -> None:
 
 
 class _Command(click.Command):
-    """Turns library errors into a message and an exit code."""
+    """Turns library errors into a message and an exit code; anything else is a bug: exit 70, traceback in the log."""
 
     def invoke(self, ctx):
         try:
@@ -57,6 +57,22 @@ class _Command(click.Command):
             code = next(c for kind, c in _EXIT_CODES if isinstance(exc, kind))
             click.echo(f"batchsr: error: {exc}", err=True)
             ctx.exit(code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own ways out (usage errors, ctx.exit), not bugs
+        except Exception as exc:
+            _internal_error(ctx, exc)
+
+
+def _internal_error(ctx: click.Context, exc: Exception) -> None:
+    """One line for the user, the traceback logged at DEBUG (so a rerun with --log-level DEBUG shows it), exit 70."""
+    import traceback
+
+    from loguru import logger
+
+    logger.debug("internal error:\n{}", "".join(traceback.format_exception(exc)).rstrip())
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    click.echo(f"batchsr: internal error: {what} (a bug: please report it; rerun with --log-level DEBUG for the traceback)", err=True)
+    ctx.exit(EXIT_SOFTWARE)
 
 
 class _Group(click.Group):

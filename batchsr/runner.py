@@ -16,9 +16,10 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from loguru import logger
@@ -45,7 +46,7 @@ METRIC_COLUMNS = [
 
 @dataclass
 class Failure:
-    path: Path
+    path: Path | str  # a str for an input on another Beam filesystem (gs://, s3://, ...)
     reason: str
 
 
@@ -58,7 +59,7 @@ class RunSummary:
     seconds: float = 0.0
     megapixels: float = 0.0  # output megapixels written
     model_id: str = ""
-    metrics_csv: Path | None = None
+    metrics_csv: Path | str | None = None  # a str for an OUTPUT on another Beam filesystem
     report: Path | None = None
 
     @property
@@ -124,17 +125,21 @@ def output_options(settings: Settings, fmt: str, factor: float) -> str:
     return json.dumps(options, sort_keys=True)
 
 
-def find_reference(reference_dir: Path, rel: Path) -> Path | None:
-    """The HR image at the same relative path, with any image extension."""
-    folder = reference_dir / rel.parent
-    exact = folder / rel.name
-    if exact.is_file():
-        return exact
+def reference_candidates(rel: PurePath) -> list[PurePath]:
+    """Where the HR reference of input ``rel`` may be, relative to the reference folder, in the order looked at:
+    the same name, then the same stem with each image extension (lower case, then upper).
+
+    Public so that a reference folder on another filesystem (``beam``) is searched in the same order.
+    """
     stem = rel.stem if rel.suffix.lower() in IMAGE_SUFFIXES else rel.name
-    for suffix in sorted(IMAGE_SUFFIXES):
-        for candidate in (folder / (stem + suffix), folder / (stem + suffix.upper())):
-            if candidate.is_file():
-                return candidate
+    return [rel] + [rel.parent / (stem + s) for suffix in sorted(IMAGE_SUFFIXES) for s in (suffix, suffix.upper())]
+
+
+def find_reference(reference_dir: Path, rel: PurePath) -> Path | None:
+    """The HR image at the same relative path, with any image extension."""
+    for candidate in reference_candidates(rel):
+        if (reference_dir / candidate).is_file():
+            return reference_dir / candidate
     return None
 
 
@@ -151,12 +156,14 @@ class Reference:
     gray: bool
 
 
-def load_reference(lr: Image, sr: Image, reference_path: Path, scale: int) -> Reference:
-    ref = read_image(reference_path)
+def load_reference(lr: Image, sr: Image, reference: Path | Image, scale: int) -> Reference:
+    """``reference`` is a file, or an image already decoded (one read from another filesystem)."""
+    ref = reference if isinstance(reference, Image) else read_image(reference)
     h, w = sr.rgb.shape[:2]
     rh, rw = ref.rgb.shape[:2]
     if not (h <= rh < h + scale and w <= rw < w + scale):
-        raise ImageError(reference_path, f"reference is {rw}x{rh}, expected {w}x{h} (scale x the input)")
+        where = reference.source if isinstance(reference, Image) else reference
+        raise ImageError(where, f"reference is {rw}x{rh}, expected {w}x{h} (scale x the input)")
     bicubic = imresize(lr.rgb, size=(h, w))  # integer in, integer out, rounded per axis as MATLAB
     return Reference(ref.rgb[:h, :w], bicubic, lr.gray and ref.gray)
 
@@ -176,6 +183,68 @@ def score_against(sr: Image, reference: Reference, scale: int) -> dict:
 def reference_metrics(lr: Image, sr: Image, reference_path: Path, scale: int) -> dict:
     """Scores the output and a MATLAB-bicubic baseline against the HR reference."""
     return score_against(sr, load_reference(lr, sr, reference_path, scale), scale)
+
+
+class ReferenceFolder:
+    """The HR references of a run: found at the inputs' relative paths, read when an output is scored.
+
+    A local folder; ``beam`` subclasses it for a folder on another filesystem.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def find(self, rel: PurePath) -> Path | None:
+        return find_reference(self.root, rel)
+
+    def read(self, found: Path) -> Path | Image:
+        """What ``load_reference`` takes: here the file itself, which it reads."""
+        return found
+
+
+@dataclass
+class Written:
+    """An output on disk: the finished image and, when it was scored, its metrics and the reference behind them."""
+
+    image: Image
+    metrics: dict | None = None
+    reference: Reference | None = None
+
+
+def write_output(
+    image: Image, upscaled: np.ndarray, alpha: np.ndarray | None, destination: Path | Callable[[bytes], None], settings: Settings,
+    scale: int, *, name: str | Path, rel: PurePath, references: ReferenceFolder | None = None, ms: float = 0.0,
+) -> Written:
+    """Finishes, encodes and atomically writes one model output, then scores it when ``references`` are given.
+
+    One function for every engine, so that an image comes out, and scores, the
+    same from each.  ``destination`` is the output file, or a function that
+    writes the bytes atomically (a file on another filesystem); ``name`` is the
+    input in log lines; ``rel`` its path relative to INPUT, where its
+    reference is looked for; ``ms`` the model time per image, for the metrics.
+    """
+    run = settings.run
+    factor = run.outscale or scale
+    fmt = image.format if run.output_format == "same" else run.output_format
+    result = finish_image(image, upscaled, scale, alpha=alpha, outscale=run.outscale)
+    data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality, background=settings.image.background_rgb)
+    if callable(destination):
+        destination(data)
+    else:
+        atomic_write(destination, data)
+    if references is None:
+        return Written(result)
+    found = references.find(rel)
+    if found is None:
+        logger.warning("{}: no reference image at the same relative path; no metrics", name)
+        return Written(result)
+    if not float(factor).is_integer():  # before reading it: plan_route counted no reference at such a factor
+        logger.warning("{}: no metrics at the non-integer factor {}", name, factor)
+        return Written(result)
+    reference = load_reference(image, result, references.read(found), int(factor))
+    metrics = score_against(result, reference, int(factor))
+    metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
+    return Written(result, metrics, reference)
 
 
 class _Progress:
@@ -209,7 +278,8 @@ class _Progress:
             self.bar.close()
 
 
-def _check_output_dir(output_dir: Path) -> None:
+def check_output_dir(output_dir: Path) -> None:
+    """Creates OUTPUT and proves it writable before any work, so that a bad folder fails the run at once."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".batchsr-probe-{os.getpid()}"
@@ -243,7 +313,7 @@ def run_folder(
         raise InputError(f"input folder {input_dir} does not exist or is not a folder")
     if reference_dir is not None and not Path(reference_dir).is_dir():
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
-    _check_output_dir(output_dir)
+    check_output_dir(output_dir)
     with FolderLock(output_dir / STATE_DIR / "lock"):
         return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine)
 
@@ -306,25 +376,16 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         summary.failed.append(Failure(item.path, reason))
         logger.error("{}: {}", item.path, reason)
 
+    references = ReferenceFolder(Path(reference_dir)) if reference_dir is not None else None
+
     def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, alpha: np.ndarray | None, ms: float) -> dict | None:
-        result = finish_image(item.image, upscaled, scale, alpha=alpha, outscale=run.outscale)
-        data = encode_image(result, target_format(item.image), run.jpeg_quality, run.webp_quality, background=settings.image.background_rgb)
-        atomic_write(output_dir / out_rel, data)
-        metrics = None
-        if reference_dir is not None:
-            ref = find_reference(Path(reference_dir), item.rel)
-            if ref is None:
-                logger.warning("{}: no reference image at the same relative path; no metrics", item.path)
-            elif not float(factor).is_integer():
-                logger.warning("{}: no metrics at the non-integer factor {}", item.path, factor)
-            else:
-                reference = load_reference(item.image, result, ref, int(factor))
-                metrics = score_against(result, reference, int(factor))
-                metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
-                if report_dir is not None:
-                    report_images.append(ReportImage(item.rel.as_posix(), to_uint8(item.image.rgb), to_uint8(reference.bicubic),
-                                                     to_uint8(result.rgb), to_uint8(reference.rgb), metrics))
-        return metrics
+        written = write_output(item.image, upscaled, alpha, output_dir / out_rel, settings, scale,
+                               name=item.path, rel=item.rel, references=references, ms=ms)
+        if report_dir is not None and written.reference is not None:
+            reference = written.reference
+            report_images.append(ReportImage(item.rel.as_posix(), to_uint8(item.image.rgb), to_uint8(reference.bicubic),
+                                             to_uint8(written.image.rgb), to_uint8(reference.rgb), written.metrics))
+        return written.metrics
 
     def conclude(item: _Item, error: Exception | None, metrics: dict | None = None) -> None:
         """One image's end: journal and counts once its output is on disk, else a failure line."""
@@ -419,7 +480,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 continue
             batch.append(item)
             alpha_passes = 2 if item.image.alpha is not None and settings.image.alpha == "model" else 1
-            tiles += _tile_count(settings, info, item.image) * alpha_passes
+            tiles += tile_count(settings, info, item.image) * alpha_passes
             if tiles >= settings.engine.batch_size:
                 flush(batch)
                 batch, tiles = [], 0
@@ -441,7 +502,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     return summary
 
 
-def _tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
+def tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
+    """How many windows ``image`` sends through the model: its weight in a batch of ``engine.batch_size``."""
     from batchsr.tiling import plan_tiles
 
     multiple = 2 ** int(info.config.get("depth", 0))
@@ -449,8 +511,12 @@ def _tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
     return len(plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, multiple).tiles)
 
 
-def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int, model_id: str) -> Path | None:
-    entries = journal.entries()
+def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> bytes | None:
+    """metrics.csv's content: a row per input of ``inputs`` with metrics, in that order, then their MEAN; None without any.
+
+    ``entries`` maps an input to its journal entry (as ``Journal.entries``).
+    Apart from the writing, so that a run can put it elsewhere (``beam``).
+    """
     rows = []
     for rel in inputs:
         entry = entries.get(rel)
@@ -467,6 +533,13 @@ def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale:
     writer.writeheader()
     writer.writerows(rows)
     writer.writerow(mean)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int, model_id: str) -> Path | None:
+    data = metrics_csv(journal.entries(), inputs, scale, model_id)
+    if data is None:
+        return None
     path = output_dir / METRICS_FILE
-    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    atomic_write(path, data)
     return path

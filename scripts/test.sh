@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fresh machine to test results: set up .venv, then run the test suite
+# Fresh machine to test results: set up .venv (with the beam extra, whose
+# engine the suite tests), then run the test suite
 # (reads the benchmark images from ../shared/data). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh test,beam
 exec .venv/bin/python -m pytest "$@"

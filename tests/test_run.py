@@ -177,3 +177,33 @@ def test_config_command_prints_effective_settings(tmp_path):
     path.write_text("engine:\n  tile: 64\n")
     result = _cli("--config", str(path), "config")
     assert result.returncode == 0 and "tile: 64" in result.stdout and "batch_size: 8" in result.stdout
+
+
+def test_an_unexpected_error_exits_70_with_one_line(tmp_path, monkeypatch):
+    """A bug is exit code 70 and one line (the traceback only at DEBUG), not exit 1 and a traceback."""
+    from click.testing import CliRunner
+    from loguru import logger
+
+    import batchsr.runner
+    from batchsr.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(batchsr.runner, "run_folder", broken)
+    src = tmp_path / "in"
+    write_png(src / "a.png", np.zeros((8, 8, 3), np.uint8))
+    config = tmp_path / "c.yaml"
+    config.write_text("run:\n  progress: none\n")
+    args = ["--config", str(config), "run", str(src), str(tmp_path / "out")]
+    try:
+        result = CliRunner().invoke(main, args)
+        debug = CliRunner().invoke(main, ["--log-level", "DEBUG", *args])
+    finally:
+        logger.remove()  # the CLI pointed loguru at CliRunner's stream
+        logger.add(sys.stderr)
+    assert result.exit_code == 70, result.output
+    line = ("batchsr: internal error: RuntimeError: something broke "
+            "(a bug: please report it; rerun with --log-level DEBUG for the traceback)")
+    assert line in result.output.splitlines() and "Traceback" not in result.output
+    assert debug.exit_code == 70 and "Traceback" in debug.output and "in broken" in debug.output

@@ -1,0 +1,277 @@
+"""``batchsr run --engine beam``: the same outputs, metrics and exit codes as the local engine.
+
+Beam runs in this process (DirectRunner pinned to the in-memory FnApiRunner).
+Tests that need Apache Beam skip without the ``beam`` extra; the message for a
+missing extra is tested either way.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchsr.config import Settings
+from batchsr.imageio import read_image
+from batchsr.resize import degrade
+from tests.conftest import REPO, data_dir, write_png
+
+TIMING_COLUMNS = {"ms"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "batchsr.cli", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300, check=False)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture()
+def tree(tmp_path) -> tuple[Path, Path]:
+    """LR inputs (a subfolder, a JPEG, an RGBA PNG, a corrupt PNG, a text file) and HR references for two of them."""
+    import cv2
+
+    src, hr_dir = tmp_path / "in", tmp_path / "hr"
+    for name, rel in [("bird", "bird.png"), ("head", "sub/deeper/head.png")]:
+        hr = read_image(data_dir("Set5", "HR") / f"{name}.png").rgb
+        hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
+        write_png(hr_dir / rel, hr)
+        write_png(src / rel, degrade(hr, 4))
+    lr = read_image(src / "bird.png").rgb
+    _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(lr, cv2.COLOR_RGB2BGR))
+    (src / "sub" / "photo.jpeg").write_bytes(jpeg.tobytes())
+    rgba = np.dstack([lr[:30, :40], np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1))])
+    (src / "sub" / "mask.png").write_bytes(cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))[1].tobytes())
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (src / "notes.txt").write_text("not an image")
+    return src, hr_dir
+
+
+def _settings(model: Path, **run) -> Settings:
+    return Settings.model_validate({"model": {"weights": str(model)}, "engine": {"tile": 32, "overlap": 8, "batch_size": 4},
+                                    "run": {"progress": "none", **run}})
+
+
+def _outputs(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and ".batchsr" not in p.parts)
+
+
+def test_beam_matches_the_local_engine(tree, tmp_path, tiny_model):
+    pytest.importorskip("apache_beam")
+    from batchsr.runner import run_folder
+
+    src, hr_dir = tree
+    local = run_folder(src, tmp_path / "local", _settings(tiny_model), reference_dir=hr_dir)
+    assert (local.done, local.ignored, [f.path.name for f in local.failed]) == (4, 1, ["broken.png"])
+    # The command as a user types it: summary, failure lines, exit code.
+    beam = _cli("run", str(src), str(tmp_path / "beam"), "--model", str(tiny_model), "--tile", "32", "--overlap", "8", "--batch-size", "4",
+                "--progress", "none", "--reference", str(hr_dir), "--engine", "beam")
+    assert beam.returncode == 65, beam.stderr
+    assert "done 4, skipped 0, failed 1, ignored 1" in beam.stderr
+    assert f"batchsr: failed: {src / 'broken.png'}: corrupt or truncated PNG data" in beam.stderr
+    # Same names, same pixels (byte-identical here; 60 dB allows for float round-off across batch shapes).
+    names = _outputs(tmp_path / "local")
+    assert names == _outputs(tmp_path / "beam") == ["bird.png", "metrics.csv", "sub/deeper/head.png", "sub/mask.png", "sub/photo.jpeg"]
+    for name in names:
+        ours, theirs = tmp_path / "beam" / name, tmp_path / "local" / name
+        if name.endswith(".csv") or ours.read_bytes() == theirs.read_bytes():
+            continue
+        a, b = read_image(ours), read_image(theirs)
+        assert a.rgb.shape == b.rgb.shape and a.rgb.dtype == b.rgb.dtype, name
+        assert _psnr(a.rgb, b.rgb) >= 60, name
+        if b.alpha is not None:
+            assert _psnr(a.alpha, b.alpha) >= 60, name
+    # The same metrics.csv rows, timing aside.
+    rows = {}
+    for engine in ("local", "beam"):
+        with open(tmp_path / engine / "metrics.csv", newline="") as handle:
+            rows[engine] = [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
+    assert [r["image"] for r in rows["beam"]] == ["bird.png", "sub/deeper/head.png", "MEAN"]
+    assert rows["beam"] == rows["local"]
+    # The corrupt file is in the dead letter, with the local engine's reason; nothing temporary is left.
+    dead = [json.loads(line) for line in (tmp_path / "beam" / ".batchsr" / "dead-letter.jsonl").read_text().splitlines()]
+    assert dead == [{"file": str(src / "broken.png"), "reason": local.failed[0].reason}]
+    assert not list((tmp_path / "beam").rglob("*.tmp")) and not list((tmp_path / "beam" / ".batchsr").glob("beam-*"))
+    # The journal is recorded: a local run into the same folder has nothing left to do.
+    again = run_folder(src, tmp_path / "beam", _settings(tiny_model))
+    assert (again.done, again.skipped) == (0, 4)
+
+
+def test_beam_streams_big_images_and_clashing_names_fail(tmp_path, tiny_model):
+    pytest.importorskip("apache_beam")
+    from batchsr.beam import run_beam
+    from batchsr.runner import run_folder
+
+    src = tmp_path / "in"
+    rng = np.random.default_rng(3)
+    write_png(src / "a.png", rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    write_png(src / "b.png", rng.integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    (src / "b.jpg").write_bytes((src / "a.png").read_bytes())  # PNG content: its output would be b.png too
+    settings = _settings(tiny_model, stream_megapixels=0.001)  # every PNG here goes band by band
+    local = run_folder(src, tmp_path / "local", settings)
+    beam = run_beam(src, tmp_path / "beam", settings)
+    assert (beam.done, beam.ignored) == (local.done, local.ignored) == (2, 0)
+    assert [(f.path.name, f.reason) for f in beam.failed] == [(f.path.name, f.reason) for f in local.failed]
+    assert [f.path.name for f in beam.failed] == ["b.png"] and "would overwrite the output of" in beam.failed[0].reason
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / "beam" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+@pytest.fixture()
+def bucket(tmp_path):
+    """``bucket://`` URIs kept in a local folder: a Beam filesystem other than the local one, as gs:// is, with no network."""
+    pytest.importorskip("apache_beam")
+    from apache_beam.io.filesystem import FileMetadata, FileSystem
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    root, disk = tmp_path / "bucket", LocalFileSystem(None)
+
+    def local(uri: str) -> str:
+        return str(root / uri[len("bucket://"):])
+
+    class Bucket(FileSystem):  # an object store: no folders, prefixes only
+        @classmethod
+        def scheme(cls):
+            return "bucket"
+
+        def join(self, base, *parts):
+            return "/".join([base.rstrip("/"), *parts])
+
+        def split(self, path):
+            head, _, tail = path.rpartition("/")
+            return head, tail
+
+        def mkdirs(self, path):
+            pass
+
+        def has_dirs(self):
+            return False
+
+        def _list(self, prefix):
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                uri = "bucket://" + path.relative_to(root).as_posix()
+                if uri.startswith(prefix):
+                    yield FileMetadata(uri, path.stat().st_size, path.stat().st_mtime)
+
+        def create(self, path, mime_type="application/octet-stream", compression_type="auto"):
+            os.makedirs(os.path.dirname(local(path)), exist_ok=True)
+            return disk.create(local(path), mime_type, compression_type)
+
+        def open(self, path, mime_type="application/octet-stream", compression_type="auto"):
+            return disk.open(local(path), mime_type, compression_type)
+
+        def copy(self, sources, destinations):
+            for destination in destinations:
+                os.makedirs(os.path.dirname(local(destination)), exist_ok=True)
+            disk.copy([local(s) for s in sources], [local(d) for d in destinations])
+
+        def rename(self, sources, destinations):
+            for destination in destinations:
+                os.makedirs(os.path.dirname(local(destination)), exist_ok=True)
+            disk.rename([local(s) for s in sources], [local(d) for d in destinations])
+
+        def exists(self, path):
+            return disk.exists(local(path))
+
+        def size(self, path):
+            return disk.size(local(path))
+
+        def last_updated(self, path):
+            return disk.last_updated(local(path))
+
+        def checksum(self, path):
+            return disk.checksum(local(path))
+
+        def metadata(self, path):
+            found = disk.metadata(local(path))
+            return FileMetadata(path, found.size_in_bytes, found.last_updated_in_seconds)
+
+        def delete(self, paths):
+            disk.delete([local(p) for p in paths if disk.exists(local(p))])
+
+    yield root
+    del Bucket
+    gc.collect()  # Beam finds filesystems among FileSystem's subclasses: let this one go with its test
+
+
+def test_beam_reads_and_writes_other_filesystems(bucket, tmp_path, tiny_model):
+    from batchsr.beam import run_beam
+    from batchsr.runner import run_folder
+
+    rng = np.random.default_rng(5)
+    hr = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    write_png(bucket / "hr" / "a.png", hr)
+    write_png(bucket / "in" / "a.png", degrade(hr, 4))
+    write_png(bucket / "in" / "sub" / "b.png", rng.integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    (bucket / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    (bucket / "in" / "notes.txt").write_text("not an image")
+    local = run_folder(bucket / "in", tmp_path / "local", _settings(tiny_model), reference_dir=bucket / "hr")
+    beam = run_beam("bucket://in", "bucket://out", _settings(tiny_model), reference_dir="bucket://hr")
+    assert (beam.done, beam.ignored, [(str(f.path), f.reason) for f in beam.failed]) == (
+        local.done, local.ignored, [("bucket://in/broken.png", local.failed[0].reason)])
+    assert beam.metrics_csv == "bucket://out/metrics.csv"
+    for name in ("a.png", "sub/b.png"):
+        assert (bucket / "out" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    with open(bucket / "out" / "metrics.csv", newline="") as ours, open(tmp_path / "local" / "metrics.csv", newline="") as theirs:
+        assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(ours)] == \
+               [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(theirs)]
+    assert json.loads((bucket / "out" / ".batchsr" / "dead-letter.jsonl").read_text())["file"] == "bucket://in/broken.png"
+    assert sorted(p.name for p in (bucket / "out" / ".batchsr").iterdir()) == ["dead-letter.jsonl"]  # no journal, nothing left over
+    # Band by band, the output is made in a local temporary file and copied.
+    streamed = _settings(tiny_model, stream_megapixels=0.0001)
+    run_folder(bucket / "in", tmp_path / "local-streamed", streamed)
+    assert run_beam("bucket://in", "bucket://streamed", streamed).done == 2
+    for name in ("a.png", "sub/b.png"):
+        assert (bucket / "streamed" / name).read_bytes() == (tmp_path / "local-streamed" / name).read_bytes()
+
+
+def test_direct_runner_is_pinned_in_process():
+    pytest.importorskip("apache_beam")
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from batchsr.beam import _runner, pipeline_options
+
+    options = pipeline_options(None, [])
+    assert options.view_as(StandardOptions).runner == "DirectRunner"
+    assert options.view_as(DirectOptions).direct_running_mode == "in_memory"
+    assert isinstance(_runner(options), FnApiRunner)  # never Prism, which downloads a binary
+    remote = pipeline_options("DataflowRunner", ["--project", "p", "--runner", "FlinkRunner"])
+    assert _runner(remote) == "DataflowRunner"
+
+
+@pytest.fixture()
+def restore_logging():
+    yield
+    from loguru import logger
+
+    logger.remove()  # the CLI pointed loguru at CliRunner's stream
+    logger.add(sys.stderr)
+
+
+def test_missing_beam_says_how_to_install(tmp_path, monkeypatch, restore_logging):
+    from click.testing import CliRunner
+
+    from batchsr.cli import main
+
+    src = tmp_path / "in"
+    write_png(src / "a.png", np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if the extra were not installed
+    result = CliRunner().invoke(main, ["run", str(src), str(tmp_path / "out"), "--engine", "beam"])
+    assert result.exit_code == 78, result.output
+    assert "pip install 'batchsr[beam]'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    # Beam's options without the Beam engine are refused, not ignored.
+    local = CliRunner().invoke(main, ["run", str(src), str(tmp_path / "out"), "--", "--project", "p"])
+    assert local.exit_code == 78 and "need --engine beam" in local.output
