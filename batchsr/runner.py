@@ -180,11 +180,6 @@ def score_against(sr: Image, reference: Reference, scale: int) -> dict:
     }
 
 
-def reference_metrics(lr: Image, sr: Image, reference_path: Path, scale: int) -> dict:
-    """Scores the output and a MATLAB-bicubic baseline against the HR reference."""
-    return score_against(sr, load_reference(lr, sr, reference_path, scale), scale)
-
-
 class ReferenceFolder:
     """The HR references of a run: found at the inputs' relative paths, read when an output is scored.
 
@@ -241,7 +236,11 @@ def write_output(
     if not float(factor).is_integer():  # before reading it: plan_route counted no reference at such a factor
         logger.warning("{}: no metrics at the non-integer factor {}", name, factor)
         return Written(result)
-    reference = load_reference(image, result, references.read(found), int(factor))
+    try:
+        reference = load_reference(image, result, references.read(found), int(factor))
+    except ImageError as exc:  # the output is good; only its score is lost
+        logger.warning("{}: no metrics: {}", name, exc)
+        return Written(result)
     metrics = score_against(result, reference, int(factor))
     metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
     return Written(result, metrics, reference)

@@ -52,11 +52,11 @@ from watchdog.events import (
 from batchsr.checkpoint import DEFAULT_MODEL, description_path, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, encode_image
+from batchsr.imageio import Image, atomic_write, decode_image
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock
-from batchsr.pipeline import finish_image, output_name, plan_route, process_rss_mb, upscale_images, write_streamed
-from batchsr.runner import METRIC_COLUMNS, STATE_DIR, find_reference, reference_metrics
+from batchsr.pipeline import output_name, plan_route, process_rss_mb, upscale_images, write_streamed
+from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, write_output
 
 METRICS_FILE = "watch-metrics.csv"
 METRICS_COLUMNS = [*METRIC_COLUMNS, "input_sha256", "finished"]
@@ -657,7 +657,7 @@ class _Daemon:
                 self._try_failed(item, f"model failed: {type(result).__name__}: {result}", traceback_digest(result), counts)
                 continue
             colour, alpha = result
-            job = self.writers.submit(self._write_output, item, colour, alpha, out_rel, fmt, engine, factor, ms)
+            job = self.writers.submit(self._write_output, item, colour, alpha, out_rel, engine, factor, ms)
             writes.append((item, out_rel, job))
         for item, out_rel, fmt in streamed:
             logger.info("{}: {}x{} upscaled band by band", item.entry.path, *item.image.size)
@@ -689,30 +689,16 @@ class _Daemon:
                 results.append(exc)
         return results
 
-    def _write_output(self, item: _Read, colour: np.ndarray, alpha: np.ndarray | None, out_rel: Path, fmt: str, engine, factor: float,
+    def _write_output(self, item: _Read, colour: np.ndarray, alpha: np.ndarray | None, out_rel: Path, engine, factor: float,
                       ms: float) -> dict | None:
-        """Finishes, encodes and atomically writes one output; returns its metrics row when a reference exists."""
-        run = self.run_settings
-        result = finish_image(item.image, colour, engine.scale, alpha=alpha, outscale=run.outscale)
-        data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality, background=self.settings.image.background_rgb)
-        atomic_write(self.folders.output / out_rel, data)
-        if self.folders.reference is None:
+        """Writes one output as ``run`` does (``runner.write_output``); returns its metrics row when a reference exists."""
+        references = ReferenceFolder(self.folders.reference) if self.folders.reference is not None else None
+        written = write_output(item.image, colour, alpha, self.folders.output / out_rel, self.settings, engine.scale,
+                               name=item.entry.path, rel=Path(item.entry.path), references=references, ms=ms)
+        if written.metrics is None:
             return None
-        reference = find_reference(self.folders.reference, Path(item.entry.path))
-        if reference is None:
-            logger.warning("{}: no reference image at the same relative path; no metrics", item.entry.path)
-            return None
-        if not float(factor).is_integer():
-            logger.warning("{}: no metrics at the non-integer factor {}", item.entry.path, factor)
-            return None
-        try:
-            metrics = reference_metrics(item.image, result, reference, int(factor))
-        except ImageError as exc:
-            logger.warning("{}: no metrics: {}", item.entry.path, exc)
-            return None
-        metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
-        return {"image": item.entry.path, "scale": int(factor), "model_id": engine.model_id, **metrics, "input_sha256": item.sha256,
-                "finished": _iso(time.time())}
+        return {"image": item.entry.path, "scale": int(factor), "model_id": engine.model_id, **written.metrics,
+                "input_sha256": item.sha256, "finished": _iso(time.time())}
 
     def _append_metrics(self, completed: list, counts: _BatchCounts) -> list:
         rows = [metrics for _, _, metrics in completed if metrics is not None]
