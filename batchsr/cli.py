@@ -120,13 +120,15 @@ def _engine_options(f):
         click.option("--tile", type=int, help="Tile side in input pixels (engine.tile)."),
         click.option("--overlap", type=int, help="Context pixels around each tile (engine.overlap)."),
         click.option("--batch-size", type=int, help="Tiles per model call (engine.batch_size)."),
+        click.option("--self-ensemble/--no-self-ensemble", default=None,
+                     help="Average the 8 flips/rotations of each tile: higher PSNR, 8x the model time (engine.self_ensemble)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _engine_overrides(weights, device, precision, tile, overlap, batch_size) -> dict:
+def _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble) -> dict:
     return {
         "model.weights": str(weights) if weights else None,
         "engine.device": device,
@@ -134,6 +136,7 @@ def _engine_overrides(weights, device, precision, tile, overlap, batch_size) -> 
         "engine.tile": tile,
         "engine.overlap": overlap,
         "engine.batch_size": batch_size,
+        "engine.self_ensemble": self_ensemble,
     }
 
 
@@ -155,14 +158,14 @@ def _engine_overrides(weights, device, precision, tile, overlap, batch_size) -> 
               "(pip install 'batchsr[beam]'; see docs/SCALING.md).")
 @click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner, in this process). Beam's own options go after --.")
 @click.pass_context
-def run(ctx, input_dir, output_dir, beam_args, weights, device, precision, tile, overlap, batch_size, output_format, reference_dir, report_dir, force,
+def run(ctx, input_dir, output_dir, beam_args, weights, device, precision, tile, overlap, batch_size, self_ensemble, output_format, reference_dir, report_dir, force,
         progress, outscale, name_template, engine, runner):
     """Upscale every image under INPUT into OUTPUT (mirrored tree); exit 0, or 65 if some failed.
 
     With --engine beam the same run is an Apache Beam pipeline (docs/SCALING.md): e.g.
     `batchsr run gs://b/in gs://b/out --engine beam --runner DataflowRunner -- --project P --region R`.
     """
-    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size)
+    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble)
     overrides.update({"run.output_format": output_format, "run.progress": progress, "run.outscale": outscale, "run.name_template": name_template})
     settings = _load(ctx, overrides)
     from loguru import logger
@@ -204,9 +207,9 @@ def run(ctx, input_dir, output_dir, beam_args, weights, device, precision, tile,
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Per-image CSV output.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write an HTML visual report into this folder.")
 @click.pass_context
-def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap, batch_size, bicubic_only, csv_path, report_dir):
+def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap, batch_size, self_ensemble, bicubic_only, csv_path, report_dir):
     """Standard benchmark protocol: LR by MATLAB bicubic, PSNR/SSIM on Y with a `scale` border."""
-    settings = _load(ctx, _engine_overrides(weights, device, precision, tile, overlap, batch_size))
+    settings = _load(ctx, _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble))
     from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
 
     engine = None
@@ -271,9 +274,9 @@ def _absolute(path: Path | None) -> str | None:
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), help="watch.state (journal and lock).")
 @click.option("--polling/--no-polling", default=None, help="watch.polling (needed on NFS and SMB mounts).")
 @click.pass_context
-def watch(ctx, weights, device, precision, tile, overlap, batch_size, inbox, output_dir, state_dir, polling):
+def watch(ctx, weights, device, precision, tile, overlap, batch_size, self_ensemble, inbox, output_dir, state_dir, polling):
     """Upscale each image dropped into the inbox, once (a daemon: stops on SIGTERM or SIGINT)."""
-    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size)
+    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble)
     overrides.update({"watch.inbox": _absolute(inbox), "watch.output": _absolute(output_dir), "watch.state": _absolute(state_dir),
                       "watch.polling": polling})
     settings = _load(ctx, overrides)

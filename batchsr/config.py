@@ -34,6 +34,7 @@ class EngineSettings(_Section):
     overlap: int = Field(16, ge=0, le=512)
     batch_size: int = Field(8, ge=1, le=1024)
     flat_guard: float = Field(2.0, ge=0, le=255)  # 8-bit levels; 0 turns the flat-area guard off
+    self_ensemble: bool = False  # mean over the 8 flips/rotations of each window: higher PSNR, 8x the model time
 
     @field_validator("device")
     @classmethod

@@ -94,6 +94,20 @@ class Engine:
     def model_id(self) -> str:
         return self.info.model_id
 
+    def _infer(self, batch: np.ndarray, copy: int = 0) -> np.ndarray:
+        """The model's output, or with ``self_ensemble`` the mean over the 8 flips and rotations of the batch."""
+        if not self.settings.self_ensemble:
+            return self._predict(batch, copy)
+        total = None
+        for turns in range(4):
+            for flip in (False, True):
+                view = np.rot90(batch, turns, axes=(1, 2))
+                view = view[:, :, ::-1] if flip else view
+                out = self._predict(np.ascontiguousarray(view), copy)
+                out = np.rot90(out[:, :, ::-1] if flip else out, -turns, axes=(1, 2))
+                total = out if total is None else total + out
+        return total / np.float32(8)
+
     def _predict(self, batch: np.ndarray, copy: int = 0) -> np.ndarray:
         model, device = self.models[copy], self.devices[copy]
         if device is None:
@@ -163,7 +177,7 @@ class Engine:
                 yield chunk, batch
 
         if len(self.models) == 1:
-            results = ((chunk, batch, self._predict(batch)) for chunk, batch in batches())
+            results = ((chunk, batch, self._infer(batch)) for chunk, batch in batches())
         else:
             results = self._spread(batches())
         for chunk, batch, result in results:
@@ -178,7 +192,7 @@ class Engine:
         with ThreadPoolExecutor(max_workers=copies, thread_name_prefix="batchsr-device") as pool:
             pending = []
             for n, (chunk, batch) in enumerate(batches):
-                pending.append((chunk, batch, pool.submit(self._predict, batch, n % copies)))
+                pending.append((chunk, batch, pool.submit(self._infer, batch, n % copies)))
                 if len(pending) >= copies:
                     chunk, batch, future = pending.pop(0)
                     yield chunk, batch, future.result()

@@ -85,3 +85,23 @@ def test_device_lists_are_validated():
     assert EngineSettings(device="gpu:0,1").device == "gpu:0,1"
     with pytest.raises(ValueError, match="gpu:N,M"):
         EngineSettings(device="gpu:0,")
+
+
+def test_self_ensemble_makes_the_output_follow_flips_and_rotations(tiny_model):
+    """A random model is not flip-equivariant; averaged over the 8 symmetries of the window it is."""
+    image = np.random.default_rng(4).random((24, 24, 3)).astype(np.float32)  # one window
+
+    def turned(engine, turns, flip):
+        view = np.rot90(image, turns)
+        view = view[:, ::-1] if flip else view
+        out = engine.upscale([np.ascontiguousarray(view)])[0]
+        out = out[:, ::-1] if flip else out
+        return np.rot90(out, -turns)
+
+    plain = Engine(tiny_model, EngineSettings(device="cpu", tile=32, overlap=8, flat_guard=0))
+    ensemble = Engine(tiny_model, EngineSettings(device="cpu", tile=32, overlap=8, flat_guard=0, self_ensemble=True))
+    reference = ensemble.upscale([image])[0]
+    for turns, flip in [(1, False), (0, True), (3, True)]:
+        assert np.abs(turned(ensemble, turns, flip) - reference).max() < 1e-5
+        assert np.abs(turned(plain, turns, flip) - plain.upscale([image])[0]).max() > 1e-3
+    assert np.abs(reference - plain.upscale([image])[0]).max() > 1e-3
