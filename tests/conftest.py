@@ -1,12 +1,15 @@
-"""Shared fixtures: real benchmark data from ../shared/data and tiny random models."""
+"""Shared fixtures: real benchmark data from ../shared/data, tiny random models, a bicubic engine stand-in."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from batchsr.resize import imresize
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -44,3 +47,19 @@ def write_png(path: Path, rgb: np.ndarray) -> Path:
     pixels = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     assert cv2.imwrite(str(path), pixels)
     return path
+
+
+class Bicubic:
+    """An engine stand-in: MATLAB bicubic x4, so pixel checks do not depend on a model (exact, linear, flat colours kept)."""
+
+    scale = 4
+    info = SimpleNamespace(model_id="bicubic-x4", scale=4, config={"depth": 0})
+
+    def upscale(self, images):
+        return [imresize(np.asarray(image, np.float32), scale=4) for image in images]
+
+    def upscale_bands(self, image):
+        image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max) if image.dtype.kind == "u" else image
+        whole = imresize(np.ascontiguousarray(image, np.float32), scale=4)
+        for y in range(0, whole.shape[0], 64):
+            yield y, whole[y : y + 64]

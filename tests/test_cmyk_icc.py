@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ from PIL import ImageCms
 
 from batchsr.config import Settings
 from batchsr.imageio import read_image
-from batchsr.resize import imresize
 from batchsr.runner import run_folder
+from tests.conftest import Bicubic
 from tests.icc import cmyk_profile, print_corners
 
 CORNERS = print_corners()
@@ -34,22 +33,6 @@ PATCHES = {
     "black": ((slice(16, 32), slice(16, 32)), (0, 0, 0, 1)),
 }
 TOLERANCE = 4  # 8-bit levels: JPEG error plus lcms2 interpolation
-
-
-class Bicubic:
-    """Engine stand-in (as in test_fidelity.py): MATLAB bicubic x4 keeps flat colours exactly."""
-
-    scale = 4
-    info = SimpleNamespace(model_id="bicubic-x4", scale=4, config={"depth": 0})
-
-    def upscale(self, images):
-        return [imresize(np.asarray(image, np.float32), scale=4) for image in images]
-
-    def upscale_bands(self, image):
-        image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max) if image.dtype.kind == "u" else image
-        whole = imresize(np.ascontiguousarray(image, np.float32), scale=4)
-        for y in range(0, whole.shape[0], 64):
-            yield y, whole[y : y + 64]
 
 
 def _settings(output_format: str = "same") -> Settings:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -33,26 +32,10 @@ from batchsr.imageio import Image, decode_image, from_float, read_image, to_floa
 from batchsr.pipeline import finish_image, upscale_images
 from batchsr.resize import imresize
 from batchsr.runner import run_folder
-from tests.conftest import REPO
+from tests.conftest import REPO, Bicubic
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
-
-
-class Bicubic:
-    """An engine stand-in: MATLAB bicubic x4, so pixel checks do not depend on a model."""
-
-    scale = 4
-    info = SimpleNamespace(model_id="bicubic-x4", scale=4, config={"depth": 0})
-
-    def upscale(self, images):
-        return [imresize(np.asarray(image, np.float32), scale=4) for image in images]
-
-    def upscale_bands(self, image):
-        image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max) if image.dtype.kind == "u" else image
-        whole = imresize(np.ascontiguousarray(image, np.float32), scale=4)
-        for y in range(0, whole.shape[0], 64):
-            yield y, whole[y : y + 64]
 
 
 @pytest.fixture(scope="module")
