@@ -53,9 +53,11 @@ from loguru import logger
 from batchsr.checkpoint import DEFAULT_MODEL, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError
-from batchsr.imageio import Image, atomic_write, decode_image, sniff_format, written_format
+from batchsr.imageio import Image, atomic_write, decode_image, sniff_format
 from batchsr.lock import FolderLock
-from batchsr.pipeline import IMAGE_SUFFIXES, output_name, plan_route, process_rss_mb, upscale_images, write_streamed
+from batchsr.pipeline import (
+    IMAGE_SUFFIXES, output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed,
+)
 from batchsr.runner import (
     METRICS_FILE, STATE_DIR, Failure, Journal, ReferenceFolder, RunSummary, _write_metrics, check_output_dir, metrics_csv,
     output_options, reference_candidates, tile_count, write_output,
@@ -130,7 +132,7 @@ class _Job:
         return _join(self.target, rel)
 
     def target_format(self, image: Image) -> str:
-        return image.format if self.settings.run.output_format == "same" else self.settings.run.output_format
+        return target_format(image.format, self.settings.run.output_format)
 
 
 @dataclass
@@ -324,7 +326,7 @@ def _finish(result, job: _Job):
         yield pvalue.TaggedOutput(_FAILED, _failure(work.path, f"output not written: {_reason(exc)}"))
         return
     height, width = image.rgb.shape[:2]
-    options = output_options(job.settings, written_format(job.target_format(image)), job.factor)
+    options = output_options(job.settings, job.target_format(image), job.factor)
     yield {"status": "done", "file": work.path, "input": work.rel, "output": work.out_rel, "sha256": work.sha256,
            "metrics": metrics, "options": options, "megapixels": height * width * job.factor * job.factor / 1e6}
 

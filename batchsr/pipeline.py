@@ -50,6 +50,11 @@ def factor_text(factor: float) -> str:
     return str(int(factor)) if float(factor).is_integer() else f"{factor:g}"
 
 
+def target_format(fmt: str, output_format: str) -> str:
+    """The format an input read as ``fmt`` is written in under ``run.output_format``."""
+    return written_format(fmt if output_format == "same" else output_format)
+
+
 def output_name(rel: Path, fmt: str, output_format: str, template: str = "{stem}{ext}", factor: float | None = None) -> Path:
     """The output's path relative to OUTPUT: same folders, ``template`` filled in.
 
@@ -57,7 +62,7 @@ def output_name(rel: Path, fmt: str, output_format: str, template: str = "{stem}
     input's own extension when it names the written format (``.jpeg`` stays),
     else the format's; ``{scale}`` the output factor, ``{format}`` the format.
     """
-    target = written_format(fmt if output_format == "same" else output_format)
+    target = target_format(fmt, output_format)
     suffix = rel.suffix.lower()
     ext = rel.suffix if suffix in _SAME_FORMAT_SUFFIXES.get(target, {EXTENSIONS[target]}) else EXTENSIONS[target]
     stem = rel.stem if suffix in IMAGE_SUFFIXES or not rel.suffix else rel.name

@@ -27,10 +27,12 @@ from loguru import logger
 from batchsr.checkpoint import DEFAULT_MODEL, ModelInfo, read_info
 from batchsr.config import Settings
 from batchsr.errors import ImageError, InputError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format, to_uint8, written_format
+from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format, to_uint8
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
-from batchsr.pipeline import IMAGE_SUFFIXES, finish_image, output_name, plan_route, process_rss_mb, upscale_images, write_streamed
+from batchsr.pipeline import (
+    IMAGE_SUFFIXES, finish_image, output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed,
+)
 from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
 
@@ -220,7 +222,7 @@ def write_output(
     """
     run = settings.run
     factor = run.outscale or scale
-    fmt = image.format if run.output_format == "same" else run.output_format
+    fmt = target_format(image.format, run.output_format)
     result = finish_image(image, upscaled, scale, alpha=alpha, outscale=run.outscale)
     data = encode_image(result, fmt, run.jpeg_quality, run.webp_quality, background=settings.image.background_rgb)
     if callable(destination):
@@ -332,7 +334,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def _up_to_date(entry, item: _Item, fmt: str) -> bool:
         """Same content, model, output name and options, the output still there, metrics if asked."""
         sha256, model, output, metrics, options = entry
-        target = written_format(fmt if run.output_format == "same" else run.output_format)
+        target = target_format(fmt, run.output_format)
         expected = output_name(item.rel, fmt, run.output_format, run.name_template, factor).as_posix()
         return (sha256 == item.sha256 and model == model_id and output == expected and (output_dir / output).is_file()
                 and (options is None or options == output_options(settings, target, factor))
@@ -368,9 +370,6 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     report_images: list = []
     claimed: dict[Path, Path] = {}
 
-    def target_format(image: Image) -> str:
-        return image.format if run.output_format == "same" else run.output_format
-
     def fail(item: _Item, reason: str) -> None:
         summary.failed.append(Failure(item.path, reason))
         logger.error("{}: {}", item.path, reason)
@@ -389,7 +388,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def conclude(item: _Item, error: Exception | None, metrics: dict | None = None) -> None:
         """One image's end: journal and counts once its output is on disk, else a failure line."""
         if error is None:
-            options = output_options(settings, written_format(target_format(item.image)), factor)
+            options = output_options(settings, target_format(item.image.format, run.output_format), factor)
             journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics, options)
             summary.done += 1
             summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
@@ -433,7 +432,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         """A huge image on its own, band by band (see pipeline.write_streamed)."""
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
         try:
-            write_streamed(get_engine(), item.image, output_dir / out_rel, target_format(item.image), settings.image.alpha)
+            write_streamed(get_engine(), item.image, output_dir / out_rel, target_format(item.image.format, run.output_format), settings.image.alpha)
         except (ImageError, OSError, ValueError) as exc:
             conclude(item, exc)
         else:
@@ -465,7 +464,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
             get_engine()  # loaded before the memory check, which counts it
-            route = plan_route(item.image, target_format(item.image), scale, run, settings.engine.tile,
+            route = plan_route(item.image, target_format(item.image.format, run.output_format), scale, run, settings.engine.tile,
                                reference=reference_dir is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
             if route.refusal is not None:
                 fail(item, route.refusal)

@@ -55,7 +55,7 @@ from batchsr.errors import ConfigError, ImageError, InputError, ModelError, Outp
 from batchsr.imageio import Image, atomic_write, decode_image
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock
-from batchsr.pipeline import output_name, plan_route, process_rss_mb, upscale_images, write_streamed
+from batchsr.pipeline import output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed
 from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, write_output
 
 METRICS_FILE = "watch-metrics.csv"
@@ -638,7 +638,7 @@ class _Daemon:
         factor = run.outscale or engine.scale
         batched, streamed = [], []
         for item in items:
-            fmt = item.image.format if run.output_format == "same" else run.output_format
+            fmt = target_format(item.image.format, run.output_format)
             out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
             route = plan_route(item.image, fmt, engine.scale, run, self.settings.engine.tile,
                                reference=self.folders.reference is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
