@@ -50,7 +50,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from loguru import logger
 
-from batchsr.checkpoint import DEFAULT_MODEL, read_info
+from batchsr.checkpoint import model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError
 from batchsr.imageio import Image, atomic_write, decode_image, sniff_format
@@ -381,7 +381,7 @@ def _model_handler_class():
         def load_model(self):
             from batchsr.engine import Engine
 
-            return Engine(self.job.settings.model.weights, self.job.settings.engine)
+            return Engine(model_weights(self.job.settings.model), self.job.settings.engine)
 
         def run_inference(self, batch, model, inference_args=None):
             return _infer(self.job, list(batch), model)
@@ -505,7 +505,7 @@ def run_beam(
         raise InputError(f"input folder {input_dir} does not exist or is not a folder")
     if reference is not None and is_local(reference) and not Path(reference).is_dir():
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
-    info = read_info(settings.model.weights or DEFAULT_MODEL)
+    info = read_info(model_weights(settings.model))
     job = _Job(settings, source, target, reference, info.scale)
     options = pipeline_options(runner, list(pipeline_args))
     local_paths = [path for path in (source, target, reference) if path is not None and is_local(path)]

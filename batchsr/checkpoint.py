@@ -12,12 +12,37 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchsr.config import ModelSettings
 from batchsr.errors import ModelError
 
 FORMAT = "batchsr-model"
 FORMAT_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = BUNDLED_DIR / "unet_x4.weights.h5"
+
+
+def bundled_model(scale: int) -> Path:
+    """The weights file shipped for ``scale``."""
+    path = BUNDLED_DIR / f"unet_x{scale}.weights.h5"
+    if not path.is_file():
+        shipped = sorted(p.name for p in BUNDLED_DIR.glob("unet_x*.weights.h5"))
+        raise ModelError(f"no bundled x{scale} model (bundled: {', '.join(shipped) or 'none'}); give one with --model")
+    return path
+
+
+def model_weights(settings: ModelSettings) -> Path:
+    """The weights file that ``model`` settings name: their ``weights``, else the bundled model for their scale.
+
+    A scale given beside explicit weights must be the weights' own scale.
+    """
+    if settings.weights is None:
+        return bundled_model(settings.scale or 4)
+    path = Path(settings.weights)
+    if settings.scale is not None:
+        own = read_info(path).scale
+        if own != settings.scale:
+            raise ModelError(f"{path} is an x{own} model, but scale {settings.scale} was asked for")
+    return path
 
 
 @dataclass

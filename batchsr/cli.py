@@ -115,6 +115,8 @@ def main(ctx: click.Context, config: Path | None, log_level: str | None) -> None
 def _engine_options(f):
     options = [
         click.option("--model", "weights", type=click.Path(path_type=Path), help="A .weights.h5 file with its .json (model.weights)."),
+        click.option("--scale", type=click.Choice(["2", "3", "4"]),
+                     help="Without --model: use the bundled model of this scale; with it: check its scale (model.scale)."),
         click.option("--device", help="auto, cpu, gpu, gpu:N, gpu:N,M,... or all (engine.device)."),
         click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), help="engine.precision."),
         click.option("--tile", type=int, help="Tile side in input pixels (engine.tile)."),
@@ -128,9 +130,10 @@ def _engine_options(f):
     return f
 
 
-def _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble) -> dict:
+def _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble) -> dict:
     return {
         "model.weights": str(weights) if weights else None,
+        "model.scale": int(scale) if scale else None,
         "engine.device": device,
         "engine.precision": precision,
         "engine.tile": tile,
@@ -158,14 +161,14 @@ def _engine_overrides(weights, device, precision, tile, overlap, batch_size, sel
               "(pip install 'batchsr[beam]'; see docs/SCALING.md).")
 @click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner, in this process). Beam's own options go after --.")
 @click.pass_context
-def run(ctx, input_dir, output_dir, beam_args, weights, device, precision, tile, overlap, batch_size, self_ensemble, output_format, reference_dir, report_dir, force,
+def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision, tile, overlap, batch_size, self_ensemble, output_format, reference_dir, report_dir, force,
         progress, outscale, name_template, engine, runner):
     """Upscale every image under INPUT into OUTPUT (mirrored tree); exit 0, or 65 if some failed.
 
     With --engine beam the same run is an Apache Beam pipeline (docs/SCALING.md): e.g.
     `batchsr run gs://b/in gs://b/out --engine beam --runner DataflowRunner -- --project P --region R`.
     """
-    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble)
+    overrides = _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble)
     overrides.update({"run.output_format": output_format, "run.progress": progress, "run.outscale": outscale, "run.name_template": name_template})
     settings = _load(ctx, overrides)
     from loguru import logger
@@ -201,7 +204,6 @@ def run(ctx, input_dir, output_dir, beam_args, weights, device, precision, tile,
 
 @main.command("eval")
 @click.option("--hr", "hr_dirs", multiple=True, required=True, type=click.Path(path_type=Path), help="Folder of HR images (repeatable).")
-@click.option("--scale", type=click.IntRange(2, 4), help="Defaults to the model's scale.")
 @_engine_options
 @click.option("--bicubic-only", is_flag=True, help="Score the bicubic baseline only (no model).")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Per-image CSV output.")
@@ -209,16 +211,16 @@ def run(ctx, input_dir, output_dir, beam_args, weights, device, precision, tile,
 @click.pass_context
 def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap, batch_size, self_ensemble, bicubic_only, csv_path, report_dir):
     """Standard benchmark protocol: LR by MATLAB bicubic, PSNR/SSIM on Y with a `scale` border."""
-    settings = _load(ctx, _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble))
+    settings = _load(ctx, _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble))
     from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
 
     engine = None
+    scale = settings.model.scale
     if not bicubic_only:
+        from batchsr.checkpoint import model_weights
         from batchsr.engine import Engine
 
-        engine = Engine(settings.model.weights, settings.engine)
-        if scale is not None and scale != engine.scale:
-            raise ConfigError(f"--scale {scale} does not match the model's scale {engine.scale}")
+        engine = Engine(model_weights(settings.model), settings.engine)
         scale = engine.scale
     if scale is None:
         raise ConfigError("--scale is required with --bicubic-only")
@@ -274,9 +276,9 @@ def _absolute(path: Path | None) -> str | None:
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), help="watch.state (journal and lock).")
 @click.option("--polling/--no-polling", default=None, help="watch.polling (needed on NFS and SMB mounts).")
 @click.pass_context
-def watch(ctx, weights, device, precision, tile, overlap, batch_size, self_ensemble, inbox, output_dir, state_dir, polling):
+def watch(ctx, weights, scale, device, precision, tile, overlap, batch_size, self_ensemble, inbox, output_dir, state_dir, polling):
     """Upscale each image dropped into the inbox, once (a daemon: stops on SIGTERM or SIGINT)."""
-    overrides = _engine_overrides(weights, device, precision, tile, overlap, batch_size, self_ensemble)
+    overrides = _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble)
     overrides.update({"watch.inbox": _absolute(inbox), "watch.output": _absolute(output_dir), "watch.state": _absolute(state_dir),
                       "watch.polling": polling})
     settings = _load(ctx, overrides)

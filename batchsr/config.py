@@ -24,7 +24,8 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    weights: Path | None = None  # None: the bundled default x4 model
+    weights: Path | None = None  # None: the bundled model for `scale`
+    scale: Literal[2, 3, 4] | None = None  # with weights null: which bundled model (default 4); else must match the weights
 
 
 class EngineSettings(_Section):
@@ -163,6 +164,7 @@ class TrainSettings(_Section):
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs TensorFlow installed)
     pipeline: Literal["auto", "tfdata", "numpy"] = "auto"  # auto: tf.data when TensorFlow is installed
+    workers: int | None = Field(None, ge=1, le=256)  # threads making patches in the numpy pipeline; default one per CPU
     devices: Literal["auto", "all"] = "auto"  # all: data-parallel over every GPU (TensorFlow's MirroredStrategy)
 
     @model_validator(mode="after")
@@ -181,6 +183,8 @@ def _format_errors(error: ValidationError, source: str, section: type[BaseModel]
         if item["type"] == "extra_forbidden":
             allowed = _allowed_keys(section, item["loc"][:-1])
             lines.append(f"  unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        elif not item["loc"]:  # a check across keys: the message names them
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             value = item.get("input")
             lines.append(f"  {key} = {value!r}: {item['msg']}")

@@ -102,9 +102,12 @@ def training_dataset(
             hr = tf.cond(code // 4 == 1, lambda: tf.transpose(hr, [1, 0, 2]), lambda: hr)
         return tf.ensure_shape(tf.cast(hr, tf.float32), [hr_side, hr_side, 3])
 
+    def settle(x):  # MATLAB rounds and clips an 8-bit image after each axis, halves up
+        return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+
     def degrade(hr):
-        lr = tf.einsum("ij,bjkc,lk->bilc", down, hr, down)
-        lr = tf.clip_by_value(tf.round(lr), 0.0, 255.0)
+        lr = settle(tf.einsum("ij,bjkc->bikc", down, hr))  # rows first, as MATLAB on a tie
+        lr = settle(tf.einsum("bikc,lk->bilc", lr, down))
         return lr / 255.0, hr / 255.0
 
     return (
@@ -126,7 +129,7 @@ def numpy_training_batches(
     last_step: int,
     augment: bool = True,
     workers: int = 2,
-    prefetch: int = 4,
+    prefetch: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The training stream without TensorFlow (for the JAX and PyTorch backends).
 
@@ -138,6 +141,7 @@ def numpy_training_batches(
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    prefetch = prefetch or 2 * workers
     hr_side = patch * scale
     areas = np.array([im.shape[0] * im.shape[1] for im in images], dtype=np.float64)
     cumulative = np.cumsum(areas) / areas.sum()
@@ -154,12 +158,21 @@ def numpy_training_batches(
             hr = hr[:, ::-1] if code % 2 else hr
             hr = hr[::-1] if (code // 2) % 2 else hr
             hr = hr.transpose(1, 0, 2) if code // 4 else hr
-        return hr.astype(np.float32)
+        return hr
+
+    def settle(x: np.ndarray) -> np.ndarray:  # MATLAB rounds and clips 8-bit images after each axis
+        np.floor(x + np.float32(0.5), out=x)
+        return np.clip(x, 0, 255, out=x)
 
     def batch(step: int) -> tuple[np.ndarray, np.ndarray]:
-        hr = np.stack([example(step * batch_size + k) for k in range(batch_size)])
-        lr = np.clip(np.floor(np.einsum("ij,bjkc,lk->bilc", down, hr, down, optimize=True) + 0.5), 0, 255)
-        return lr / np.float32(255), hr / np.float32(255)
+        # Stack as uint8 and convert once; the separable resize is two batched
+        # matrix products over contiguous axes (no transposed copies).
+        hr = np.stack([example(step * batch_size + k) for k in range(batch_size)]).astype(np.float32)
+        lr = settle(np.matmul(down, hr.reshape(batch_size, hr_side, hr_side * 3)))  # rows first, as MATLAB
+        lr = settle(np.matmul(down, lr.reshape(batch_size * patch, hr_side, 3))).reshape(batch_size, patch, patch, 3)
+        lr *= np.float32(1 / 255)
+        hr *= np.float32(1 / 255)
+        return lr, hr
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchsr-patches") as pool:
         pending = deque(pool.submit(batch, s) for s in range(first_step, min(first_step + prefetch, last_step)))

@@ -24,7 +24,7 @@ from pathlib import Path, PurePath
 import numpy as np
 from loguru import logger
 
-from batchsr.checkpoint import DEFAULT_MODEL, ModelInfo, read_info
+from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ImageError, InputError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format, to_uint8
@@ -321,7 +321,7 @@ def run_folder(
 
 def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir, report_dir, engine) -> RunSummary:
     started = time.time()
-    info: ModelInfo = engine.info if engine is not None else read_info(settings.model.weights or DEFAULT_MODEL)
+    info: ModelInfo = engine.info if engine is not None else read_info(model_weights(settings.model))
     model_id, scale = info.model_id, info.scale
     summary = RunSummary(model_id=model_id)
     journal = Journal(output_dir / STATE_DIR / "journal.sqlite")
@@ -414,7 +414,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         if engine is None:
             from batchsr.engine import Engine
 
-            engine = Engine(settings.model.weights, settings.engine)
+            engine = Engine(model_weights(settings.model), settings.engine)
         return engine
 
     def flush(batch: list[_Item]) -> None:

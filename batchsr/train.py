@@ -245,7 +245,9 @@ def train(
             use_ema=settings.ema is not None,
             ema_momentum=settings.ema or 0.99,
         )
-        model.compile(optimizer=optimizer, loss=_loss(settings.loss), jit_compile=False)
+        # JAX steps must be compiled (XLA) to train at any speed; TensorFlow runs
+        # its graph kernels, as the bundled model was trained.
+        model.compile(optimizer=optimizer, loss=_loss(settings.loss), jit_compile=keras.backend.backend() == "jax")
         optimizer.build(model.trainable_variables)
     if resume:
         model.load_weights(latest / "model.weights.h5")
@@ -351,7 +353,8 @@ def train(
     if first_epoch < last_epoch:
         args = (images, scale, settings.patch_size, settings.batch_size, settings.seed,
                 first_epoch * interval, settings.steps, settings.augment)
-        dataset = training_dataset(*args) if pipeline == "tfdata" else numpy_training_batches(*args)
+        workers = settings.workers or os.cpu_count() or 2
+        dataset = training_dataset(*args) if pipeline == "tfdata" else numpy_training_batches(*args, workers=workers)
         model.fit(
             dataset,
             epochs=last_epoch,

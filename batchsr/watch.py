@@ -49,7 +49,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from batchsr.checkpoint import DEFAULT_MODEL, description_path, read_info
+from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image
@@ -310,10 +310,10 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
 class _Model:
     """The engine, replaced between batches when its weights file (and description) change."""
 
-    def __init__(self, weights: Path | None, settings: EngineSettings):
+    def __init__(self, weights: Path, settings: EngineSettings):
         from batchsr.engine import Engine
 
-        self.path = Path(weights) if weights else DEFAULT_MODEL
+        self.path = Path(weights)
         self.settings = settings
         self.signature = self._signature()
         self.rejected: tuple | None = None
@@ -815,7 +815,7 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
             interrupted = journal.recover_claims(time.time())
             if interrupted:
                 logger.warning("{} files were in flight when the daemon last stopped; they are queued again", len(interrupted))
-            model = _Model(settings.model.weights, settings.engine)
+            model = _Model(model_weights(settings.model), settings.engine)
             with ThreadPoolExecutor(max_workers=settings.run.write_workers, thread_name_prefix="batchsr-write") as writers:
                 daemon = _Daemon(settings, folders, journal, model, writers, stop)
                 daemon.set_aside_interrupted(interrupted)

@@ -9,6 +9,9 @@ Runs unattended in well under 3 minutes:
     KERAS_BACKEND=jax python3 scripts/bench_gpu.py
 Re-create the reference (TensorFlow, CPU, float32) after changing the shipped model:
     .venv/bin/python scripts/bench_gpu.py --make-reference
+For weights trained on the GPU before they ship, ``--model W --save DIR`` writes the
+GPU outputs on the reference input; ``--compare DIR --model W`` (TensorFlow, CPU)
+scores them against W's CPU output.
 Needs only numpy, h5py and keras (plus JAX or PyTorch) beside this repository.
 """
 
@@ -30,14 +33,14 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def load(precision: str):
+def load(precision: str, weights: Path | None = None):
     import keras
 
     from batchsr.checkpoint import DEFAULT_MODEL, load_model
 
     keras.mixed_precision.set_global_policy(precision)
     try:
-        return load_model(DEFAULT_MODEL)
+        return load_model(weights or DEFAULT_MODEL)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -55,6 +58,34 @@ def make_reference() -> None:
     np.save(REFERENCE / "sr_float32.npy", sr.astype(np.float32))
     (REFERENCE / "MODEL_ID").write_text(info.model_id + "\n")
     print(f"reference for {info.model_id} written to {REFERENCE}")
+
+
+def save_or_compare(weights: Path | None, save: Path | None, compare: Path | None) -> None:
+    import numpy as np
+
+    x = np.load(REFERENCE / "lr.npy")
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+        for precision in ("float32", "mixed_bfloat16"):
+            model, info = load(precision, weights)
+            np.save(save / f"sr_{precision}.npy", np.asarray(model.predict_on_batch(x[None]), dtype=np.float32)[0])
+        (save / "MODEL_ID").write_text(info.model_id + "\n")
+        print(f"outputs of {info.model_id} written to {save}")
+        return
+    model, info = load("float32", weights)
+    saved_id = (compare / "MODEL_ID").read_text().strip()
+    if saved_id != info.model_id:
+        sys.exit(f"{compare} holds outputs of {saved_id}, not of {info.model_id}")
+    reference = np.asarray(model.predict_on_batch(x[None]), dtype=np.float32)[0]
+    failures = []
+    for precision, floor in (("float32", 60.0), ("mixed_bfloat16", 45.0)):
+        value = psnr(np.load(compare / f"sr_{precision}.npy"), reference)
+        verdict = "ok" if value >= floor else "FAIL"
+        print(f"{info.model_id} {precision}: PSNR vs this backend's float32 {value:.1f} dB (need >= {floor}) {verdict}")
+        if value < floor:
+            failures.append(f"{precision}: {value:.1f} dB < {floor}")
+    if failures:
+        sys.exit("; ".join(failures))
 
 
 def throughput(model, scale: int, tile: int, batch: int, seconds: float = 3.0) -> float:
@@ -75,10 +106,16 @@ def main() -> None:
     parser.add_argument("--make-reference", action="store_true")
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--model", type=Path, help="weights to check instead of the shipped model")
+    parser.add_argument("--save", type=Path, help="only write this backend's outputs on the reference input here")
+    parser.add_argument("--compare", type=Path, help="score outputs saved with --save against this backend's float32 output")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.make_reference:
         make_reference()
+        return
+    if args.save or args.compare:
+        save_or_compare(args.model, args.save, args.compare)
         return
     import keras
     import numpy as np

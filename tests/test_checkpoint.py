@@ -49,3 +49,23 @@ def test_missing_description_and_wrong_name(tiny_model, tmp_path):
         read_info(copy)
     with pytest.raises(ModelError, match=".weights.h5"):
         read_info(tmp_path / "model.h5")
+
+
+def test_model_settings_pick_the_bundled_model_of_their_scale(tiny_model, tmp_path, monkeypatch):
+    from batchsr import checkpoint
+    from batchsr.config import ModelSettings
+
+    assert checkpoint.model_weights(ModelSettings()) == checkpoint.DEFAULT_MODEL
+    assert read_info(checkpoint.model_weights(ModelSettings(scale=4))).scale == 4
+    # Only the scales that ship can be picked; the error lists them.
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    shutil.copy(tiny_model, bundled / "unet_x4.weights.h5")
+    monkeypatch.setattr(checkpoint, "BUNDLED_DIR", bundled)
+    with pytest.raises(ModelError, match=r"no bundled x3 model \(bundled: unet_x4.weights.h5\)"):
+        checkpoint.model_weights(ModelSettings(scale=3))
+    # Explicit weights win; a scale beside them must be theirs.
+    assert checkpoint.model_weights(ModelSettings(weights=tiny_model)) == tiny_model
+    assert checkpoint.model_weights(ModelSettings(weights=tiny_model, scale=4)) == tiny_model
+    with pytest.raises(ModelError, match="is an x4 model, but scale 2 was asked for"):
+        checkpoint.model_weights(ModelSettings(weights=tiny_model, scale=2))

@@ -62,3 +62,20 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     write_png(tiny / "t.png", np.zeros((12, 12, 3), np.uint8))
     with pytest.raises(ImageError, match="too small to evaluate at x4"):
         evaluate_folder(tiny, 4)
+
+
+CARD_SET5 = {2: 37.3803, 3: 33.4803, 4: 31.1835}  # Set5 Y-PSNR in the model card and README
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_each_bundled_model_beats_bicubic_on_set5_by_its_card(scale):
+    """The bundled models are what their model card says: the Set5 Y-PSNR measured when they shipped."""
+    from batchsr.checkpoint import BUNDLED_DIR, model_weights, read_info
+    from batchsr.config import EngineSettings, ModelSettings
+    from batchsr.engine import Engine
+
+    path = BUNDLED_DIR / f"unet_x{scale}.weights.h5"
+    assert model_weights(ModelSettings(scale=scale)) == path and read_info(path).scale == scale
+    result = evaluate_folder(data_dir("Set5", "HR"), scale, Engine(path, EngineSettings()))
+    assert result.mean("psnr_y") == pytest.approx(CARD_SET5[scale], abs=0.005)
+    assert result.mean("gain_psnr_y") >= 2.0

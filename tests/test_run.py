@@ -156,6 +156,9 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
     assert config_error.returncode == 78 and "engine.tile" in config_error.stderr and "-5" in config_error.stderr
     bad_model = _cli("run", str(good), str(tmp_path / "o5"), "--model", str(tmp_path / "none.weights.h5"))
     assert bad_model.returncode == 78 and "not found" in bad_model.stderr
+    wrong_scale = _cli("run", str(good), str(tmp_path / "o6"), "--model", str(tiny_model), "--scale", "2")
+    assert wrong_scale.returncode == 78 and "is an x4 model, but scale 2 was asked for" in wrong_scale.stderr
+    assert not (tmp_path / "o6" / "a.png").exists()
     # Another process holds the output folder.
     lock_path = tmp_path / "o2" / ".batchsr" / "lock"
     with open(lock_path, "r+") as handle:

@@ -130,3 +130,35 @@ def test_devices_all_trains_data_parallel_like_one_device(tmp_path):
     assert "data-parallel training on 2 replicas" in result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["diff"] < 1e-4 * max(1.0, report["largest"]), report
+
+
+@pytest.mark.parametrize("pipeline", ["tfdata", "numpy"])
+def test_pipelines_pair_each_patch_with_the_benchmark_lr(pipeline):
+    """Training LR is exactly the 8-bit LR the benchmarks use (MATLAB rounds after each axis)."""
+    from batchsr.data import load_training_images, numpy_training_batches, training_dataset
+    from batchsr.resize import degrade
+
+    scale, patch, size = 3, 12, 6
+    images = load_training_images([data_dir("Set5", "HR")], patch * scale)
+
+    def batches(workers):
+        args = (images, scale, patch, size, 7, 2, 5)
+        if pipeline == "tfdata":
+            return [(np.asarray(lr), np.asarray(hr)) for lr, hr in training_dataset(*args)]
+        return list(numpy_training_batches(*args, workers=workers))
+
+    one, again = batches(1), batches(4)
+    assert len(one) == 3
+    for (lr, hr), (lr_again, hr_again) in zip(one, again):
+        # Batch contents depend on (seed, step) only, not on threads or timing.
+        np.testing.assert_array_equal(lr, lr_again)
+        np.testing.assert_array_equal(hr, hr_again)
+        assert lr.shape == (size, patch, patch, 3) and hr.shape == (size, patch * scale, patch * scale, 3)
+        hr8 = np.rint(hr * 255).astype(np.uint8)
+        np.testing.assert_allclose(hr * 255, hr8, atol=1e-3)  # HR patches are the 8-bit pixels
+        for k in range(size):
+            expected = degrade(hr8[k], scale).astype(np.float32)
+            # Exact, but for a rare tie rounded the other way by float32 sums.
+            diff = np.abs(lr[k] * 255 - expected)
+            assert diff.max() <= 1.0 + 1e-3 and (diff > 1e-3).mean() < 2e-3
+    assert not np.array_equal(one[0][1], one[1][1])  # a different step, different patches

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Parameters and multiply-adds per input pixel of model configurations (no weights needed).
+
+    python scripts/model_cost.py                                  # unet blocks 2 and 3, seed, at x4
+    python scripts/model_cost.py --arch unet --scale 2 --blocks 3
+
+Counts the trainable convolutions (the fixed bicubic branch adds about 0.001 M)
+by running the model once on a 64x64 input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cost(config, side: int = 64) -> tuple[int, float]:
+    """(parameters, multiply-adds per input pixel) of the model ``config`` describes."""
+    import keras
+    import numpy as np
+
+    from batchsr.model import build_model
+
+    model = build_model(config)
+    convs = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
+    probe = keras.Model(model.input, [layer.output for layer in convs])
+    outputs = probe.predict_on_batch(np.zeros((1, side, side, 3), "float32"))
+    macs = 0
+    for layer, out in zip(convs, outputs):
+        kh, kw = layer.kernel.shape[:2]
+        h, w = out.shape[1:3]
+        if isinstance(layer, keras.layers.Conv2DTranspose):  # kernel (kh, kw, out, in); one input pixel feeds kh*kw outputs
+            cout, cin = layer.kernel.shape[2:]
+            h, w = h // layer.strides[0], w // layer.strides[1]
+        else:
+            cin, cout = layer.kernel.shape[2:]
+        macs += h * w * kh * kw * cin * cout
+    return model.count_params(), macs / side**2
+
+
+def main() -> None:
+    from batchsr.model import ModelConfig
+
+    parser = argparse.ArgumentParser(description="parameters and multiply-adds per input pixel")
+    parser.add_argument("--arch", choices=["unet", "seed"])
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=2)
+    args = parser.parse_args()
+    if args.arch:
+        configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks)]
+    else:
+        configs = [ModelConfig("unet", 4, 32, 2, 2), ModelConfig("unet", 4, 32, 2, 3), ModelConfig("seed", 4, 32, 2, 2)]
+    print("| model | parameters | M multiply-adds per input pixel |\n|---|---|---|")
+    for config in configs:
+        params, macs = cost(config)
+        print(f"| {config.arch} x{config.scale} width {config.width} depth {config.depth} blocks {config.blocks} "
+              f"| {params:,} | {macs / 1e6:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
