@@ -67,3 +67,20 @@ def test_config_round_trip_rejects_unknown_keys():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="colour"):
         ModelConfig.from_dict({**config.to_dict(), "colour": 1})
+
+
+def test_model_cost_script_counts_the_card_figures():
+    """docs/MODEL.md quotes scripts/model_cost.py: parameters and multiply-adds per input pixel."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("model_cost", Path(__file__).parents[1] / "scripts" / "model_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params, macs = module.cost(ModelConfig("unet", 4, 32, 2, 2))
+    assert params == 1_200_176 and round(macs / 1e6, 3) == 0.249
+    # By hand for a one-stage net: 3x3 convs 3->4 and 4->4 (in + one block), then the x2 head 4->12.
+    params, macs = module.cost(ModelConfig("unet", 2, 4, 0, 1))
+    assert macs == 9 * (3 * 4 + 4 * 4 + 4 * 4 + 4 * 12)
+    _, seed = module.cost(ModelConfig("seed", 4, 32, 2, 2))
+    assert round(seed / 1e6, 2) == 3.78
