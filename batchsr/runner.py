@@ -368,6 +368,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     writers = ThreadPoolExecutor(max_workers=run.write_workers, thread_name_prefix="batchsr-write")
     in_flight: list[tuple[_Item, Future]] = []
     report_images: list = []
+
+    def written_as(item: _Item) -> str:
+        return target_format(item.image.format, run.output_format)
     claimed: dict[Path, Path] = {}
 
     def fail(item: _Item, reason: str) -> None:
@@ -388,7 +391,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def conclude(item: _Item, error: Exception | None, metrics: dict | None = None) -> None:
         """One image's end: journal and counts once its output is on disk, else a failure line."""
         if error is None:
-            options = output_options(settings, target_format(item.image.format, run.output_format), factor)
+            options = output_options(settings, written_as(item), factor)
             journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics, options)
             summary.done += 1
             summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
@@ -432,7 +435,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         """A huge image on its own, band by band (see pipeline.write_streamed)."""
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
         try:
-            write_streamed(get_engine(), item.image, output_dir / out_rel, target_format(item.image.format, run.output_format), settings.image.alpha)
+            write_streamed(get_engine(), item.image, output_dir / out_rel, written_as(item), settings.image.alpha)
         except (ImageError, OSError, ValueError) as exc:
             conclude(item, exc)
         else:
@@ -464,7 +467,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
             get_engine()  # loaded before the memory check, which counts it
-            route = plan_route(item.image, target_format(item.image.format, run.output_format), scale, run, settings.engine.tile,
+            route = plan_route(item.image, written_as(item), scale, run, settings.engine.tile,
                                reference=reference_dir is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
             if route.refusal is not None:
                 fail(item, route.refusal)
