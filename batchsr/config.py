@@ -137,6 +137,14 @@ class TrainModel(_Section):
     width: int = Field(32, ge=4, le=256)
     depth: int = Field(2, ge=0, le=4)
     blocks: int = Field(2, ge=0, le=16)
+    top_width: int = Field(0, ge=0, le=256)  # channels of the full-resolution stages; 0: width
+
+    @field_validator("top_width")
+    @classmethod
+    def _top_width(cls, value: int) -> int:
+        if 0 < value < 4:
+            raise ValueError("must be 0 (same as width) or at least 4")
+        return value
 
 
 class TrainSettings(_Section):

@@ -33,7 +33,13 @@ class ModelConfig:
     width: int = 32  # channels of the first stage; doubled at each level down
     depth: int = 2  # number of max-pooling levels
     blocks: int = 2  # residual blocks per stage
+    top_width: int = 0  # channels of the full-resolution stages (level 0); 0: ``width``
     slope: float = 0.2  # leaky ReLU negative slope
+
+    def stage_width(self, level: int) -> int:
+        if level == 0 and self.top_width:
+            return self.top_width
+        return self.width * 2**level
 
     @property
     def multiple(self) -> int:
@@ -59,6 +65,8 @@ def validate_config(config: ModelConfig) -> None:
         raise ValueError(f"scale must be one of {SCALES}, got {config.scale!r}")
     if not (isinstance(config.width, int) and 4 <= config.width <= 256):
         raise ValueError(f"width must be an integer in 4..256, got {config.width!r}")
+    if not (isinstance(config.top_width, int) and (config.top_width == 0 or 4 <= config.top_width <= 256)):
+        raise ValueError(f"top_width must be 0 or an integer in 4..256, got {config.top_width!r}")
     if not (isinstance(config.depth, int) and 0 <= config.depth <= 4):
         raise ValueError(f"depth must be an integer in 0..4, got {config.depth!r}")
     if not (isinstance(config.blocks, int) and 0 <= config.blocks <= 16):
@@ -199,12 +207,12 @@ def _stage(x, filters, name, config):
 def _unet_body(x, config):
     skips = []
     for level in range(config.depth):
-        x = _stage(x, config.width * 2**level, f"enc{level}", config)
+        x = _stage(x, config.stage_width(level), f"enc{level}", config)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
-    x = _stage(x, config.width * 2**config.depth, "bottleneck", config)
+    x = _stage(x, config.stage_width(config.depth), "bottleneck", config)
     for level in reversed(range(config.depth)):
-        filters = config.width * 2**level
+        filters = config.stage_width(level)
         x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"dec{level}_up")(x)
         x = layers.LeakyReLU(negative_slope=config.slope, name=f"dec{level}_up_lrelu")(x)
         x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])

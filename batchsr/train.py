@@ -148,11 +148,48 @@ def _ema_values(optimizer, model) -> list[np.ndarray]:
     return [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in source]
 
 
-def _warm_start(model, init: Path) -> None:
+def _input_groups(layer_name: str, config) -> list[int] | None:
+    """Channel groups of a decoder stage's input (upsampled, skip), which widening shifts apart."""
+    if layer_name.startswith("dec") and layer_name.endswith("_in_conv"):
+        width = config.stage_width(int(layer_name[3:].split("_")[0]))
+        return [width, width]
+    return None
+
+
+def _widened(old: list[np.ndarray], fresh: list[np.ndarray], in_axis: int, out_axis: int,
+             old_groups: list[int] | None, new_groups: list[int] | None) -> list[np.ndarray]:
+    """Embeds a narrower layer's kernel and bias into a wider one so that the old output
+    channels compute exactly what they did: new inputs feed them with zeros, new outputs
+    keep their fresh initialisation."""
+    kernel, new_kernel = old[0], fresh[0].copy()
+    old_groups = old_groups or [kernel.shape[in_axis]]
+    new_groups = new_groups or [new_kernel.shape[in_axis]]
+    index = np.concatenate([np.arange(n) + o for n, o in zip(old_groups, np.cumsum([0] + new_groups[:-1]))])
+    n_out = kernel.shape[out_axis]
+    outputs = [slice(None)] * kernel.ndim
+    outputs[out_axis] = slice(0, n_out)
+    new_kernel[tuple(outputs)] = 0.0
+    target = [slice(None)] * kernel.ndim
+    target[out_axis] = slice(0, n_out)
+    target[in_axis] = index
+    new_kernel[tuple(target)] = kernel
+    result = [new_kernel]
+    if len(old) > 1:
+        bias = fresh[1].copy()
+        bias[:n_out] = old[1]
+        result.append(bias)
+    return result
+
+
+def _warm_start(model, init: Path, config) -> None:
+    """Copies every layer the two models share; a wider model (``width``/``top_width``)
+    starts as an exact copy of the narrower one, its new channels free to learn."""
     from batchsr.checkpoint import load_model
+    from batchsr.model import ModelConfig
 
     source, info = load_model(init)
-    copied, skipped = 0, []
+    source_config = ModelConfig.from_dict(info.config)
+    copied, widened, skipped = 0, [], []
     for layer in source.layers:
         weights = layer.get_weights()
         if not weights:
@@ -162,12 +199,28 @@ def _warm_start(model, init: Path) -> None:
         except ValueError:
             skipped.append(layer.name)
             continue
-        if [w.shape for w in target.get_weights()] == [w.shape for w in weights]:
+        fresh = target.get_weights()
+        shapes, new_shapes = [w.shape for w in weights], [w.shape for w in fresh]
+        if new_shapes == shapes:
             target.set_weights(weights)
             copied += 1
+        elif (
+            len(shapes) == len(new_shapes)
+            and all(len(a) == len(b) and all(m <= n for m, n in zip(a, b)) for a, b in zip(shapes, new_shapes))
+            and type(layer).__name__ in ("Conv2D", "Conv2DTranspose")
+            and source_config.scale == config.scale  # a head's channels mean other pixels at another scale
+        ):
+            # Conv2D kernels are (h, w, in, out); Conv2DTranspose kernels (h, w, out, in).
+            in_axis, out_axis = (3, 2) if type(layer).__name__ == "Conv2DTranspose" else (2, 3)
+            target.set_weights(_widened(weights, fresh, in_axis, out_axis,
+                                        _input_groups(layer.name, source_config), _input_groups(layer.name, config)))
+            widened.append(layer.name)
         else:
             skipped.append(layer.name)
-    logger.info("warm start from {} ({}): {} layers copied, skipped {}", init, info.model_id, copied, skipped or "none")
+    logger.info(
+        "warm start from {} ({}): {} layers copied, {} widened, skipped {}",
+        init, info.model_id, copied, len(widened), skipped or "none",
+    )
 
 
 def _distribution(devices: str):
@@ -259,7 +312,7 @@ def train(
             var.assign(value)
         logger.info("resumed from {} at step {}", latest, state["step"])
     elif init is not None:
-        _warm_start(model, Path(init))
+        _warm_start(model, Path(init), config)
 
     images = load_training_images(settings.train_dirs, settings.patch_size * scale)
     val_pairs = _load_validation(settings)

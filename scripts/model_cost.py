@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Parameters and multiply-adds per input pixel of model configurations (no weights needed).
 
-    python scripts/model_cost.py                                  # unet blocks 2 and 3, seed, at x4
+    python scripts/model_cost.py                                  # unet (also top_width 48, blocks 3), seed, at x4
     python scripts/model_cost.py --arch unet --scale 2 --blocks 3
 
 Counts the trainable convolutions (the fixed bicubic branch adds about 0.001 M)
@@ -50,15 +50,18 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--top-width", type=int, default=0, help="channels of the full-resolution stages (0: width)")
     args = parser.parse_args()
     if args.arch:
-        configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks)]
+        configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks, args.top_width)]
     else:
-        configs = [ModelConfig("unet", 4, 32, 2, 2), ModelConfig("unet", 4, 32, 2, 3), ModelConfig("seed", 4, 32, 2, 2)]
+        configs = [ModelConfig("unet", 4, 32, 2, 2), ModelConfig("unet", 4, 32, 2, 2, top_width=48),
+                   ModelConfig("unet", 4, 32, 2, 3), ModelConfig("seed", 4, 32, 2, 2)]
     print("| model | parameters | M multiply-adds per input pixel |\n|---|---|---|")
     for config in configs:
         params, macs = cost(config)
-        print(f"| {config.arch} x{config.scale} width {config.width} depth {config.depth} blocks {config.blocks} "
+        print(f"| {config.arch} x{config.scale} width {config.width} depth {config.depth} blocks {config.blocks}"
+              f"{f' top_width {config.top_width}' if config.top_width else ''} "
               f"| {params:,} | {macs / 1e6:.3f} |")
 
 

@@ -83,3 +83,11 @@ def test_training_config_checks_consistency(tmp_path):
         load_train_settings(path)
     # The message names the clashing keys, not the whole file's contents.
     assert str(error.value).splitlines()[1:] == ["  warmup_steps (100) must be below steps (100)"]
+
+
+def test_training_model_top_width_names_the_key_and_value(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("train_dirs: [a]\nmodel: {top_width: 2}\n")
+    with pytest.raises(ConfigError) as error:
+        load_train_settings(path)
+    assert "model.top_width" in str(error.value) and "2" in str(error.value) and "at least 4" in str(error.value)

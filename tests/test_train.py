@@ -90,6 +90,25 @@ def test_init_warm_starts_the_shared_layers_across_scales(tmp_path, tiny_model):
     assert target.get_layer("head_conv").get_weights()[0].shape[-1] == 12
 
 
+def test_init_into_a_wider_model_starts_from_the_same_output(tmp_path, tiny_model):
+    """Widened warm start: the new channels join with zero influence, so the wider model
+    upscales a real photo exactly as the narrow one did, and its extra channels exist."""
+    from batchsr.checkpoint import load_model as load
+    from batchsr.imageio import read_image
+
+    source, _ = load(tiny_model)
+    model = {"width": 12, "top_width": 16, "depth": 2, "blocks": 1, "scale": 4}
+    settings = _settings(tmp_path / "wide", model=model, steps=1, warmup_steps=0, val_interval=1, lr=1e-12, lr_min=0.0, ema=None)
+    result = train(settings, init=tiny_model, progress=False)
+    target, _ = load(result.final_weights)
+    assert target.get_layer("enc0_in_conv").get_weights()[0].shape == (3, 3, 3, 16)
+    assert target.get_layer("dec1_in_conv").get_weights()[0].shape == (3, 3, 48, 24)
+    lr = read_image(data_dir("Set5", "HR") / "butterfly.png").rgb[:64, :64].astype("float32")[None] / 255.0
+    narrow, wide = np.asarray(source(lr)), np.asarray(target(lr))
+    assert np.abs(narrow - wide).max() < 1e-4
+    assert np.abs(narrow - lr.repeat(4, 1).repeat(4, 2)).mean() > 1e-3  # the model does something
+
+
 _MIRRORED = """
 import json, sys
 import numpy as np
