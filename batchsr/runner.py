@@ -368,10 +368,10 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     writers = ThreadPoolExecutor(max_workers=run.write_workers, thread_name_prefix="batchsr-write")
     in_flight: list[tuple[_Item, Future]] = []
     report_images: list = []
+    claimed: dict[Path, Path] = {}
 
     def written_as(item: _Item) -> str:
         return target_format(item.image.format, run.output_format)
-    claimed: dict[Path, Path] = {}
 
     def fail(item: _Item, reason: str) -> None:
         summary.failed.append(Failure(item.path, reason))

@@ -156,29 +156,27 @@ def _input_groups(layer_name: str, config) -> list[int] | None:
     return None
 
 
-def _widened(old: list[np.ndarray], fresh: list[np.ndarray], in_axis: int, out_axis: int,
+def _widened(old: list[np.ndarray], fresh: list[np.ndarray], transposed: bool,
              old_groups: list[int] | None, new_groups: list[int] | None) -> list[np.ndarray]:
     """Embeds a narrower layer's kernel and bias into a wider one so that the old output
     channels compute exactly what they did: new inputs feed them with zeros, new outputs
     keep their fresh initialisation."""
     kernel, new_kernel = old[0], fresh[0].copy()
-    old_groups = old_groups or [kernel.shape[in_axis]]
-    new_groups = new_groups or [new_kernel.shape[in_axis]]
-    index = np.concatenate([np.arange(n) + o for n, o in zip(old_groups, np.cumsum([0] + new_groups[:-1]))])
-    n_out = kernel.shape[out_axis]
-    outputs = [slice(None)] * kernel.ndim
-    outputs[out_axis] = slice(0, n_out)
-    new_kernel[tuple(outputs)] = 0.0
-    target = [slice(None)] * kernel.ndim
-    target[out_axis] = slice(0, n_out)
-    target[in_axis] = index
-    new_kernel[tuple(target)] = kernel
-    result = [new_kernel]
-    if len(old) > 1:
-        bias = fresh[1].copy()
-        bias[:n_out] = old[1]
-        result.append(bias)
-    return result
+    # Work on (h, w, in, out) views; Conv2DTranspose kernels are (h, w, out, in).
+    view = new_kernel.swapaxes(2, 3) if transposed else new_kernel
+    kernel = kernel.swapaxes(2, 3) if transposed else kernel
+    old_groups = old_groups or [kernel.shape[2]]
+    new_groups = new_groups or [view.shape[2]]
+    starts = np.cumsum([0] + new_groups[:-1])
+    inputs = np.concatenate([start + np.arange(n) for start, n in zip(starts, old_groups)])
+    n_out = kernel.shape[3]
+    view[..., :n_out] = 0.0
+    view[:, :, inputs, :n_out] = kernel
+    if len(old) == 1:
+        return [new_kernel]
+    bias = fresh[1].copy()
+    bias[:n_out] = old[1]
+    return [new_kernel, bias]
 
 
 def _warm_start(model, init: Path, config) -> None:
@@ -210,9 +208,8 @@ def _warm_start(model, init: Path, config) -> None:
             and type(layer).__name__ in ("Conv2D", "Conv2DTranspose")
             and source_config.scale == config.scale  # a head's channels mean other pixels at another scale
         ):
-            # Conv2D kernels are (h, w, in, out); Conv2DTranspose kernels (h, w, out, in).
-            in_axis, out_axis = (3, 2) if type(layer).__name__ == "Conv2DTranspose" else (2, 3)
-            target.set_weights(_widened(weights, fresh, in_axis, out_axis,
+            transposed = type(layer).__name__ == "Conv2DTranspose"
+            target.set_weights(_widened(weights, fresh, transposed,
                                         _input_groups(layer.name, source_config), _input_groups(layer.name, config)))
             widened.append(layer.name)
         else:
