@@ -166,6 +166,9 @@ class TrainSettings(_Section):
     loss: Literal["l1", "charbonnier"] = "l1"
     ema: float | None = Field(0.999, gt=0, lt=1)
     augment: bool = True
+    # HR images are also used downscaled by each factor (MATLAB bicubic, 8-bit): more
+    # scales of texture from the same photos. [1.0]: only as they are.
+    rescale: list[float] = Field([1.0], min_length=1)
     val_interval: int = Field(1000, ge=1)  # steps between validation and resumable checkpoints
     precision: Precision = "float32"
     seed: int = 0
@@ -181,6 +184,9 @@ class TrainSettings(_Section):
             raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        bad = [f for f in self.rescale if not 0.25 <= f <= 1.0]
+        if bad or len(set(self.rescale)) != len(self.rescale):
+            raise ValueError(f"rescale ({self.rescale}) must hold distinct factors in 0.25..1.0")
         return self
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from batchsr.errors import ImageError
 from batchsr.imageio import read_image, sniff_format, to_uint8
-from batchsr.resize import resize_matrix
+from batchsr.resize import imresize, resize_matrix
 
 
 def is_image_file(path: Path) -> bool:
@@ -42,18 +42,21 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     return [path for path in list_files(folder, recursive) if is_image_file(path)]
 
 
-def load_training_images(folders: Iterable[Path], min_side: int) -> list[np.ndarray]:
-    """All HR images of ``folders`` as 8-bit RGB; images smaller than ``min_side`` are dropped."""
+def load_training_images(folders: Iterable[Path], min_side: int, rescale: Iterable[float] = (1.0,)) -> list[np.ndarray]:
+    """All HR images of ``folders`` as 8-bit RGB, each at every ``rescale`` factor
+    (MATLAB bicubic, rounded to 8 bits); copies smaller than ``min_side`` are dropped."""
+    factors = list(rescale)
     images = []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             raise ImageError(folder, "training folder not found")
         for path in find_images(folder):
-            image = read_image(path)
-            rgb = to_uint8(image.rgb)
-            if min(rgb.shape[:2]) >= min_side:
-                images.append(rgb)
+            rgb = to_uint8(read_image(path).rgb)
+            for factor in factors:
+                copy = rgb if factor == 1.0 else imresize(rgb, factor)
+                if min(copy.shape[:2]) >= min_side:
+                    images.append(copy)
     if not images:
         raise ImageError(", ".join(str(f) for f in folders), f"no training images of at least {min_side}px a side")
     return images

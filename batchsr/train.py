@@ -311,7 +311,7 @@ def train(
     elif init is not None:
         _warm_start(model, Path(init), config)
 
-    images = load_training_images(settings.train_dirs, settings.patch_size * scale)
+    images = load_training_images(settings.train_dirs, settings.patch_size * scale, settings.rescale)
     val_pairs = _load_validation(settings)
     logger.info(
         "training {} ({} parameters) on {} images, {} validation images, steps {}..{}",
@@ -339,6 +339,7 @@ def train(
             "loss": settings.loss,
             "ema": settings.ema,
             "precision": settings.precision,
+            "rescale": settings.rescale,
             "pipeline": pipeline,
             "seconds": round(state["seconds"], 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {keras.backend.backend()} backend",

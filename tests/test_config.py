@@ -91,3 +91,12 @@ def test_training_model_top_width_names_the_key_and_value(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_train_settings(path)
     assert "model.top_width" in str(error.value) and "2" in str(error.value) and "at least 4" in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["[1.0, 1.5]", "[0.1]", "[0.8, 0.8]"])
+def test_training_rescale_factors_are_checked(tmp_path, value):
+    path = tmp_path / "t.yaml"
+    path.write_text(f"train_dirs: [a]\nrescale: {value}\n")
+    with pytest.raises(ConfigError, match=r"rescale \(\[") as error:
+        load_train_settings(path)
+    assert "distinct factors in 0.25..1.0" in str(error.value)

@@ -151,6 +151,22 @@ def test_devices_all_trains_data_parallel_like_one_device(tmp_path):
     assert report["diff"] < 1e-4 * max(1.0, report["largest"]), report
 
 
+def test_rescale_adds_matlab_downscaled_copies_that_fit_a_patch():
+    """Each factor adds the 8-bit MATLAB-bicubic copy of every image; copies too small for a patch are dropped."""
+    from batchsr.data import load_training_images
+    from batchsr.imageio import read_image, to_uint8
+    from batchsr.resize import imresize
+
+    folder = data_dir("Set5", "HR")  # sides 512, 288, 256, 280 and 344x228: only baby is still 200 px at half size
+    baby = imresize(to_uint8(read_image(folder / "baby.png").rgb), 0.5)
+    assert baby.dtype == np.uint8 and baby.shape == (256, 256, 3)
+    assert len(load_training_images([folder], 200)) == 5
+    both = load_training_images([folder], 200, rescale=[1.0, 0.5])
+    assert len(both) == 6 and sum(np.array_equal(im, baby) for im in both if im.shape == baby.shape) == 1
+    halves = load_training_images([folder], 200, rescale=[0.5])
+    assert len(halves) == 1 and np.array_equal(halves[0], baby)
+
+
 @pytest.mark.parametrize("pipeline", ["tfdata", "numpy"])
 def test_pipelines_pair_each_patch_with_the_benchmark_lr(pipeline):
     """Training LR is exactly the 8-bit LR the benchmarks use (MATLAB rounds after each axis)."""
