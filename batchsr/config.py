@@ -184,8 +184,7 @@ class TrainSettings(_Section):
             raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
-        bad = [f for f in self.rescale if not 0.25 <= f <= 1.0]
-        if bad or len(set(self.rescale)) != len(self.rescale):
+        if not all(0.25 <= f <= 1.0 for f in self.rescale) or len(set(self.rescale)) != len(self.rescale):
             raise ValueError(f"rescale ({self.rescale}) must hold distinct factors in 0.25..1.0")
         return self
 

@@ -8,7 +8,7 @@ batches.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,10 +42,9 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     return [path for path in list_files(folder, recursive) if is_image_file(path)]
 
 
-def load_training_images(folders: Iterable[Path], min_side: int, rescale: Iterable[float] = (1.0,)) -> list[np.ndarray]:
+def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequence[float] = (1.0,)) -> list[np.ndarray]:
     """All HR images of ``folders`` as 8-bit RGB, each at every ``rescale`` factor
     (MATLAB bicubic, rounded to 8 bits); copies smaller than ``min_side`` are dropped."""
-    factors = list(rescale)
     images = []
     for folder in folders:
         folder = Path(folder)
@@ -53,7 +52,7 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Iterab
             raise ImageError(folder, "training folder not found")
         for path in find_images(folder):
             rgb = to_uint8(read_image(path).rgb)
-            for factor in factors:
+            for factor in rescale:
                 copy = rgb if factor == 1.0 else imresize(rgb, factor)
                 if min(copy.shape[:2]) >= min_side:
                     images.append(copy)
