@@ -163,7 +163,7 @@ class TrainSettings(_Section):
     warmup_steps: int = Field(500, ge=0)
     step_milestones: list[int] = []  # for schedule: step
     step_gamma: float = Field(0.5, gt=0, le=1)
-    loss: Literal["l1", "charbonnier"] = "l1"
+    loss: Literal["l1", "charbonnier", "l2"] = "l1"
     ema: float | None = Field(0.999, gt=0, lt=1)
     augment: bool = True
     # HR images are also used downscaled by each factor (MATLAB bicubic, 8-bit): more

@@ -197,3 +197,18 @@ def test_pipelines_pair_each_patch_with_the_benchmark_lr(pipeline):
             diff = np.abs(lr[k] * 255 - expected)
             assert diff.max() <= 1.0 + 1e-3 and (diff > 1e-3).mean() < 2e-3
     assert not np.array_equal(one[0][1], one[1][1])  # a different step, different patches
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [("l1", (0.1 + 0.3) / 4), ("l2", (0.01 + 0.09) / 4), ("charbonnier", (np.sqrt(0.01 + 1e-6) + np.sqrt(0.09 + 1e-6) + 2e-3) / 4)],
+)
+def test_losses_match_their_definitions(kind, expected):
+    import keras
+
+    from batchsr.train import _loss
+
+    loss = keras.losses.get(_loss(kind))
+    y_true = np.array([[0.5, 0.2, 0.0, 1.0]], "float32")
+    y_pred = np.array([[0.6, -0.1, 0.0, 1.0]], "float32")
+    assert float(np.mean(keras.ops.convert_to_numpy(loss(y_true, y_pred)))) == pytest.approx(expected, rel=1e-5)
