@@ -151,12 +151,15 @@ class BicubicUpsample(layers.Layer):
 
     Written as one constant 5x5 convolution producing the ``scale**2`` sub-pixel
     phases, then depth-to-space, so it works on inputs of unknown size on every
-    backend (``ops.image.resize`` needs static sizes on TensorFlow).
+    backend (``ops.image.resize`` needs static sizes on TensorFlow).  With
+    ``shuffle=False`` it returns the phases themselves, laid out as the sub-pixel
+    head's, so the two can be added before one shared depth-to-space.
     """
 
-    def __init__(self, scale: int, **kwargs):
+    def __init__(self, scale: int, shuffle: bool = True, **kwargs):
         super().__init__(trainable=False, **kwargs)
         self.scale = scale
+        self.shuffle = shuffle
         offsets = np.arange(-2, 3)
         phases = (np.arange(scale) + 0.5) / scale - 0.5  # source position of each output phase
         taps = _keys_cubic(offsets[None, :] - phases[:, None])
@@ -174,16 +177,20 @@ class BicubicUpsample(layers.Layer):
         left, right = x[:, :, :1], x[:, :, -1:]
         x = ops.concatenate([left, left, x, right, right], axis=2)
         kernel = ops.convert_to_tensor(self._kernel, dtype=x.dtype)
-        return ops.depth_to_space(ops.conv(x, kernel, padding="valid"), self.scale)
+        phases = ops.conv(x, kernel, padding="valid")
+        return ops.depth_to_space(phases, self.scale) if self.shuffle else phases
 
     def compute_output_shape(self, input_shape):
+        if not self.shuffle:
+            return (*input_shape[:3], input_shape[3] * self.scale**2)
+
         def times(n):
             return None if n is None else n * self.scale
 
         return (input_shape[0], times(input_shape[1]), times(input_shape[2]), input_shape[3])
 
     def get_config(self):
-        return {**super().get_config(), "scale": self.scale}
+        return {**super().get_config(), "scale": self.scale, "shuffle": self.shuffle}
 
 
 def _conv(x, filters, name, slope, activate=True):
@@ -229,9 +236,10 @@ def build_model(config: ModelConfig) -> keras.Model:
         x = PadToMultiple(config.multiple, name="pad")(lr)
         features = _unet_body(x, config)
         detail = layers.Conv2D(3 * s * s, 3, padding="same", name="head_conv")(features)
-        detail = DepthToSpace(s, name="head_shuffle")(detail)
-        base = BicubicUpsample(s, name="base_upsample")(x)
+        base = BicubicUpsample(s, shuffle=False, name="base_upsample")(x)
+        # Both are sub-pixel phases at the input resolution: one shuffle serves the sum.
         sr = layers.Add(name="residual_add", dtype="float32")([base, detail])
+        sr = DepthToSpace(s, name="head_shuffle", dtype="float32")(sr)
     else:
         x = BicubicUpsample(s, name="pre_upsample")(lr)
         x = PadToMultiple(config.multiple, name="pad")(x)
