@@ -212,7 +212,7 @@ def _name(path: str, job: _Job):
         return
     fmt = sniff_format(head)
     if fmt is None:
-        if head and rel.suffix.lower() not in IMAGE_SUFFIXES:
+        if rel.suffix.lower() not in IMAGE_SUFFIXES:  # empty too: only an image's name makes emptiness a failure
             logger.info("{}: not an image, ignored", path)
             yield pvalue.TaggedOutput(_RESULTS, {"status": "ignored", "file": path})
             return

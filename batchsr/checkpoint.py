@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,9 @@ def read_info(weights_path: Path | str) -> ModelInfo:
         raise ModelError(f"{desc}: not a batchsr model description (format must be '{FORMAT}')")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{desc}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    model = meta.get("model")
+    if not (isinstance(model, dict) and model.get("arch") in ("unet", "seed") and model.get("scale") in (2, 3, 4)):
+        raise ModelError(f"{desc}: bad model config {model!r} (needs 'arch' unet or seed and 'scale' 2, 3 or 4)")
     sha = file_sha256(weights_path)
     if meta.get("weights_sha256") != sha:
         raise ModelError(
@@ -112,6 +117,18 @@ def read_info(weights_path: Path | str) -> ModelInfo:
     )
 
 
+def _mismatch(exc: Exception) -> str:
+    """One line out of Keras's load error, which prints whole weight arrays: the first layer and shapes."""
+    text = str(exc)
+    layer = re.search(r"name=([\w.]+)", text)
+    shapes = re.findall(r"(?:variable|value)\.shape=\([^)]*\)", text)[:2]
+    if layer and shapes:
+        return f"layer {layer.group(1)}: the description builds {shapes[0].split('=', 1)[1]}, the file holds " + (
+            shapes[1].split("=", 1)[1] if len(shapes) > 1 else "another shape")
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return first[:300] + ("..." if len(first) > 300 else "")
+
+
 def load_model(weights_path: Path | str):
     """Rebuilds the model from its description and loads the weights: ``(model, info)``."""
     from batchsr.model import ModelConfig, build_model
@@ -123,9 +140,11 @@ def load_model(weights_path: Path | str):
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{description_path(info.weights_path)}: bad model config: {exc}") from None
     try:
-        model.load_weights(info.weights_path)
+        with warnings.catch_warnings():  # Keras warns per layer before it raises; the error says it once
+            warnings.simplefilter("ignore")
+            model.load_weights(info.weights_path)
     except Exception as exc:  # h5py/keras raise many types for bad files; report them all the same way
-        raise ModelError(f"{info.weights_path}: weights do not fit the described model: {exc}") from None
+        raise ModelError(f"{info.weights_path}: weights do not fit the described model ({_mismatch(exc)})") from None
     return model, info
 
 

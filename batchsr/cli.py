@@ -40,7 +40,10 @@ def _setup_logging(level: str, file: Path | None = None) -> None:
     logger.remove()
     logger.add(sys.stderr, level=level, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}")
     if file is not None:
-        logger.add(file, level=level, rotation="10 MB", retention=5)
+        try:
+            logger.add(file, level=level, rotation="10 MB", retention=5)
+        except OSError as exc:  # loguru opens the file at once: a bad path is a configuration error
+            raise ConfigError(f"logging.file {file} cannot be opened for writing: {exc.strerror or exc}") from None
 
 
 def _quiet_tensorflow() -> None:
@@ -53,6 +56,11 @@ class _Command(click.Command):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # the reader went away (`batchsr config | head`): nothing to report
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            ctx.exit(128 + 13)  # as a shell tool killed by SIGPIPE
         except BatchSRError as exc:
             code = next(c for kind, c in _EXIT_CODES if isinstance(exc, kind))
             click.echo(f"batchsr: error: {exc}", err=True)
@@ -202,6 +210,17 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
     ctx.exit(EXIT_FAILED_IMAGES if summary.failed else EXIT_OK)
 
 
+def _check_writable_file(path: Path, what: str) -> None:
+    """A file about to be written atomically beside itself: its folder must exist and take files."""
+    import os
+
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder, not a file")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: folder {folder} does not exist or cannot be written")
+
+
 @main.command("eval")
 @click.option("--hr", "hr_dirs", multiple=True, required=True, type=click.Path(path_type=Path), help="Folder of HR images (repeatable).")
 @_engine_options
@@ -214,8 +233,14 @@ def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap,
     settings = _load(ctx, _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble))
     from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
 
+    if csv_path is not None:  # before hours of scoring, not after
+        _check_writable_file(csv_path, "--csv")
     engine = None
     scale = settings.model.scale
+    if bicubic_only and settings.model.weights is not None:
+        from batchsr.checkpoint import read_info
+
+        scale = read_info(settings.model.weights).scale if scale is None else scale
     if not bicubic_only:
         from batchsr.checkpoint import model_weights
         from batchsr.engine import Engine
@@ -245,7 +270,8 @@ def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap,
 @click.option("--init", "init", type=click.Path(path_type=Path), help="Warm-start from these weights (fine-tuning).")
 @click.option("--steps", type=int, help="Overrides steps.")
 @click.option("--out-dir", type=click.Path(path_type=Path), help="Overrides out_dir.")
-@click.option("--until", type=int, help="Stop this sitting at this step (resume later with --resume).")
+@click.option("--until", type=click.IntRange(min=1), help="Stop this sitting at this step, rounded up to a validation interval "
+              "(resume later with --resume).")
 @click.pass_context
 def train(ctx, train_config, resume, init, steps, out_dir, until):
     """Train a model from a training YAML (see configs/)."""

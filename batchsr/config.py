@@ -166,6 +166,7 @@ class TrainSettings(_Section):
     loss: Literal["l1", "charbonnier", "l2"] = "l1"
     ema: float | None = Field(0.999, gt=0, lt=1)
     augment: bool = True
+    permute_channels: bool = False  # also show each patch in one of the six orders of its RGB planes
     # HR images are also used downscaled by each factor (MATLAB bicubic, 8-bit): more
     # scales of texture from the same photos. [1.0]: only as they are.
     rescale: list[float] = Field([1.0], min_length=1)
@@ -189,10 +190,13 @@ class TrainSettings(_Section):
         return self
 
 
-def _format_errors(error: ValidationError, source: str, section: type[BaseModel]) -> str:
+def _format_errors(error: ValidationError, source: str, section: type[BaseModel], flags: frozenset[str] = frozenset()) -> str:
+    """One line per error; a key set by a command-line flag (in ``flags``) says so."""
     lines = [f"invalid configuration in {source}:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if key in flags:
+            key += " (from the command line)"
         if item["type"] == "extra_forbidden":
             allowed = _allowed_keys(section, item["loc"][:-1])
             lines.append(f"  unknown key '{key}'; allowed here: {', '.join(allowed)}")
@@ -214,20 +218,42 @@ def _allowed_keys(section: type[BaseModel], path: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+_SECTIONS = frozenset(Settings.model_fields)  # the mappings of config.yaml (and a training file's model)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error:
+    silently keeping the last one hides edits made in the wrong place."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key '{key}' twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
+    # A section whose keys are all commented out reads as null: it means "all defaults".
+    return {key: {} if value is None and key in _SECTIONS else value for key, value in data.items()}
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -254,11 +280,14 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
-    source = str(path) if path is not None else "defaults"
+    flags = frozenset(key for key, value in (overrides or {}).items() if value is not None)
+    source = str(path) if path is not None else "the built-in defaults"
+    if flags:
+        source += " and the command line"
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, Settings)) from None
+        raise ConfigError(_format_errors(exc, source, Settings, flags)) from None
     if path is not None:
         base = Path(path).resolve().parent
         weights = settings.model.weights
@@ -282,20 +311,22 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
 
 
 def load_train_settings(path: Path, overrides: dict[str, Any] | None = None) -> TrainSettings:
+    """Paths in the file are taken from its folder; a path given by a flag (``out_dir``) from the current one."""
     data = _read_yaml(Path(path))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
+    in_file = set(data)
+    flags = frozenset(key for key, value in (overrides or {}).items() if value is not None)
+    for key in flags:
+        _set_dotted(data, key, overrides[key])
     try:
         settings = TrainSettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path), TrainSettings)) from None
+        raise ConfigError(_format_errors(exc, f"{path}{' and the command line' if flags else ''}", TrainSettings, flags)) from None
     base = Path(path).resolve().parent
     return settings.model_copy(
         update={
             "train_dirs": [_resolve(base, p) for p in settings.train_dirs],
             "val_dir": _resolve(base, settings.val_dir),
-            "out_dir": _resolve(base, settings.out_dir) if "out_dir" in data else settings.out_dir,
+            "out_dir": _resolve(base, settings.out_dir) if "out_dir" in in_file and "out_dir" not in flags else settings.out_dir,
         }
     )
 

@@ -7,12 +7,13 @@ batches.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from batchsr.errors import ImageError
+from batchsr.errors import ConfigError
 from batchsr.imageio import read_image, sniff_format, to_uint8
 from batchsr.resize import imresize, resize_matrix
 
@@ -26,20 +27,52 @@ def is_image_file(path: Path) -> bool:
         return False
 
 
-def list_files(folder: Path, recursive: bool = True) -> list[Path]:
-    """Regular files under ``folder``, sorted; hidden files and folders skipped."""
+def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Regular files under ``folder``, sorted; hidden files and folders skipped.
+
+    Links to folders are followed, each real folder once (a link loop ends there).
+    ``problems`` collects, as ``(path, reason)``, what could not be looked into:
+    unreadable folders and broken links.
+    """
     folder = Path(folder)
-    pattern = "**/*" if recursive else "*"
-    return [
-        path
-        for path in sorted(folder.glob(pattern))
-        if not any(part.startswith(".") for part in path.relative_to(folder).parts) and path.is_file()
-    ]
+    found: list[Path] = []
+    visited: set[tuple[int, int]] = set()
+
+    def unreadable(exc: OSError) -> None:
+        if problems is not None:
+            problems.append((Path(exc.filename), f"cannot list folder: {exc.strerror or exc}"))
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError as exc:
+            unreadable(exc)
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in visited:
+            dirs[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        for name in names:
+            path = Path(root) / name
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                found.append(path)
+            elif problems is not None and path.is_symlink() and not path.exists():
+                problems.append((path, "broken link: its target does not exist"))
+    return sorted(found)
 
 
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` (by content), sorted, hidden files and folders skipped."""
     return [path for path in list_files(folder, recursive) if is_image_file(path)]
+
+
+# The six orders of the RGB planes: ``permute_channels`` shows each patch in one of
+# them, six times the colour statistics from the same photos.
+CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
 def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequence[float] = (1.0,)) -> list[np.ndarray]:
@@ -49,7 +82,7 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
-            raise ImageError(folder, "training folder not found")
+            raise ConfigError(f"train_dirs: {folder} does not exist or is not a folder")
         for path in find_images(folder):
             rgb = to_uint8(read_image(path).rgb)
             for factor in rescale:
@@ -57,7 +90,8 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
                 if min(copy.shape[:2]) >= min_side:
                     images.append(copy)
     if not images:
-        raise ImageError(", ".join(str(f) for f in folders), f"no training images of at least {min_side}px a side")
+        raise ConfigError(f"train_dirs {', '.join(str(f) for f in folders)}: no training images of at least {min_side}px a side "
+                          "(patch_size x scale)")
     return images
 
 
@@ -70,6 +104,7 @@ def training_dataset(
     first_step: int,
     last_step: int,
     augment: bool = True,
+    permute_channels: bool = False,
 ):
     """Batches ``first_step .. last_step - 1`` of an endless, seeded patch stream.
 
@@ -87,6 +122,7 @@ def training_dataset(
     # Pick images in proportion to their area, so every pixel is equally likely.
     cumulative = tf.constant(np.cumsum(shapes[:, 0] * shapes[:, 1]) / np.sum(shapes[:, 0] * shapes[:, 1]))
     down = tf.constant(resize_matrix(hr_side, patch).astype(np.float32))
+    orders = tf.constant(CHANNEL_ORDERS)
 
     def example(n):
         key = tf.stack([tf.constant(seed, tf.int64), n])
@@ -102,6 +138,9 @@ def training_dataset(
             hr = tf.cond(code % 2 == 1, lambda: tf.reverse(hr, [1]), lambda: hr)
             hr = tf.cond((code // 2) % 2 == 1, lambda: tf.reverse(hr, [0]), lambda: hr)
             hr = tf.cond(code // 4 == 1, lambda: tf.transpose(hr, [1, 0, 2]), lambda: hr)
+        if permute_channels:  # its own draw: the crops stay those of a run without it
+            v = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), -1 - n]))
+            hr = tf.gather(hr, orders[tf.minimum(tf.cast(v * 6.0, tf.int32), 5)], axis=2)
         return tf.ensure_shape(tf.cast(hr, tf.float32), [hr_side, hr_side, 3])
 
     def settle(x):  # MATLAB rounds and clips an 8-bit image after each axis, halves up
@@ -130,6 +169,7 @@ def numpy_training_batches(
     first_step: int,
     last_step: int,
     augment: bool = True,
+    permute_channels: bool = False,
     workers: int = 2,
     prefetch: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -150,7 +190,8 @@ def numpy_training_batches(
     down = resize_matrix(hr_side, patch).astype(np.float32)
 
     def example(n: int) -> np.ndarray:
-        u = np.random.default_rng([seed, n]).random(4)
+        rng = np.random.default_rng([seed, n])
+        u = rng.random(4)
         image = images[min(int(np.searchsorted(cumulative, u[0])), len(images) - 1)]
         h, w = image.shape[:2]
         top, left = int(u[1] * (h - hr_side + 1)), int(u[2] * (w - hr_side + 1))
@@ -160,6 +201,8 @@ def numpy_training_batches(
             hr = hr[:, ::-1] if code % 2 else hr
             hr = hr[::-1] if (code // 2) % 2 else hr
             hr = hr.transpose(1, 0, 2) if code // 4 else hr
+        if permute_channels:
+            hr = hr[:, :, CHANNEL_ORDERS[int(rng.random() * 6)]]
         return hr
 
     def settle(x: np.ndarray) -> np.ndarray:  # MATLAB rounds and clips 8-bit images after each axis

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,10 @@ class SetResult:
 
 
 def set_name(folder: Path) -> str:
-    """``.../Set5/HR`` is named ``Set5``; other folders by their own name."""
-    folder = Path(folder)
-    return folder.parent.name if folder.name.upper().startswith("HR") else folder.name
+    """``.../Set5/HR`` (or ``HR_x4``...) is named ``Set5``; other folders by their own name.
+    The path is resolved first: ``--hr HR`` and ``--hr .`` name the same set as the full path."""
+    folder = Path(folder).resolve()
+    return folder.parent.name if re.fullmatch(r"HR([_\-. ].*)?", folder.name, re.IGNORECASE) else folder.name
 
 
 def min_side(scale: int) -> int:
@@ -78,8 +80,9 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
         image = read_image(path, max_pixels=max_pixels)
         hr = crop_to_multiple(image.rgb, scale)
         if min(hr.shape[:2]) < min_side(scale):
+            need = -(-min_side(scale) // scale) * scale  # after the crop to a multiple of the scale
             raise ImageError(
-                path, f"{image.rgb.shape[1]}x{image.rgb.shape[0]} is too small to evaluate at x{scale} (needs {min_side(scale)} px a side)"
+                path, f"{image.rgb.shape[1]}x{image.rgb.shape[0]} is too small to evaluate at x{scale} (needs {need} px a side)"
             )
         gray = image.gray or (name, path.stem) in SINGLE_CHANNEL_SOURCES
         lr = degrade(hr, scale)

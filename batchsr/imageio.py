@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ from batchsr.metadata import Metadata, orient, png_metadata_chunks, png_with_met
 # batchsr applies its own limit (image.max_pixels) from the header, with a
 # message naming the image; Pillow's global one would refuse 100-megapixel scans.
 PILImage.MAX_IMAGE_PIXELS = None
+# A file OpenCV cannot decode becomes one ImageError line naming it; OpenCV's own
+# unattributed "[ERROR] ... TIFFReadDirectory" lines on stderr would only add noise.
+with contextlib.suppress(AttributeError):
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 # Magic numbers; extensions are only used for naming outputs.
 _SIGNATURES = (
@@ -98,6 +103,12 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
     fmt = sniff_format(data[:16])
     if fmt is None:
         raise ImageError(path, "not a supported image (PNG, JPEG, WebP, BMP, TIFF or GIF) by its content")
+    stored_orientation = None
+    if fmt == "tiff":
+        unsupported = _tiff_unsupported(data)
+        if unsupported:
+            raise ImageError(path, unsupported)
+        data, stored_orientation = _tiff_orientation_cleared(data)
     try:
         pil = PILImage.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
     except MemoryError:
@@ -120,8 +131,14 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
             what = ("multi-page", "page") if fmt == "tiff" else ("animated", "frame")
             logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), frames, what[1], what[1])
         meta, orientation = read_metadata(pil, path)
+        if stored_orientation is not None:
+            orientation = stored_orientation if stored_orientation in range(1, 9) else 1
+            if orientation != stored_orientation:
+                logger.warning("{}: invalid TIFF orientation {} ignored", path, stored_orientation)
         if _sixteen_bit(pil, data, fmt, path):
             rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
+            if fmt == "tiff" and pil.tag_v2.get(262) == 0:  # WhiteIsZero: OpenCV returns the stored values
+                rgb = np.iinfo(rgb.dtype).max - rgb
             if alpha is not None and fmt == "tiff" and _associated_alpha(pil):
                 rgb = unpremultiply(rgb, alpha)
         else:
@@ -132,15 +149,71 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
     return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, neutral=not gray and _channels_equal(rgb), meta=meta, source=str(path))
 
 
+def _tiff_entries(data: bytes) -> tuple[str, dict[int, tuple[int, int, int]]]:
+    """Byte order and the first IFD's entries, ``tag: (type, count, offset of the value field)``."""
+    endian = "<" if data[:2] == b"II" else ">"
+    entries = {}
+    try:
+        (ifd,) = struct.unpack_from(endian + "I", data, 4)
+        (count,) = struct.unpack_from(endian + "H", data, ifd)
+        for k in range(count):
+            at = ifd + 2 + 12 * k
+            tag, kind, n = struct.unpack_from(endian + "HHI", data, at)
+            entries[tag] = (kind, n, at + 8)
+    except struct.error:
+        pass  # a cut directory: the decoders report the file
+    return endian, entries
+
+
+def _tiff_short(data: bytes, endian: str, entry: tuple[int, int, int] | None) -> int | None:
+    """The largest value of a SHORT entry (one per sample for some tags), else None."""
+    if entry is None or entry[0] != 3 or not 1 <= entry[1] <= 64:
+        return None
+    kind, count, at = entry
+    try:
+        if count > 2:  # more than the 4 bytes of the field: it holds their offset
+            (at,) = struct.unpack_from(endian + "I", data, at)
+        return max(struct.unpack_from(f"{endian}{count}H", data, at))
+    except struct.error:
+        return None
+
+
+def _tiff_orientation_cleared(data: bytes) -> tuple[bytes, int]:
+    """The TIFF with its Orientation tag set to 1, and the orientation it held.
+
+    Decoder versions disagree on whether they turn a TIFF upright themselves;
+    decoding the stored layout and turning it here gives one answer with all.
+    """
+    endian, entries = _tiff_entries(data)
+    orientation = _tiff_short(data, endian, entries.get(274))
+    if orientation is None or orientation == 1:
+        return data, 1
+    patched = bytearray(data)
+    struct.pack_into(endian + "H", patched, entries[274][2], 1)
+    return bytes(patched), orientation
+
+
+def _tiff_unsupported(data: bytes) -> str | None:
+    """Why a TIFF the decoder cannot open is out of scope, when its header says so."""
+    endian, entries = _tiff_entries(data)
+    bits = _tiff_short(data, endian, entries.get(258)) or 1
+    sample = _tiff_short(data, endian, entries.get(339)) or 1
+    photometric = _tiff_short(data, endian, entries.get(262))
+    if sample == 3:
+        return f"unsupported sample type: {bits}-bit floating point TIFF (8- or 16-bit integers only)"
+    if bits > 16:
+        return f"unsupported sample type: {bits}-bit integer TIFF (8- or 16-bit integers only)"
+    if photometric == 5 and bits == 16:
+        return "unsupported 16-bit CMYK TIFF (8-bit CMYK, or 8- or 16-bit gray or RGB only)"
+    return None
+
+
 def _sixteen_bit(pil: PILImage.Image, data: bytes, fmt: str, path) -> bool:
     if fmt == "png":
         return len(data) > 25 and data[24] == 16
     if fmt == "tiff":
         bits = pil.tag_v2.get(258, (8,))
-        bits = bits if isinstance(bits, tuple) else (bits,)
-        if max(bits) > 16 or pil.tag_v2.get(339, 1) == 3:
-            raise ImageError(path, f"unsupported sample type: {max(bits)}-bit {'floating point' if pil.tag_v2.get(339, 1) == 3 else 'integer'} TIFF (8- or 16-bit integers only)")
-        return max(bits) > 8
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8  # wider samples were refused up front
     return False
 
 
@@ -361,6 +434,19 @@ def atomic_file(path: Path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Deletes the ``.NAME.XXXX.tmp`` files of ``atomic_file`` that a killed writer left under
+    ``folder``; call it only while holding the folder's lock (no writer is live)."""
+    removed = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+    return removed
 
 
 def atomic_write(path: Path, data: bytes) -> None:

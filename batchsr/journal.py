@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from urllib.request import pathname2url
 
-from batchsr.errors import InputError
+from batchsr.errors import InputError, OutputError
 
 JOURNAL_FILE = "journal.sqlite"
 LOCK_FILE = "lock"
@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS files (
     ready_since REAL,
     not_before REAL NOT NULL DEFAULT 0,  -- retry back-off
     attempts INTEGER NOT NULL DEFAULT 0,     -- tries that failed
-    interrupted INTEGER NOT NULL DEFAULT 0,  -- tries cut short by the daemon dying
+    interrupted INTEGER NOT NULL DEFAULT 0,  -- tries cut short by the daemon dying while it was processed alone
+    alone INTEGER NOT NULL DEFAULT 0,        -- in a batch the daemon died in: processed on its own from then on
+    set_aside INTEGER NOT NULL DEFAULT 0,    -- failed, and moved to failed/: the same file in the inbox again is a retry
     error TEXT,
     traceback_digest TEXT,
     model_id TEXT,
@@ -57,6 +59,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_result_per_content ON files(path, sha256) 
 CREATE INDEX IF NOT EXISTS by_state ON files(state, ready_since);
 CREATE INDEX IF NOT EXISTS by_path ON files(path, id);
 CREATE INDEX IF NOT EXISTS by_finished ON files(finished) WHERE finished IS NOT NULL;
+CREATE INDEX IF NOT EXISTS by_output ON files(output) WHERE state = 'done';
 """
 
 
@@ -145,6 +148,12 @@ class Status:
         }
 
 
+def _is_storage_error(exc: sqlite3.OperationalError) -> bool:
+    """Full disk or quota, read-only or failing storage: the folder's fault, not a bug."""
+    text = str(exc).lower()
+    return any(words in text for words in ("full", "readonly", "read-only", "disk i/o", "unable to open"))
+
+
 def _entry(row) -> Entry:
     return Entry(*row)
 
@@ -167,16 +176,25 @@ class WatchJournal:
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+            for column in ("alone", "set_aside"):  # a journal from before them
+                if column not in columns:
+                    db.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     @contextmanager
     def _transaction(self):
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if not _is_storage_error(exc):
+                raise
+            raise OutputError(f"cannot write the journal {self.path}: {exc} (free space in the state folder)") from None
 
     def close(self) -> None:
         self.db.close()
@@ -203,10 +221,11 @@ class WatchJournal:
                     outcomes.append((path, Seen.CHANGED))
                     continue
                 last = db.execute(
-                    "SELECT state, size, mtime_ns FROM files WHERE path = ? AND state IN ('done', 'failed') ORDER BY updated DESC, id DESC LIMIT 1",
+                    "SELECT state, size, mtime_ns, set_aside FROM files WHERE path = ? AND state IN ('done', 'failed') "
+                    "ORDER BY updated DESC, id DESC LIMIT 1",
                     (path,),
                 ).fetchone()
-                if last is not None and (last[1], last[2]) == (size, mtime_ns):
+                if last is not None and (last[1], last[2]) == (size, mtime_ns) and not last[3]:
                     outcomes.append((path, Seen.DONE_BEFORE if last[0] == "done" else Seen.FAILED_BEFORE))
                     continue
                 db.execute(
@@ -244,7 +263,7 @@ class WatchJournal:
         with self._transaction() as db:
             db.executemany(
                 "UPDATE files SET state = 'seen', size = ?, mtime_ns = ?, changed = ?, ready_since = NULL, sha256 = NULL, "
-                "attempts = 0, interrupted = 0, not_before = 0, updated = ? WHERE id = ? AND state IN ('seen', 'ready', 'claimed')",
+                "attempts = 0, interrupted = 0, alone = 0, not_before = 0, updated = ? WHERE id = ? AND state IN ('seen', 'ready', 'claimed')",
                 [(size, mtime_ns, now, now, i) for i, size, mtime_ns in changes],
             )
 
@@ -265,23 +284,31 @@ class WatchJournal:
         return self.db.execute("SELECT MIN(not_before) FROM files WHERE state = 'ready'").fetchone()[0]
 
     def claim(self, limit: int, now: float) -> list[Entry]:
+        """The next batch: up to ``limit`` queued rows, or one row alone while any must go alone."""
         with self._transaction() as db:
+            order = "ORDER BY MAX(ready_since, not_before), id LIMIT ?"
             rows = db.execute(
-                f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'ready' AND not_before <= ? "
-                "ORDER BY MAX(ready_since, not_before), id LIMIT ?",
-                (now, limit),
+                f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'ready' AND not_before <= ? AND alone = 1 {order}", (now, 1)
+            ).fetchall() or db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'ready' AND not_before <= ? AND alone = 0 {order}", (now, limit)
             ).fetchall()
             db.executemany("UPDATE files SET state = 'claimed', updated = ? WHERE id = ?", [(now, r[0]) for r in rows])
         return [_entry(r) for r in rows]
 
     def recover_claims(self, now: float) -> list[Entry]:
-        """After a crash: claimed rows go back to the queue, each counting one interrupted try."""
+        """After a crash: claimed rows go back to the queue, to be processed one at a time.
+
+        Only a file that was processed alone when the daemon died is charged an
+        interrupted try: the batch-mates of a crashing file are not at fault.
+        """
         with self._transaction() as db:
             rows = db.execute(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'claimed'").fetchall()
+            charge = 1 if len(rows) == 1 else 0
             db.execute(
-                "UPDATE files SET state = 'ready', interrupted = interrupted + 1, not_before = 0, updated = ? WHERE state = 'claimed'", (now,)
+                "UPDATE files SET state = 'ready', interrupted = interrupted + ?, alone = 1, not_before = 0, updated = ? "
+                "WHERE state = 'claimed'", (charge, now),
             )
-        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + 1, r[6]) for r in rows]
+        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + charge, r[6]) for r in rows]
 
     # -- outcomes -----------------------------------------------------------------
 
@@ -339,6 +366,18 @@ class WatchJournal:
                 return None
             row = db.execute(f"SELECT {_RESULT_COLUMNS} FROM files WHERE id = ?", (entry_id,)).fetchone()
         return Result(*row)
+
+    def output_owner(self, output: str) -> str | None:
+        """The input whose finished output ``output`` is (the latest, should there be several)."""
+        row = self.db.execute(
+            "SELECT path FROM files WHERE output = ? AND state = 'done' ORDER BY updated DESC, id DESC LIMIT 1", (output,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def mark_set_aside(self, entry_id: int) -> None:
+        """The failed file is in failed/: should it come back, that is a request to try again."""
+        with self._transaction() as db:
+            db.execute("UPDATE files SET set_aside = 1 WHERE id = ? AND state = 'failed'", (entry_id,))
 
     def last_result(self, path: str) -> Result | None:
         row = self.db.execute(

@@ -25,7 +25,8 @@ class FolderLock:
             os.close(fd)
             raise LockedError(f"{self.path.parent} is in use by another batchsr process ({holder})") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv[:3])}\n".encode(), 0)
+        command = " ".join(sys.argv)  # whole: with --config first, the subcommand comes after it
+        os.pwrite(fd, f"pid {os.getpid()}: {command[:300]}\n".encode("utf-8", "backslashreplace"), 0)
         self._fd = fd
         return self
 

@@ -60,14 +60,12 @@ def read_metadata(im: PILImage.Image, path) -> tuple[Metadata, int]:
         xmp = xmp.encode("utf-8")
     orientation, exif_bytes = 1, None
     try:
-        exif = im.getexif()
-        orientation = int(exif.get(ORIENTATION, 1) or 1)
-        for tag in _LAYOUT_TAGS & set(exif):
-            del exif[tag]
+        source = im.getexif()
+        orientation = int(source.get(ORIENTATION, 1) or 1)
+        exif = _carried_exif(source)
         if ORIENTATION in exif:
             exif[ORIENTATION] = 1
         if len(exif):
-            exif.get_ifd(EXIF_IFD), exif.get_ifd(GPS_IFD)  # load the sub-IFDs so they are written back
             exif_bytes = _strip_header(exif.tobytes())
     except Exception as exc:  # Pillow raises many types on malformed EXIF; the pixels are still good
         logger.warning("{}: unreadable EXIF dropped ({}: {})", path, type(exc).__name__, exc)
@@ -78,6 +76,8 @@ def read_metadata(im: PILImage.Image, path) -> tuple[Metadata, int]:
     if xmp is not None:
         xmp = _XMP_ORIENTATION.sub(rb"\g<1>1", bytes(xmp))
     dpi = im.info.get("dpi")
+    if hasattr(im, "tag_v2") and X_RESOLUTION not in im.tag_v2:
+        dpi = None  # Pillow reports a TIFF without resolution tags as 1 dpi
     try:
         dpi = (round(float(dpi[0]), 2), round(float(dpi[1]), 2)) if dpi else None  # PNG stores px/m: 300 reads 299.9994
     except (TypeError, ValueError, IndexError):
@@ -85,6 +85,27 @@ def read_metadata(im: PILImage.Image, path) -> tuple[Metadata, int]:
     if dpi is not None and (dpi[0] <= 0 or dpi[1] <= 0):
         dpi = None
     return Metadata(icc=icc, exif=exif_bytes, xmp=xmp, dpi=dpi), orientation
+
+
+def _carried_exif(source: PILImage.Exif) -> PILImage.Exif:
+    """A copy of ``source`` without the layout tags, its sub-IFDs loaded.
+
+    Never edit Pillow's own EXIF in place: Pillow reads a TIFF's pixels through it
+    (its orientation included), so a changed tag breaks the decode that follows.
+    Only sub-IFDs the source has are written: none are added empty.
+    """
+    exif = PILImage.Exif()
+    for tag, value in source.items():
+        if tag in _LAYOUT_TAGS:
+            continue
+        if tag == EXIF_IFD:
+            value = dict(source.get_ifd(EXIF_IFD))
+            if INTEROP_IFD in value:
+                value[INTEROP_IFD] = dict(source.get_ifd(INTEROP_IFD))
+        elif tag == GPS_IFD:
+            value = dict(source.get_ifd(GPS_IFD))
+        exif[tag] = value
+    return exif
 
 
 def _strip_header(exif: bytes) -> bytes:
@@ -106,12 +127,12 @@ def scaled(meta: Metadata, size: tuple[int, int], factor: float) -> Metadata:
         for tag in (X_RESOLUTION, Y_RESOLUTION):
             if tag in loaded:
                 loaded[tag] = TiffImagePlugin.IFDRational(float(loaded[tag]) * factor)
-        sub = loaded.get_ifd(EXIF_IFD)
-        if PIXEL_X in sub:
-            sub[PIXEL_X] = int(size[0])
-        if PIXEL_Y in sub:
-            sub[PIXEL_Y] = int(size[1])
-        loaded.get_ifd(GPS_IFD)
+        if EXIF_IFD in loaded:  # tobytes writes back the sub-IFDs the data has, edited here in place
+            sub = loaded.get_ifd(EXIF_IFD)
+            if PIXEL_X in sub:
+                sub[PIXEL_X] = int(size[0])
+            if PIXEL_Y in sub:
+                sub[PIXEL_Y] = int(size[1])
         exif = _strip_header(loaded.tobytes())
     return replace(meta, dpi=dpi, exif=exif)
 

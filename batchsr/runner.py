@@ -27,7 +27,7 @@ from loguru import logger
 from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ImageError, InputError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, sniff_format, to_uint8
+from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, remove_temporaries, sniff_format, to_uint8
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
@@ -101,6 +101,8 @@ class Journal:
         return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows}
 
     def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None) -> None:
+        # One owner per output: an input whose output was replaced no longer has it.
+        self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
         self.db.execute(
             "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options),
@@ -290,12 +292,24 @@ def check_output_dir(output_dir: Path) -> None:
         raise OutputError(f"output folder {output_dir} is not writable: {exc.strerror or exc}") from None
 
 
-def list_inputs(input_dir: Path, output_dir: Path, recursive: bool) -> list[Path]:
-    """Every regular, non-hidden file under INPUT (outside OUTPUT when nested)."""
+def list_inputs(input_dir: Path, output_dir: Path, recursive: bool,
+                problems: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Every regular, non-hidden file under INPUT (outside OUTPUT when nested); what could not
+    be looked into goes to ``problems`` (see ``data.list_files``)."""
     from batchsr.data import list_files
 
     out = output_dir.resolve()
-    return [path for path in list_files(input_dir, recursive) if not ((real := path.resolve()) == out or out in real.parents)]
+    return [path for path in list_files(input_dir, recursive, problems)
+            if not ((real := path.resolve()) == out or out in real.parents)]
+
+
+def check_folders_apart(input_dir: Path, output_dir: Path) -> None:
+    """OUTPUT may sit inside INPUT (it is left out of the inputs), but not be INPUT or hold it:
+    every input would be left out, and the run would succeed having done nothing."""
+    real_in, real_out = input_dir.resolve(), output_dir.resolve()
+    if real_in == real_out or real_out in real_in.parents:
+        raise OutputError(f"output folder {output_dir} is the input folder {input_dir} or contains it; "
+                          "choose an output folder outside the input (or inside it)")
 
 
 def run_folder(
@@ -314,8 +328,12 @@ def run_folder(
         raise InputError(f"input folder {input_dir} does not exist or is not a folder")
     if reference_dir is not None and not Path(reference_dir).is_dir():
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
+    check_folders_apart(input_dir, output_dir)
     check_output_dir(output_dir)
     with FolderLock(output_dir / STATE_DIR / "lock"):
+        removed = remove_temporaries(output_dir)
+        if removed:
+            logger.info("removed {} temporary files left by an interrupted run", removed)
         return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine)
 
 
@@ -326,8 +344,12 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     summary = RunSummary(model_id=model_id)
     journal = Journal(output_dir / STATE_DIR / "journal.sqlite")
     known = journal.entries()
-    paths = list_inputs(input_dir, output_dir, settings.run.recursive)
+    problems: list[tuple[Path, str]] = []
+    paths = list_inputs(input_dir, output_dir, settings.run.recursive, problems)
     logger.info("{} files under {}; model {}", len(paths), input_dir, model_id)
+    for path, reason in problems:
+        summary.failed.append(Failure(path, reason))
+        logger.error("{}: {}", path, reason)
     run = settings.run
     factor = run.outscale or scale
 
@@ -343,6 +365,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))
         try:
+            item.rel.as_posix().encode("utf-8")
+        except UnicodeEncodeError:  # the journal, the CSV and most tools need text names
+            item.error = "the file name is not valid UTF-8; rename it to have it processed"
+            return item
+        try:
             data = path.read_bytes()
         except OSError as exc:
             item.error = f"cannot read: {exc.strerror or exc}"
@@ -353,7 +380,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         if not force and entry is not None and sniffed is not None and _up_to_date(entry, item, sniffed):
             item.skip = True
             return item
-        if sniffed is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES and data:
+        if sniffed is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES:
             item.not_image = True
             return item
         try:
@@ -443,7 +470,10 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
     batch: list[_Item] = []
     tiles = 0
-    outputs_taken: dict[Path, Path] = {}
+    # An output belongs to the input the journal has for it while that input exists, whatever
+    # the name order: a new input whose name maps onto it fails instead of overwriting it.
+    present = set(paths)
+    outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items() if input_dir / rel in present}
     try:
         for item in prepared_files(paths, prepare, run.decode_workers):
             if item.skip:
@@ -460,7 +490,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 progress.update()
                 continue
             out_rel = output_name(item.rel, item.image.format, run.output_format, run.name_template, factor)
-            if out_rel in outputs_taken:
+            if outputs_taken.get(out_rel, item.path) != item.path:
                 fail(item, f"output {out_rel} would overwrite the output of {outputs_taken[out_rel]}")
                 progress.update()
                 continue

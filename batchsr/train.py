@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import platform
@@ -26,8 +27,8 @@ import numpy as np
 from loguru import logger
 
 from batchsr.config import TrainSettings
-from batchsr.errors import ConfigError, ModelError
-from batchsr.imageio import from_float, to_float
+from batchsr.errors import ConfigError, ModelError, OutputError
+from batchsr.imageio import atomic_write, from_float, to_float
 from batchsr.metrics import psnr, rgb_to_y
 from batchsr.resize import degrade
 
@@ -117,16 +118,59 @@ class _Checkpoints:
         return folder
 
 
+# What decides the patch stream: changing one on --resume would not continue the run, but start another.
+_STREAM_KEYS = ("train_dirs", "rescale", "patch_size", "batch_size", "seed", "augment", "permute_channels")
+
+
+def _check_resumed_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
+    """Refuses a resume whose patch stream would differ; names the other changed keys (schedule, loss...)."""
+    defaults = TrainSettings.model_fields
+
+    def value(settings: dict, key: str):
+        return settings[key] if key in settings else defaults[key].get_default()  # keys newer than the checkpoint
+
+    changed = sorted(k for k in current if k not in ("out_dir", "model") and value(saved, k) != value(current, k))
+    stream = [k for k in changed if k in _STREAM_KEYS]
+    if stream:
+        raise ConfigError(f"--resume: {', '.join(f'{k} ({value(saved, k)!r} -> {value(current, k)!r})' for k in stream)} "
+                          f"changed since {checkpoint}; the run would not continue its patch stream. Restore them, "
+                          "or start a new run with --init")
+    if changed:
+        logger.warning("--resume: {} changed since {}; the run continues with the new values",
+                       ", ".join(f"{k} ({value(saved, k)!r} -> {value(current, k)!r})" for k in changed), checkpoint)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keeps the log rows up to ``step``, where the resumed run continues."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= step]
+    if len(kept) <= 1:
+        path.unlink()  # started again with its header
+    elif kept != rows:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(kept)
+        atomic_write(path, buffer.getvalue().encode("utf-8"))
+
+
 def _load_validation(settings: TrainSettings):
     if settings.val_dir is None:
         return []
     from batchsr.data import find_images
     from batchsr.imageio import read_image, to_uint8
 
+    if not Path(settings.val_dir).is_dir():
+        raise ConfigError(f"val_dir {settings.val_dir} does not exist or is not a folder")
     pairs = []
+    scale = settings.model.scale
     for path in find_images(settings.val_dir):
         image = read_image(path)
         hr = to_uint8(image.rgb)
+        if min(hr.shape[:2]) < 4 * scale:  # scored with a border of scale pixels cropped on each side
+            raise ConfigError(f"val_dir image {path} is {hr.shape[1]}x{hr.shape[0]}: too small to validate at x{scale} "
+                              f"(at least {4 * scale} px a side)")
         lr = degrade(hr, settings.model.scale)
         pairs.append((path.stem, to_float(lr), hr[: lr.shape[0] * settings.model.scale, : lr.shape[1] * settings.model.scale]))
     if not pairs:
@@ -216,6 +260,9 @@ def _warm_start(model, init: Path, config) -> None:
             widened.append(layer.name)
         else:
             skipped.append(layer.name)
+    if not copied and not widened:
+        raise ConfigError(f"--init {init} ({info.model_id}): no layer fits the training config's model {config}; "
+                          "nothing would be warm-started")
     logger.info(
         "warm start from {} ({}): {} layers copied, {} widened, skipped {}",
         init, info.model_id, copied, len(widened), skipped or "none",
@@ -256,7 +303,14 @@ def train(
 
     keras.utils.set_random_seed(settings.seed)
     out_dir = Path(settings.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before any work: a folder that cannot take checkpoints fails at once, not after an interval
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "checkpoints").mkdir(exist_ok=True)
+        probe = out_dir / f".batchsr-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"out_dir {out_dir} cannot be written: {exc.strerror or exc}") from None
     ckpts = _Checkpoints(out_dir)
     config = ModelConfig(**settings.model.model_dump())
     scale = config.scale
@@ -280,6 +334,7 @@ def train(
                 f"--resume: {latest} was trained with the {saved.get('pipeline', 'tfdata')} pipeline, this run would use "
                 f"{pipeline}; set pipeline: {saved.get('pipeline', 'tfdata')} to continue the same patch stream"
             )
+        _check_resumed_recipe(saved["settings"], state["settings"], latest)
         state.update({k: saved[k] for k in ("step", "best_psnr", "seconds")})
     if state["step"] >= settings.steps:
         logger.info("training already complete at step {}", state["step"])
@@ -325,7 +380,9 @@ def train(
     interval = settings.val_interval
     start = state["step"]
     total_epochs = -(-settings.steps // interval)
-    first_epoch = start // interval
+    # A finished run (steps need not be a multiple of the interval) has nothing left to train.
+    first_epoch = total_epochs if start >= settings.steps else start // interval
+    _trim_log(log_path, start)  # rows past the checkpoint (a kill between the two), or of a run that never checkpointed
     last_epoch = total_epochs if until is None else min(total_epochs, -(-until // interval))
 
     def metadata() -> dict:
@@ -342,6 +399,7 @@ def train(
             "ema": settings.ema,
             "precision": settings.precision,
             "rescale": settings.rescale,
+            "permute_channels": settings.permute_channels,
             "pipeline": pipeline,
             "seconds": round(state["seconds"], 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {keras.backend.backend()} backend",
@@ -405,7 +463,7 @@ def train(
 
     if first_epoch < last_epoch:
         args = (images, scale, settings.patch_size, settings.batch_size, settings.seed,
-                first_epoch * interval, settings.steps, settings.augment)
+                first_epoch * interval, settings.steps, settings.augment, settings.permute_channels)
         workers = settings.workers or os.cpu_count() or 2
         dataset = training_dataset(*args) if pipeline == "tfdata" else numpy_training_batches(*args, workers=workers)
         model.fit(

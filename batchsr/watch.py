@@ -52,7 +52,7 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image
+from batchsr.imageio import Image, atomic_write, decode_image, remove_temporaries
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock
 from batchsr.pipeline import output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed
@@ -222,18 +222,6 @@ def move_file(source: Path, target: Path) -> None:
     os.unlink(source)
 
 
-def remove_temporaries(folder: Path) -> int:
-    """Deletes ``.NAME.XXXX.tmp`` files a killed writer left; only this daemon writes here (it holds the lock)."""
-    removed = 0
-    for root, _dirs, names in os.walk(folder):
-        for name in names:
-            if name.startswith(".") and name.endswith(".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(root, name))
-                    removed += 1
-    return removed
-
-
 def append_metrics(path: Path, rows: list[dict]) -> None:
     """Adds rows to the CSV by an atomic rewrite; a row for the same image and content replaces the old one."""
     existing: list[dict] = []
@@ -310,11 +298,12 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
 class _Model:
     """The engine, replaced between batches when its weights file (and description) change."""
 
-    def __init__(self, weights: Path, settings: EngineSettings):
+    def __init__(self, weights: Path, settings: EngineSettings, scale: int | None = None):
         from batchsr.engine import Engine
 
         self.path = Path(weights)
         self.settings = settings
+        self.scale = scale  # model.scale: a replacement of another scale is refused, as at start-up
         self.signature = self._signature()
         self.rejected: tuple | None = None
         self.engine = Engine(self.path, settings)
@@ -340,6 +329,8 @@ class _Model:
             if info.model_id == self.engine.model_id:
                 self.signature = signature
                 return
+            if self.scale is not None and info.scale != self.scale:
+                raise ModelError(f"{self.path} is an x{info.scale} model, but scale {self.scale} was asked for")
             engine = Engine(self.path, self.settings)
         except ModelError as exc:
             self.rejected = signature
@@ -405,9 +396,22 @@ class _Daemon:
             tick = min(0.25, max(0.02, min(self.watch.settle_s, self.watch.max_wait_s) / 4))
             ping_every, last_ping = _watchdog_interval(), 0.0
             next_scan = time.time() + self.watch.rescan_interval_s
+            identity, next_check = _identity(self.folders.inbox), time.time() + 1.0
             while not self.stop.is_set():
                 self._take_hints(tick)
                 now = time.time()
+                if now >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
+                    next_check = now + 1.0
+                    current = _identity(self.folders.inbox)
+                    if current is not None and (current != identity or not _watching(observer)):
+                        logger.warning("the inbox {} was replaced or its file watcher stopped; watching it again", self.folders.inbox)
+                        observer.stop()
+                        observer.join(timeout=5)
+                        observer = self._start_observer()
+                        next_scan = now  # and look at everything in it
+                    elif current is None and identity is not None:
+                        logger.error("the inbox {} is gone; waiting for it to come back", self.folders.inbox)
+                    identity = current
                 if now >= next_scan:
                     self._scan(now)
                     next_scan = now + self.watch.rescan_interval_s
@@ -637,9 +641,15 @@ class _Daemon:
         run, image_settings = self.run_settings, self.settings.image
         factor = run.outscale or engine.scale
         batched, streamed = [], []
+        taken: dict[Path, str] = {}
         for item in items:
             fmt = target_format(item.image.format, run.output_format)
             out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
+            owner = taken.get(out_rel) or self.journal.output_owner(out_rel.as_posix())
+            if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
+                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts)
+                continue
+            taken[out_rel] = item.entry.path
             route = plan_route(item.image, fmt, engine.scale, run, self.settings.engine.tile,
                                reference=self.folders.reference is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
             if route.refusal is not None:
@@ -784,17 +794,50 @@ class _Daemon:
             "traceback_digest": result.traceback_digest,
         }
         source = self.folders.inbox / result.path
+        target = _free_name(self.folders.failed / result.path, report)
         try:
-            atomic_write(self.folders.failed / (result.path + ".error.json"), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+            atomic_write(target.with_name(target.name + ".error.json"), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
             info = os.stat(source)
             if (info.st_size, info.st_mtime_ns) == (result.size, result.mtime_ns):
-                move_file(source, self.folders.failed / result.path)
+                move_file(source, target)
+                self.journal.mark_set_aside(result.id)
             else:
                 logger.info("{} changed since it failed; the new version is queued", result.path)
         except FileNotFoundError:
             return
         except OSError as exc:
             logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, exc.strerror or exc)
+
+
+def _free_name(path: Path, report: dict) -> Path:
+    """``path``, or ``stem.2.ext``, ``stem.3.ext``... when an earlier failed file (or its report) holds it:
+    failed/ keeps the only copy of each input, so nothing there is overwritten. A report of this very
+    failure without its file (the daemon died between the two) is taken up again."""
+    candidate, k = path, 1
+    while True:
+        sidecar = candidate.with_name(candidate.name + ".error.json")
+        if not candidate.exists() and not sidecar.exists():
+            return candidate
+        if not candidate.exists():
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(sidecar.read_text(encoding="utf-8")) == report:
+                    return candidate
+        k += 1
+        candidate = path.with_name(f"{path.stem}.{k}{path.suffix}")
+
+
+def _watching(observer) -> bool:
+    """The observer and each of its emitters (an emitter ends when its folder is deleted) still run."""
+    return observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """Which folder is at ``folder`` now (device, inode), or None when there is none."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
 
 
 def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
@@ -815,7 +858,7 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
             interrupted = journal.recover_claims(time.time())
             if interrupted:
                 logger.warning("{} files were in flight when the daemon last stopped; they are queued again", len(interrupted))
-            model = _Model(model_weights(settings.model), settings.engine)
+            model = _Model(model_weights(settings.model), settings.engine, settings.model.scale)
             with ThreadPoolExecutor(max_workers=settings.run.write_workers, thread_name_prefix="batchsr-write") as writers:
                 daemon = _Daemon(settings, folders, journal, model, writers, stop)
                 daemon.set_aside_interrupted(interrupted)

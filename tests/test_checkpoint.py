@@ -38,8 +38,13 @@ def test_mismatched_description_is_refused(tiny_model, tmp_path):
     meta = json.loads(description_path(tiny_model).read_text())
     meta["model"]["width"] = 16  # the description no longer fits the weights
     description_path(copy).write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match="do not fit"):
-        load_model(copy)
+    with pytest.raises(ModelError, match=r"do not fit the described model \(layer enc0_in_conv: the description builds "
+                       r"\(3, 3, 3, 16\), the file holds \(3, 3, 3, 8\)\)$"):
+        load_model(copy)  # one line, not Keras's dump of the weight arrays
+    for broken in ({}, {"arch": "unet"}, {"arch": "unet", "scale": "four"}):
+        description_path(copy).write_text(json.dumps({**meta, "model": broken}))
+        with pytest.raises(ModelError, match="bad model config"):
+            read_info(copy)
 
 
 def test_missing_description_and_wrong_name(tiny_model, tmp_path):

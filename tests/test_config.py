@@ -60,6 +60,21 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
         load_settings(path)
 
 
+def test_duplicate_keys_and_non_utf8_files_are_refused_an_empty_section_is_defaults(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("engine:\n  tile: 64\n  overlap: 8\n  tile: 256\n")
+    with pytest.raises(ConfigError, match="found the key 'tile' twice"):
+        load_settings(dup)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run:\n  name_template: '{stem}_\xe9{ext}'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(latin)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("engine:\n  # tile: 64\nrun:\n  progress: none\n")
+    assert load_settings(empty).engine == Settings().engine
+    assert load_settings(empty, {"engine.tile": 64}).engine.tile == 64
+
+
 def test_overrides_win_and_relative_weights_follow_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  weights: models/m.weights.h5\nengine:\n  tile: 64\n")
@@ -74,6 +89,17 @@ def test_training_configs_in_the_repository_are_valid():
     for path in sorted((REPO / "configs").glob("train_*.yaml")):
         settings = load_train_settings(path)
         assert all(isinstance(p, Path) and p.is_absolute() for p in settings.train_dirs)
+
+
+def test_training_paths_from_the_file_follow_it_and_flags_follow_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "t.yaml"
+    path.write_text("train_dirs: [data]\nout_dir: runs/a\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_train_settings(path).out_dir == tmp_path / "cfg" / "runs" / "a"
+    assert load_train_settings(path, {"out_dir": Path("mine")}).out_dir == Path("mine")
+    with pytest.raises(ConfigError, match=r"steps \(from the command line\) = 0"):
+        load_train_settings(path, {"steps": 0})
 
 
 def test_training_config_checks_consistency(tmp_path):

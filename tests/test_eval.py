@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,18 @@ def test_eval_with_a_model_writes_csv_and_table(tiny_model, tmp_path):
     assert float(rows[1]["psnr_rgb"]) == pytest.approx(result.rows[1]["psnr_rgb"], abs=1e-4)
     table = markdown_table([result], 4, with_model=True)
     assert "| Set5 | 4 |" in table and f"{result.mean('psnr_y'):.2f}" in table
+
+
+def test_a_set_is_named_the_same_however_its_folder_is_given(tmp_path, monkeypatch):
+    from batchsr.evaluate import set_name
+
+    hr = tmp_path / "Set14" / "HR"
+    hr.mkdir(parents=True)
+    (tmp_path / "Set14" / "hr1").mkdir()
+    monkeypatch.chdir(hr)
+    assert set_name(Path(".")) == set_name(Path("../HR")) == set_name(hr) == "Set14"
+    monkeypatch.chdir(tmp_path / "Set14")
+    assert set_name(Path("HR")) == "Set14" and set_name(Path("hr1")) == "hr1"
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):

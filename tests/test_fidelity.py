@@ -326,6 +326,62 @@ def test_exif_orientation_is_applied_for_all_eight(tmp_path, logs):
             _corners_upright(np.asarray(back))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_tiff_orientation_is_applied_once_for_all_eight(tmp_path, dtype):
+    """Some decoder versions turn TIFFs upright themselves; the result must not depend on it."""
+    from batchsr.imageio import encode_image
+
+    upright = _upright().astype(dtype) * (257 if dtype == np.uint16 else 1)
+    for orientation in range(1, 9):
+        stored = np.asarray(PILImage.fromarray(_upright()).transpose(_INVERSE[orientation])) if orientation > 1 else _upright()
+        stored = stored.astype(dtype) * (257 if dtype == np.uint16 else 1)
+        path = tmp_path / f"o{orientation}.tif"
+        tifffile.imwrite(path, stored, photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
+        image = read_image(path)
+        assert image.rgb.dtype == dtype and np.array_equal(image.rgb, upright), orientation
+        with PILImage.open(io.BytesIO(encode_image(image, "tiff"))) as back:
+            assert back.getexif().get(0x0112, 1) == 1, orientation
+
+
+def test_metadata_adds_no_empty_exif_blocks_nor_a_resolution(tmp_path):
+    """EXIF with IFD0 tags only stays so (no empty Exif/GPS sub-IFDs); a TIFF without
+    resolution tags gets none (Pillow reads such a file as 1 dpi)."""
+    from batchsr.imageio import encode_image
+
+    exif = PILImage.Exif()
+    exif[0x010F] = "Acme"
+    _save(tmp_path / "a.jpg", PILImage.fromarray(_upright()), exif=exif.tobytes(), quality=95)
+    with PILImage.open(io.BytesIO(encode_image(read_image(tmp_path / "a.jpg"), "jpg"))) as back:
+        written = back.getexif()
+        assert written.get(0x010F) == "Acme" and 0x8769 not in written and 0x8825 not in written
+    tifffile.imwrite(tmp_path / "plain.tif", _upright(), photometric="rgb")
+    image = read_image(tmp_path / "plain.tif")
+    assert image.meta.dpi is None
+    with PILImage.open(io.BytesIO(encode_image(image, "tiff"))) as back:
+        assert back.tag_v2.get(296, 1) == 1 and "dpi" not in back.info  # no unit: no physical size claimed
+
+
+def test_sixteen_bit_white_is_zero_tiff_is_not_a_negative(tmp_path):
+    gray = (np.arange(6 * 8).reshape(6, 8) * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "w.tif", 65535 - gray, photometric="miniswhite")
+    image = read_image(tmp_path / "w.tif")
+    assert image.gray and np.array_equal(image.rgb[:, :, 0], gray)
+
+
+@pytest.mark.parametrize(
+    "pixels, photometric, reason",
+    [
+        (np.zeros((6, 8, 3), np.float32), "rgb", "32-bit floating point TIFF"),
+        (np.zeros((6, 8, 3), np.uint32), "rgb", "32-bit integer TIFF"),
+        (np.zeros((6, 8, 4), np.uint16), "separated", "16-bit CMYK TIFF"),
+    ],
+)
+def test_unsupported_tiff_sample_types_are_named(tmp_path, pixels, photometric, reason):
+    tifffile.imwrite(tmp_path / "x.tif", pixels, photometric=photometric)
+    with pytest.raises(ImageError, match=reason):
+        read_image(tmp_path / "x.tif")
+
+
 # -- metadata -------------------------------------------------------------------------------
 
 

@@ -136,6 +136,63 @@ def test_reference_metrics_match_a_recomputation(tmp_path, tiny_model):
     assert float(mean["psnr_y"]) == pytest.approx(np.mean([float(r["psnr_y"]) for r in rows[:2]]), abs=1e-3)
 
 
+def test_a_colliding_input_never_takes_an_up_to_date_output(tmp_path, tiny_model):
+    """a.jpg and a.png both become a.png: the first keeps it on every run, the second fails each time."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "a.png", np.full((12, 10, 3), 30, np.uint8))
+    import cv2
+
+    (src / "a.jpg").write_bytes(cv2.imencode(".jpg", np.full((12, 10, 3), 220, np.uint8))[1].tobytes())
+    settings = _settings(tiny_model).model_copy(update={"run": Settings().run.model_copy(update={"output_format": "png", "progress": "none"})})
+    for attempt in range(2):
+        summary = run_folder(src, out, settings)
+        assert [f.path.name for f in summary.failed] == ["a.png"], attempt
+        assert "would overwrite the output of" in summary.failed[0].reason
+        assert read_image(out / "a.png").rgb.mean() > 150, attempt  # still a.jpg's upscale
+    # An input added later that sorts first does not take an output another input owns.
+    (src / "a.jpg").rename(tmp_path / "a.jpg")
+    assert run_folder(src, out, settings).done == 1 and read_image(out / "a.png").rgb.mean() < 80
+    (tmp_path / "a.jpg").rename(src / "a.jpg")
+    summary = run_folder(src, out, settings)
+    assert [f.path.name for f in summary.failed] == ["a.jpg"] and summary.skipped == 1
+    assert read_image(out / "a.png").rgb.mean() < 80
+
+
+def test_problem_files_and_folders_are_reported_and_links_followed(tmp_path, tiny_model):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    write_png(tmp_path / "elsewhere" / "b.png", np.full((12, 10, 3), 90, np.uint8))
+    (src / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)  # back up the tree: listed once, not forever
+    (src / "gone.png").symlink_to(tmp_path / "missing.png")
+    (src / "empty.txt").write_bytes(b"")  # empty, and not an image by name: ignored, not failed
+    (src / "empty.png").write_bytes(b"")
+    odd = os.fsdecode(b"odd\xffname.png")
+    (src / odd).write_bytes((src / "a.png").read_bytes())
+    stale = out / "sub" / ".x.png.k2j3h4ab.tmp"  # what a run killed while writing leaves
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial")
+    summary = run_folder(src, out, _settings(tiny_model))
+    assert summary.done == 2 and summary.ignored == 1
+    assert (out / "a.png").is_file() and (out / "linked" / "b.png").is_file()
+    reasons = {f.path.name: f.reason for f in summary.failed}
+    assert set(reasons) == {"gone.png", "empty.png", odd}
+    assert "broken link" in reasons["gone.png"] and "not valid UTF-8" in reasons[odd]
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("layout", ["same", "input inside output"])
+def test_an_output_folder_holding_the_input_is_refused(tmp_path, tiny_model, layout):
+    from batchsr.errors import OutputError
+
+    src = tmp_path / "in" if layout == "same" else tmp_path / "out" / "in"
+    write_png(src / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    out = src if layout == "same" else tmp_path / "out"
+    with pytest.raises(OutputError, match="contains it"):
+        run_folder(src, out, _settings(tiny_model))
+    assert not (out / ".batchsr").exists() and [p.name for p in src.iterdir()] == ["a.png"]
+
+
 def test_cli_exit_codes(tree, tmp_path, tiny_model):
     out = tmp_path / "out"
     result = _cli("run", str(tree), str(out), "--model", str(tiny_model), "--tile", "32", "--progress", "none")
@@ -154,6 +211,8 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
     bad_config.write_text("engine:\n  tile: -5\n")
     config_error = _cli("--config", str(bad_config), "run", str(good), str(tmp_path / "o4"))
     assert config_error.returncode == 78 and "engine.tile" in config_error.stderr and "-5" in config_error.stderr
+    flag_error = _cli("run", str(good), str(tmp_path / "o4"), "--tile", "8")
+    assert flag_error.returncode == 78 and "engine.tile (from the command line) = 8" in flag_error.stderr
     bad_model = _cli("run", str(good), str(tmp_path / "o5"), "--model", str(tmp_path / "none.weights.h5"))
     assert bad_model.returncode == 78 and "not found" in bad_model.stderr
     wrong_scale = _cli("run", str(good), str(tmp_path / "o6"), "--model", str(tiny_model), "--scale", "2")
@@ -167,6 +226,18 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
         handle.flush()
         locked = _cli("run", str(good), str(tmp_path / "o2"), "--model", str(tiny_model))
     assert locked.returncode == 75 and "12345" in locked.stderr
+
+
+def test_unwritable_outputs_of_eval_and_logging_fail_up_front(tmp_path):
+    hr = str(data_dir("Set5", "HR"))
+    folder = _cli("eval", "--hr", hr, "--bicubic-only", "--scale", "4", "--csv", str(tmp_path))
+    assert folder.returncode == 73 and "is a folder" in folder.stderr
+    nowhere = _cli("eval", "--hr", hr, "--bicubic-only", "--scale", "4", "--csv", str(tmp_path / "no" / "such.csv"))
+    assert nowhere.returncode == 73 and "does not exist" in nowhere.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text(f"logging:\n  file: {tmp_path}\n")
+    bad_log = _cli("--config", str(config), "eval", "--hr", hr, "--bicubic-only", "--scale", "4")
+    assert bad_log.returncode == 78 and "logging.file" in bad_log.stderr
 
 
 def test_help_does_not_import_tensorflow():

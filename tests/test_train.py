@@ -70,6 +70,27 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, pipeline):
     assert float(_log(split)[-1]["loss"]) == pytest.approx(float(log[-1]["loss"]), rel=1e-3)
 
 
+def test_resuming_a_finished_run_changes_nothing_and_a_changed_stream_is_refused(tmp_path):
+    from batchsr.checkpoint import file_sha256
+
+    out = tmp_path / "run"
+    done = train(_settings(out, steps=50), progress=False)  # the last interval is a partial one
+    assert [int(r["step"]) for r in _log(out)] == [20, 40, 50]
+    sha = file_sha256(done.final_weights)
+    with open(out / "log.csv", "a") as handle:
+        handle.write("60,0.1,20.0,1e-4,9.9\n")  # as if killed after logging a step it never checkpointed
+    again = train(_settings(out, steps=50), resume=True, progress=False)
+    assert again.step == 50 and file_sha256(again.final_weights) == sha
+    assert [int(r["step"]) for r in _log(out)] == [20, 40, 50]
+    with pytest.raises(ConfigError, match=r"batch_size \(8 -> 4\)"):
+        train(_settings(out, steps=50, batch_size=4), resume=True, progress=False)
+
+
+def test_an_init_that_fits_no_layer_is_refused(tmp_path, tiny_model):
+    with pytest.raises(ConfigError, match="no layer fits"):
+        train(_settings(tmp_path / "narrow", model={"width": 4, "depth": 1, "blocks": 0}), init=tiny_model, progress=False)
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(_settings(tmp_path / "empty"), resume=True, progress=False)
@@ -197,6 +218,29 @@ def test_pipelines_pair_each_patch_with_the_benchmark_lr(pipeline):
             diff = np.abs(lr[k] * 255 - expected)
             assert diff.max() <= 1.0 + 1e-3 and (diff > 1e-3).mean() < 2e-3
     assert not np.array_equal(one[0][1], one[1][1])  # a different step, different patches
+
+
+@pytest.mark.parametrize("pipeline", ["tfdata", "numpy"])
+def test_permuted_channels_keep_the_crops_and_use_every_order(pipeline):
+    from batchsr.data import CHANNEL_ORDERS, load_training_images, numpy_training_batches, training_dataset
+
+    scale, patch, size = 2, 8, 16
+    images = load_training_images([data_dir("Set5", "HR")], patch * scale)
+
+    def hr_patches(permute):
+        args = (images, scale, patch, size, 3, 0, 6, True, permute)
+        if pipeline == "tfdata":
+            return np.concatenate([np.asarray(hr) for _, hr in training_dataset(*args)])
+        return np.concatenate([hr for _, hr in numpy_training_batches(*args, workers=2)])
+
+    plain, permuted = hr_patches(False), hr_patches(True)
+    used = []
+    for a, b in zip(plain, permuted):
+        # The same crop and flip as without the option, in one of the six channel orders.
+        matches = [k for k, order in enumerate(CHANNEL_ORDERS) if np.array_equal(a[:, :, list(order)], b)]
+        assert matches, "a permuted patch is not a channel order of the plain one"
+        used.append(matches[0] if len(matches) == 1 else None)
+    assert {k for k in used if k is not None} == set(range(6))
 
 
 @pytest.mark.parametrize(

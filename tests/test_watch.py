@@ -401,6 +401,64 @@ def test_an_abrupt_stop_inside_a_batch_is_resumed_by_the_next_start(tmp_path, ti
     assert_consistent(tmp_path, expected, side=256)
 
 
+def test_after_a_crash_the_batch_goes_one_by_one_and_only_a_lone_file_is_charged(tmp_path):
+    """One image that kills the process must not take its batch-mates to failed/."""
+    from batchsr.journal import WatchJournal
+
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    journal.observe([(f"f{k}.png", 10, k) for k in range(3)] + [("later.png", 10, 9)], 0.0)
+    journal.mark_ready([e.id for e in journal.settling(1.0)], 1.0)
+    assert len(journal.claim(3, 2.0)) == 3
+    recovered = journal.recover_claims(3.0)  # the daemon died with three files in flight
+    assert sorted(e.path for e in recovered) == ["f0.png", "f1.png", "f2.png"] and {e.interrupted for e in recovered} == {0}
+    alone = journal.claim(3, 4.0)
+    assert [e.path for e in alone] == ["f0.png"]
+    assert [e.interrupted for e in journal.recover_claims(5.0)] == [1]  # died again, with f0 alone: f0's fault
+    now = 6.0
+    for expected in (["f0.png"], ["f1.png"], ["f2.png"]):  # each alone until the suspects are through
+        claimed = journal.claim(3, now)
+        assert [e.path for e in claimed] == expected
+        journal.fail(claimed[0].id, sha256=None, attempts=0, error="x", digest=None, now=now)
+        now += 1
+    assert [e.path for e in journal.claim(3, now)] == ["later.png"]  # then batches again
+    journal.close()
+
+
+def test_a_full_state_folder_is_an_output_error_not_a_bug(tmp_path):
+    from batchsr.errors import OutputError
+    from batchsr.journal import WatchJournal
+
+    class FullDisk:  # what SQLite says when the state folder's filesystem is full
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    journal.db = FullDisk(journal.db)
+    with pytest.raises(OutputError, match="journal.sqlite: database or disk is full"):
+        journal.observe([("a.png", 10, 1)], 0.0)
+
+
+def test_a_failed_file_moved_back_into_the_inbox_is_tried_again(tmp_path):
+    from batchsr.journal import Seen, WatchJournal
+
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    journal.observe([("bad.png", 10, 1)], 0.0)
+    journal.mark_ready([e.id for e in journal.settling(1.0)], 1.0)
+    (entry,) = journal.claim(4, 2.0)
+    result = journal.fail(entry.id, sha256="ab", attempts=3, error="corrupt", digest=None, now=3.0)
+    # Still in the inbox (the daemon died before moving it): only the move is left to do.
+    assert journal.observe([("bad.png", 10, 1)], 4.0) == [("bad.png", Seen.FAILED_BEFORE)]
+    journal.mark_set_aside(result.id)
+    # Moved to failed/, then back by the user (mv keeps size and mtime): a new try.
+    assert journal.observe([("bad.png", 10, 1)], 5.0) == [("bad.png", Seen.NEW)]
+    journal.close()
+
+
 def test_a_file_in_flight_whenever_the_daemon_dies_is_set_aside_after_max_attempts(tmp_path, tiny_model, start):
     """A file that crashes the process must not crash it forever: each death counts as a try."""
     config = write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2)
@@ -529,6 +587,19 @@ def test_awkward_names_are_processed_and_mirrored_exactly(tmp_path, tiny_model, 
 # -- failures -------------------------------------------------------------------------------------
 
 
+def test_failed_keeps_every_failed_file_of_the_same_name(tmp_path):
+    from batchsr.watch import _free_name
+
+    report = {"file": "x.png", "time": "t1"}
+    assert _free_name(tmp_path / "x.png", report) == tmp_path / "x.png"
+    (tmp_path / "x.png").write_bytes(b"first")
+    (tmp_path / "x.png.error.json").write_text(json.dumps({"file": "x.png", "time": "t0"}))
+    assert _free_name(tmp_path / "x.png", report) == tmp_path / "x.2.png"
+    (tmp_path / "x.2.png.error.json").write_text(json.dumps(report))  # this failure's report, its file not moved yet
+    assert _free_name(tmp_path / "x.png", report) == tmp_path / "x.2.png"
+    assert _free_name(tmp_path / "x.png", {"file": "x.png", "time": "t2"}) == tmp_path / "x.3.png"
+
+
 def test_bad_files_land_in_failed_with_their_reason_and_status_reports_them(tmp_path, tiny_model, start):
     config = write_config(tmp_path, tiny_model, max_attempts=2)
     good = jpeg(1)
@@ -620,6 +691,20 @@ def test_the_periodic_rescan_catches_what_events_missed(tmp_path, tiny_model, mo
     assert_consistent(tmp_path, {"missed.png": data})
 
 
+def test_an_inbox_deleted_and_made_again_is_watched_again(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model, rescan_interval_s=600.0)  # no rescan would find the file in time
+    data = png(6)
+    with serving_here(config):
+        drop(tmp_path / "inbox", "first.png", data)
+        wait_for(lambda: states(tmp_path).get("done") == ["first.png"], 60, what="first.png done")
+        shutil.rmtree(tmp_path / "inbox")
+        time.sleep(1.5)
+        (tmp_path / "inbox").mkdir()
+        time.sleep(1.5)
+        drop(tmp_path / "inbox", "second.png", png(8))
+        wait_for(lambda: sorted(states(tmp_path).get("done", [])) == ["first.png", "second.png"], 30, what="second.png done")
+
+
 # -- content, policies, model -------------------------------------------------------------------
 
 
@@ -643,6 +728,43 @@ def test_same_name_new_content_is_redone_identical_content_is_not(tmp_path, tiny
     assert (tmp_path / "done" / "a.png").read_bytes() == second
     assert sorted((r["path"], r["sha256"], r["state"]) for r in journal_rows(tmp_path)) == sorted(
         [("a.png", sha(first), "done"), ("a.png", sha(second), "done")])
+
+
+def test_an_input_never_replaces_the_output_of_another_input(tmp_path, tiny_model, start):
+    """a.jpg and a.png both become a.png with output_format png: the later one fails, as in run."""
+    config = write_config(tmp_path, tiny_model, max_attempts=1)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["run"]["output_format"] = "png"
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    inbox, output = tmp_path / "inbox", tmp_path / "output"
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(inbox, "a.jpg", jpeg(3))
+    wait_for(lambda: (tmp_path / "done" / "a.jpg").exists(), 60, daemon, "a.jpg")
+    first = (output / "a.png").read_bytes()
+    drop(inbox, "a.png", png(4, (12, 10)))
+    wait_for(lambda: (tmp_path / "failed" / "a.png").exists(), 60, daemon, "a.png set aside")
+    assert daemon.stop() == 0
+    assert (output / "a.png").read_bytes() == first
+    report = json.loads((tmp_path / "failed" / "a.png.error.json").read_text())
+    assert "would overwrite the output of a.jpg" in report["reason"]
+
+
+def test_a_replacement_model_of_another_scale_is_refused_when_the_scale_is_set(tmp_path, tiny_model):
+    from batchsr.checkpoint import save_model
+    from batchsr.config import EngineSettings
+    from batchsr.model import ModelConfig, build_model
+    from batchsr.watch import _Model
+
+    weights = tmp_path / "m.weights.h5"
+    shutil.copy(tiny_model, weights)
+    shutil.copy(tiny_model.with_name("tiny_x4.json"), weights.with_name("m.json"))
+    model = _Model(weights, EngineSettings(device="cpu"), scale=4)
+    before = model.engine.model_id
+    config = ModelConfig(scale=2, width=8, depth=1, blocks=0)
+    save_model(build_model(config), config, weights)  # the file is replaced by an x2 model
+    model.reload_if_replaced()
+    assert model.engine.model_id == before and model.rejected is not None
 
 
 @pytest.mark.parametrize("policy", ["keep", "delete"])
