@@ -107,7 +107,7 @@ def _load(ctx: click.Context, overrides: dict):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchsr")
-@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config", type=click.Path(path_type=Path),
               help="Settings file (default: $BATCHSR_CONFIG, else ./config.yaml if present, else built-in defaults).")
 @click.option("--log-level", type=click.Choice(["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]),
               help="Overrides logging.level.")
@@ -265,7 +265,7 @@ def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap,
 
 
 @main.command()
-@click.argument("train_config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("train_config", type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in out_dir exactly where it stopped.")
 @click.option("--init", "init", type=click.Path(path_type=Path), help="Warm-start from these weights (fine-tuning).")
 @click.option("--steps", type=int, help="Overrides steps.")

@@ -41,3 +41,38 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class InboxLock:
+    """One daemon per inbox: a ``flock`` on the folder itself, so nothing is written into it.
+
+    Two daemons with their own state and output folders on one inbox would each
+    process every file. Where the filesystem has no such locks (some network
+    mounts), the daemon goes on without this one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "InboxLock":
+        from loguru import logger
+
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(f"{self.path} is already watched by another batchsr daemon; give each daemon its own inbox") from None
+        except OSError as exc:
+            os.close(fd)
+            logger.warning("cannot lock the inbox {} ({}): make sure no other daemon watches it", self.path, exc.strerror or exc)
+            return self
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

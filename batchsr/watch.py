@@ -54,7 +54,7 @@ from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, remove_temporaries
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
-from batchsr.lock import FolderLock
+from batchsr.lock import FolderLock, InboxLock
 from batchsr.pipeline import output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed
 from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, write_output
 
@@ -845,11 +845,11 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
 
     Start-up problems raise: ConfigError (overlapping folders), InputError,
     OutputError (a folder cannot be created or written), LockedError (another
-    daemon holds the state folder, or anyone holds the output folder), ModelError.
+    daemon holds the state folder or the inbox, or anyone holds the output folder), ModelError.
     """
     folders = WatchFolders.from_settings(settings.watch)
     folders.create()
-    with FolderLock(folders.state / LOCK_FILE), FolderLock(folders.output / STATE_DIR / "lock"):
+    with FolderLock(folders.state / LOCK_FILE), FolderLock(folders.output / STATE_DIR / "lock"), InboxLock(folders.inbox):
         removed = sum(remove_temporaries(folder) for folder in (folders.output, folders.done, folders.failed))
         if removed:
             logger.info("removed {} temporary files left by an interrupted run", removed)

@@ -211,6 +211,8 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
     bad_config.write_text("engine:\n  tile: -5\n")
     config_error = _cli("--config", str(bad_config), "run", str(good), str(tmp_path / "o4"))
     assert config_error.returncode == 78 and "engine.tile" in config_error.stderr and "-5" in config_error.stderr
+    folder_as_config = _cli("--config", str(tmp_path), "config")
+    assert folder_as_config.returncode == 78 and "Is a directory" in folder_as_config.stderr
     flag_error = _cli("run", str(good), str(tmp_path / "o4"), "--tile", "8")
     assert flag_error.returncode == 78 and "engine.tile (from the command line) = 8" in flag_error.stderr
     bad_model = _cli("run", str(good), str(tmp_path / "o5"), "--model", str(tmp_path / "none.weights.h5"))

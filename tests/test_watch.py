@@ -872,6 +872,8 @@ def test_a_second_instance_and_a_run_on_the_same_output_are_refused_with_75(tmp_
     (tmp_path / "archive").mkdir()
     archive = cli("run", str(tmp_path / "archive"), str(tmp_path / "output"), "--model", str(tiny_model))
     assert archive.returncode == 75 and f"pid {daemon.pid}" in archive.stderr
+    same_inbox = cli("--config", str(config), "watch", "--state", str(tmp_path / "s2"), "--output", str(tmp_path / "o2"))
+    assert same_inbox.returncode == 75 and "already watched by another batchsr daemon" in same_inbox.stderr
     assert daemon.alive()
     assert daemon.stop() == 0
 
