@@ -484,5 +484,5 @@ def train(
     final_val = validate(eval_model, val_pairs, scale) if val_pairs else None
     save_model(eval_model, config, final_path, training=metadata(),
                metrics={"val_psnr_y": round(final_val, 4)} if final_val is not None else {})
-    logger.info("saved {} (validation Y-PSNR {})", final_path, final_val)
+    logger.info("saved {} (validation Y-PSNR {})", final_path, "-" if final_val is None else f"{final_val:.4f}")
     return TrainResult(state["step"], state["best_psnr"], final_path, best_path if best_path.exists() else None, state["seconds"])
