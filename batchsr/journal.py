@@ -267,6 +267,13 @@ class WatchJournal:
                 [(size, mtime_ns, now, now, i) for i, size, mtime_ns in changes],
             )
 
+    def clamp_future(self, now: float) -> None:
+        """After the wall clock stepped back: times ahead of ``now`` become ``now``, so that
+        settling, back-off and waiting are not stretched by the size of the step."""
+        with self._transaction() as db:
+            for column in ("changed", "ready_since", "not_before", "first_seen"):
+                db.execute(f"UPDATE files SET {column} = ? WHERE {column} > ? AND state IN ('seen', 'ready', 'claimed')", (now, now))
+
     def forget(self, ids: list[int]) -> None:
         with self._transaction() as db:
             db.executemany("DELETE FROM files WHERE id = ? AND state IN ('seen', 'ready', 'claimed')", [(i,) for i in ids])

@@ -395,26 +395,33 @@ class _Daemon:
             notify(f"READY=1\nSTATUS=watching, {status.queue} queued")
             tick = min(0.25, max(0.02, min(self.watch.settle_s, self.watch.max_wait_s) / 4))
             ping_every, last_ping = _watchdog_interval(), 0.0
-            next_scan = time.time() + self.watch.rescan_interval_s
-            identity, next_check = _identity(self.folders.inbox), time.time() + 1.0
+            # Timers of this process run on the monotonic clock; the journal's times are wall-clock
+            # (they outlive the process), so a clock stepped back is caught and clamped below.
+            next_scan = time.monotonic() + self.watch.rescan_interval_s
+            identity, next_check = _identity(self.folders.inbox), time.monotonic() + 1.0
+            last_wall = time.time()
             while not self.stop.is_set():
                 self._take_hints(tick)
-                now = time.time()
-                if now >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
-                    next_check = now + 1.0
+                now, tick_at = time.time(), time.monotonic()
+                if now < last_wall - 1.0:
+                    logger.warning("the clock went back {:.0f}s; waiting times are counted from now", last_wall - now)
+                    self.journal.clamp_future(now)
+                last_wall = now
+                if tick_at >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
+                    next_check = tick_at + 1.0
                     current = _identity(self.folders.inbox)
                     if current is not None and (current != identity or not _watching(observer)):
                         logger.warning("the inbox {} was replaced or its file watcher stopped; watching it again", self.folders.inbox)
                         observer.stop()
                         observer.join(timeout=5)
                         observer = self._start_observer()
-                        next_scan = now  # and look at everything in it
+                        next_scan = tick_at  # and look at everything in it
                     elif current is None and identity is not None:
                         logger.error("the inbox {} is gone; waiting for it to come back", self.folders.inbox)
                     identity = current
-                if now >= next_scan:
+                if tick_at >= next_scan:
                     self._scan(now)
-                    next_scan = now + self.watch.rescan_interval_s
+                    next_scan = tick_at + self.watch.rescan_interval_s
                 self._settle(now)
                 if not self.stop.is_set() and self._batch_due(now):
                     self.model.reload_if_replaced()
@@ -422,9 +429,9 @@ class _Daemon:
                     summary.done += counts.done
                     summary.failed += counts.failed
                     summary.model_id = self.model.engine.model_id
-                if ping_every is not None and time.time() - last_ping >= ping_every:
+                if ping_every is not None and time.monotonic() - last_ping >= ping_every:
                     notify("WATCHDOG=1")
-                    last_ping = time.time()
+                    last_ping = time.monotonic()
         finally:
             observer.stop()
             observer.join(timeout=10)

@@ -443,6 +443,17 @@ def test_a_full_state_folder_is_an_output_error_not_a_bug(tmp_path):
         journal.observe([("a.png", 10, 1)], 0.0)
 
 
+def test_a_clock_stepped_back_does_not_stretch_settling(tmp_path):
+    from batchsr.journal import WatchJournal
+
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    journal.observe([("a.png", 10, 1)], 5000.0)  # seen before the clock went back an hour and more
+    assert journal.settling(1000.0) == []
+    journal.clamp_future(1000.0)
+    assert [e.path for e in journal.settling(1000.0)] == ["a.png"]
+    journal.close()
+
+
 def test_a_failed_file_moved_back_into_the_inbox_is_tried_again(tmp_path):
     from batchsr.journal import Seen, WatchJournal
 
