@@ -349,6 +349,9 @@ class _RemoteReferences(ReferenceFolder):
     def read(self, found: str) -> Image:
         return decode_image(_read(found), found)
 
+    def identity(self, found: str | None) -> str | None:
+        return found  # the URI: another filesystem's files are not stat'ed here
+
 
 def _references(root: str | None) -> ReferenceFolder | None:
     if root is None:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -200,10 +200,23 @@ class ReferenceFolder:
         """What ``load_reference`` takes: here the file itself, which it reads."""
         return found
 
+    def identity(self, found: Path | None) -> str | None:
+        """What the scores of an output were computed against: the reference file as it is now
+        (path, size, modification time), so that another folder or a changed file is scored again."""
+        if found is None:
+            return None
+        try:
+            info = os.stat(found)
+        except OSError:
+            return None
+        return f"{Path(found).resolve()}:{info.st_size}:{info.st_mtime_ns}"
+
 
 @dataclass
 class Written:
-    """An output on disk: the finished image and, when it was scored, its metrics and the reference behind them."""
+    """An output on disk: the finished image and, when references were given, its metrics (``reference``,
+    the identity of what it was scored against, or None; the scores when it could be scored) and the
+    reference behind them."""
 
     image: Image
     metrics: dict | None = None
@@ -234,19 +247,22 @@ def write_output(
     if references is None:
         return Written(result)
     found = references.find(rel)
+    unscored = {"reference": references.identity(found)}  # recorded, so that a re-run skips the image until that changes
     if found is None:
         logger.warning("{}: no reference image at the same relative path; no metrics", name)
-        return Written(result)
+        return Written(result, unscored)
     if not float(factor).is_integer():  # before reading it: plan_route counted no reference at such a factor
         logger.warning("{}: no metrics at the non-integer factor {}", name, factor)
-        return Written(result)
+        return Written(result, unscored)
     try:
         reference = load_reference(image, result, references.read(found), int(factor))
     except ImageError as exc:  # the output is good; only its score is lost
         logger.warning("{}: no metrics: {}", name, exc)
-        return Written(result)
-    metrics = score_against(result, reference, int(factor))
-    metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], ms=round(ms, 1))
+        return Written(result, unscored)
+    # Lossy formats are scored as written: the decoded file, not the pixels before encoding.
+    delivered = replace(result, rgb=decode_image(data, name, max_pixels=None).rgb) if fmt in ("jpg", "webp") else result
+    metrics = score_against(delivered, reference, int(factor))
+    metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], scale=int(factor), ms=round(ms, 1), **unscored)
     return Written(result, metrics, reference)
 
 
@@ -353,6 +369,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     run = settings.run
     factor = run.outscale or scale
 
+    references = ReferenceFolder(Path(reference_dir)) if reference_dir is not None else None
+
     def _up_to_date(entry, item: _Item, fmt: str) -> bool:
         """Same content, model, output name and options, the output still there, metrics if asked."""
         sha256, model, output, metrics, options = entry
@@ -360,7 +378,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         expected = output_name(item.rel, fmt, run.output_format, run.name_template, factor).as_posix()
         return (sha256 == item.sha256 and model == model_id and output == expected and (output_dir / output).is_file()
                 and (options is None or options == output_options(settings, target, factor))
-                and (reference_dir is None or metrics is not None))
+                and (references is None or (metrics is not None and "reference" in metrics
+                                            and metrics["reference"] == references.identity(references.find(item.rel)))))
 
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))
@@ -403,8 +422,6 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def fail(item: _Item, reason: str) -> None:
         summary.failed.append(Failure(item.path, reason))
         logger.error("{}: {}", item.path, reason)
-
-    references = ReferenceFolder(Path(reference_dir)) if reference_dir is not None else None
 
     def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, alpha: np.ndarray | None, ms: float) -> dict | None:
         written = write_output(item.image, upscaled, alpha, output_dir / out_rel, settings, scale,
@@ -520,9 +537,12 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     finally:
         writers.shutdown(wait=True)
         progress.close()
-    if reference_dir is not None:
+    if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale, model_id)
     journal.close()
+    if report_dir is not None and len(report_images) < summary.done + summary.skipped:
+        logger.warning("report: {} of {} images were scored in this run; up-to-date images are not in it (--force redoes them)",
+                       len(report_images), summary.done + summary.skipped)
     if report_dir is not None and report_images:
         report_images.sort(key=lambda im: im.name)
         rows = [{"images": len(report_images), "scale": scale, "model": model_id,
@@ -551,14 +571,15 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
     rows = []
     for rel in inputs:
         entry = entries.get(rel)
-        if entry is None or entry[3] is None:
+        if entry is None or entry[3] is None or "psnr_y" not in entry[3]:  # not scored: no reference, or none usable
             continue
-        rows.append({"image": rel, "scale": scale, "model_id": entry[1], **entry[3]})
+        rows.append({"image": rel, "scale": scale, "model_id": entry[1], **entry[3]})  # the row's own scale when recorded
     if not rows:
         return None
     numeric = [c for c in METRIC_COLUMNS if c not in ("image", "model_id", "width", "height", "scale")]
-    mean = {"image": "MEAN", "scale": scale, "model_id": model_id, "width": "", "height": ""}
-    mean.update({c: round(float(np.mean([r[c] for r in rows])), 4) for c in numeric})
+    scales = {r["scale"] for r in rows}
+    mean = {"image": "MEAN", "scale": scales.pop() if len(scales) == 1 else "", "model_id": model_id, "width": "", "height": ""}
+    mean.update({c: round(float(np.mean([r[c] for r in rows])), 1 if c == "ms" else 4) for c in numeric})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -568,9 +589,13 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
 
 
 def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int, model_id: str) -> Path | None:
+    """Rewrites metrics.csv from the journal; removes it when no output has scores (a stale file would lie)."""
     data = metrics_csv(journal.entries(), inputs, scale, model_id)
-    if data is None:
-        return None
     path = output_dir / METRICS_FILE
+    if data is None:
+        if path.exists():
+            path.unlink()
+            logger.info("{} removed: no output has metrics now", path)
+        return None
     atomic_write(path, data)
     return path

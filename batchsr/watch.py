@@ -712,7 +712,7 @@ class _Daemon:
         references = ReferenceFolder(self.folders.reference) if self.folders.reference is not None else None
         written = write_output(item.image, colour, alpha, self.folders.output / out_rel, self.settings, engine.scale,
                                name=item.entry.path, rel=Path(item.entry.path), references=references, ms=ms)
-        if written.metrics is None:
+        if written.metrics is None or "psnr_y" not in written.metrics:  # no reference, or none usable
             return None
         return {"image": item.entry.path, "scale": int(factor), "model_id": engine.model_id, **written.metrics,
                 "input_sha256": item.sha256, "finished": _iso(time.time())}

@@ -136,6 +136,46 @@ def test_reference_metrics_match_a_recomputation(tmp_path, tiny_model):
     assert float(mean["psnr_y"]) == pytest.approx(np.mean([float(r["psnr_y"]) for r in rows[:2]]), abs=1e-3)
 
 
+def test_metrics_follow_the_reference_and_the_written_file(tmp_path, tiny_model):
+    """Scores are redone against a new reference folder, JPEG outputs are scored as written, an input
+    without a reference is not redone on every run, and metrics.csv never keeps stale rows."""
+    import cv2
+
+    hr_dir, blurred, lr_dir = tmp_path / "hr", tmp_path / "blurred", tmp_path / "lr"
+    hr = read_image(data_dir("Set5", "HR") / "bird.png").rgb[:96, :96]
+    write_png(hr_dir / "bird.png", hr)
+    write_png(blurred / "bird.png", cv2.GaussianBlur(hr, (0, 0), 2))
+    write_png(lr_dir / "bird.png", degrade(hr, 4))
+    write_png(lr_dir / "alone.png", degrade(hr, 4)[:12])  # no reference anywhere
+    out = tmp_path / "out"
+
+    def rows(summary):
+        return {r["image"]: r for r in csv.DictReader(open(summary.metrics_csv))}
+
+    first = run_folder(lr_dir, out, _settings(tiny_model), reference_dir=hr_dir)
+    scored = rows(first)
+    assert first.done == 2 and list(scored) == ["bird.png", "MEAN"]
+    again = run_folder(lr_dir, out, _settings(tiny_model), reference_dir=hr_dir)
+    assert (again.done, again.skipped) == (0, 2)  # alone.png too: its missing reference was recorded
+    other = run_folder(lr_dir, out, _settings(tiny_model), reference_dir=blurred)
+    assert other.done == 1 and rows(other)["bird.png"]["psnr_y"] != scored["bird.png"]["psnr_y"]
+
+    def with_run(**changes):
+        settings = _settings(tiny_model)
+        return settings.model_copy(update={"run": settings.run.model_copy(update=changes)})
+
+    lossy = run_folder(lr_dir, tmp_path / "jpg", with_run(output_format="jpg", jpeg_quality=30), reference_dir=hr_dir)
+    written = read_image(tmp_path / "jpg" / "bird.jpg").rgb.astype(np.float64)
+    assert float(rows(lossy)["bird.png"]["psnr_y"]) == pytest.approx(score(written, hr.astype(np.float64), 4)["psnr_y"], abs=1e-3)
+    write_png(tmp_path / "half" / "bird.png", imresize(hr, 0.5))
+    halved = run_folder(lr_dir, tmp_path / "x2", with_run(outscale=2.0), reference_dir=tmp_path / "half")
+    assert rows(halved)["bird.png"]["scale"] == "2" and rows(halved)["MEAN"]["scale"] == "2"
+
+    write_png(lr_dir / "bird.png", degrade(hr, 4)[:20])  # new content, run without references: its old row goes
+    plain = run_folder(lr_dir, out, _settings(tiny_model))
+    assert plain.done == 1 and not (out / "metrics.csv").exists()
+
+
 def test_a_colliding_input_never_takes_an_up_to_date_output(tmp_path, tiny_model):
     """a.jpg and a.png both become a.png: the first keeps it on every run, the second fails each time."""
     src, out = tmp_path / "in", tmp_path / "out"
