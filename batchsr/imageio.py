@@ -20,7 +20,7 @@ import io
 import os
 import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -47,6 +47,8 @@ _SIGNATURES = (
     (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
 )
@@ -55,7 +57,7 @@ INPUT_FORMATS = FORMATS + ("gif",)  # read
 WRITTEN_AS = {"gif": "png"}  # 256 colours cannot hold an upscaled image
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "bmp": ".bmp", "tiff": ".tif"}
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
-_MAX_SIDE = {"jpg": 65535, "webp": 16383}
+MAX_SIDE = {"jpg": 65535, "webp": 16383}  # the formats' own limits on a side
 MIN_SIDE = 1
 DEFAULT_MAX_PIXELS = 200_000_000
 _UMASK = os.umask(0)
@@ -114,6 +116,8 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
     except MemoryError:
         raise
     except PILImage.UnidentifiedImageError:
+        if fmt == "tiff":  # layouts Pillow has no mode for, such as 16-bit gray + alpha (which batchsr writes)
+            return _decode_tiff_with_tifffile(data, path, max_pixels, stored_orientation or 1)
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data (no valid header)") from None
     except Exception as exc:  # Pillow signals bad headers with many exception types
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data ({exc})") from None
@@ -123,7 +127,7 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
             raise ImageError(path, f"image of {width}x{height} pixels is empty")
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError(
-                path, f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels) exceeds the limit of "
+                path, f"{width}x{height} pixels ({width * height / 1e6:.3g} megapixels) exceeds the limit of "
                 f"{max_pixels} pixels (image.max_pixels); refused before decoding"
             )
         frames = getattr(pil, "n_frames", 1)
@@ -149,10 +153,53 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
     return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, neutral=not gray and _channels_equal(rgb), meta=meta, source=str(path))
 
 
+def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None, orientation: int) -> Image:
+    """A TIFF that Pillow cannot open: 8/16-bit gray or RGB, with an alpha sample or not, read by tifffile."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            height, width = page.imagelength, page.imagewidth
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(path, f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels (image.max_pixels); "
+                                       "refused before decoding")
+            pixels = page.asarray()
+            photometric, extra = int(page.photometric), tuple(page.extrasamples or ())
+            icc = page.tags.get(34675)
+            icc = bytes(icc.value) if icc is not None else None
+            if len(tif.pages) > 1:
+                logger.warning("{}: multi-page TIFF ({} pages): only the first page is upscaled", path, len(tif.pages))
+    except ImageError:
+        raise
+    except Exception as exc:  # tifffile signals bad files with many exception types
+        raise ImageError(path, f"corrupt or truncated TIFF data ({exc})") from None
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ImageError(path, f"unsupported sample type {pixels.dtype} (8- or 16-bit integers only)")
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    gray = photometric in (0, 1)  # WhiteIsZero, BlackIsZero
+    if pixels.ndim != 3 or pixels.shape[2] != (1 if gray else 3) + len(extra[:1]):
+        raise ImageError(path, f"unsupported TIFF layout: photometric {photometric}, {pixels.shape[-1]} samples")
+    alpha = np.ascontiguousarray(pixels[:, :, -1]) if extra else None
+    colour = pixels[:, :, :1] if gray else pixels[:, :, :3]
+    if photometric == 0:
+        colour = np.iinfo(colour.dtype).max - colour
+    if alpha is not None and extra[0] == 1:  # associated (premultiplied) alpha
+        colour = unpremultiply(colour, alpha)
+    rgb = np.repeat(colour, 3, axis=2) if gray else colour
+    rgb, alpha = orient(rgb, orientation), (orient(alpha, orientation) if alpha is not None else None)
+    if alpha is not None:
+        rgb = bleed(rgb, alpha)
+    return Image(np.ascontiguousarray(rgb), alpha, gray, "tiff", neutral=not gray and _channels_equal(rgb),
+                 meta=Metadata(icc=icc), source=str(path))
+
+
 def _tiff_entries(data: bytes) -> tuple[str, dict[int, tuple[int, int, int]]]:
     """Byte order and the first IFD's entries, ``tag: (type, count, offset of the value field)``."""
     endian = "<" if data[:2] == b"II" else ">"
     entries = {}
+    if data[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 64-bit offsets, left to the decoders
+        return endian, entries
     try:
         (ifd,) = struct.unpack_from(endian + "I", data, 4)
         (count,) = struct.unpack_from(endian + "H", data, ifd)
@@ -283,6 +330,10 @@ def _decode_with_pillow(pil: PILImage.Image, fmt: str, path):
     return np.ascontiguousarray(pixels[:, :, :3]), alpha, False
 
 
+def too_large(fmt: str, width: int, height: int) -> str:
+    return f"{width}x{height} is too large for {fmt.upper()} (at most {MAX_SIDE[fmt]} pixels a side); choose png or tiff"
+
+
 def _cmyk_to_rgb(pil: PILImage.Image, path) -> PILImage.Image:
     """CMYK (print) to RGB: through the embedded ICC profile when there is one."""
     profile = pil.info.get("icc_profile")
@@ -332,8 +383,8 @@ def encode_image(
         raise ValueError(f"unknown output format {fmt!r}; allowed: {FORMATS}")
     name = image.source or "<output>"
     width, height = image.size
-    if fmt in _MAX_SIDE and max(width, height) > _MAX_SIDE[fmt]:
-        raise ImageError(name, f"{width}x{height} is too large for {fmt.upper()} (at most {_MAX_SIDE[fmt]} pixels a side); choose png or tiff")
+    if fmt in MAX_SIDE and max(width, height) > MAX_SIDE[fmt]:
+        raise ImageError(name, too_large(fmt, width, height))
     rgb, alpha, gray = image.rgb, image.alpha, image.gray
     if alpha is not None and fmt in ("jpg", "bmp"):
         logger.warning("{}: {} has no transparency: flattened on #{:02x}{:02x}{:02x} (image.background)", name, fmt.upper(), *background)
@@ -400,12 +451,26 @@ def tiff_options(gray: bool, channels: int, meta: Metadata) -> dict:
     return options
 
 
+def bigtiff_meta(shape: tuple[int, ...], dtype, meta: Metadata, name) -> tuple[bool, Metadata]:
+    """Whether a TIFF of ``shape`` needs BigTIFF, and the metadata it can carry.
+
+    Classic TIFF offsets are 32-bit: a file that may pass 4 GB (compression is not
+    counted on) must be BigTIFF, into which the appended EXIF IFDs are not written.
+    """
+    if int(np.prod(shape)) * np.dtype(dtype).itemsize < 4_000_000_000:
+        return False, meta
+    if meta.exif is not None:
+        logger.warning("{}: written as BigTIFF (over 4 GB); its EXIF is not carried", name)
+    return True, replace(meta, exif=None)
+
+
 def _encode_tiff(pixels: np.ndarray, gray: bool, meta: Metadata) -> bytes:
     import tifffile
 
     buffer = io.BytesIO()
     data = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
-    tifffile.imwrite(buffer, data, compression="zlib", predictor=True, **tiff_options(gray, pixels.shape[2], meta))
+    big, meta = bigtiff_meta(pixels.shape, pixels.dtype, meta, "output")
+    tifffile.imwrite(buffer, data, compression="zlib", predictor=True, bigtiff=big, **tiff_options(gray, pixels.shape[2], meta))
     return tiff_with_exif(buffer.getvalue(), meta)
 
 

@@ -98,6 +98,9 @@ def _carried_exif(source: PILImage.Exif) -> PILImage.Exif:
     for tag, value in source.items():
         if tag in _LAYOUT_TAGS:
             continue
+        if tag == 270 and isinstance(value, str) and value.lstrip().startswith('{"shape":'):
+            continue  # tifffile's description of the input's array shape: wrong for the output
+
         if tag == EXIF_IFD:
             value = dict(source.get_ifd(EXIF_IFD))
             if INTEROP_IFD in value:

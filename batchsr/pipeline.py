@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batchsr.imageio import EXTENSIONS, Image, atomic_file, from_float, tiff_options, to_float, written_format
+from batchsr.imageio import (
+    EXTENSIONS, MAX_SIDE, Image, atomic_file, bigtiff_meta, from_float, tiff_options, to_float, too_large, written_format,
+)
 from batchsr.metadata import append_tiff_exif, png_metadata_chunks, scaled
 from batchsr.resize import imresize, imresize_rows
 
@@ -170,6 +172,10 @@ def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference:
     """
     cap = run.memory_cap_mb
     factor = float(run.outscale or scale)
+    out_w, out_h = output_size(image.rgb.shape[1], image.rgb.shape[0], factor)
+    target = written_format(fmt)
+    if target in MAX_SIDE and max(out_w, out_h) > MAX_SIDE[target]:  # known before the model runs
+        return Route(refusal=too_large(target, out_w, out_h))
     can_stream = written_format(fmt) in STREAMED_FORMATS and factor == scale
     whole = in_use_mb + whole_mb(image, scale, factor, reference=reference)
     band = in_use_mb + band_mb(image, scale, tile)
@@ -243,8 +249,9 @@ def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "mod
             import tifffile
 
             shape = (out_h, out_w) if channels == 1 else (out_h, out_w, channels)
+            big, meta = bigtiff_meta(shape, dtype, meta, path)
             tifffile.imwrite(handle, _tiles(bands(), out_w, channels, dtype), shape=shape, dtype=dtype, tile=(_TIFF_TILE, _TIFF_TILE),
-                             compression="zlib", predictor=True, **tiff_options(image.gray, channels, meta))
+                             compression="zlib", predictor=True, bigtiff=big, **tiff_options(image.gray, channels, meta))
             append_tiff_exif(handle, meta)
     return out_w, out_h
 

@@ -26,7 +26,7 @@ from loguru import logger
 
 from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
-from batchsr.errors import ImageError, InputError, OutputError
+from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, remove_temporaries, sniff_format, to_uint8
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
@@ -319,6 +319,15 @@ def list_inputs(input_dir: Path, output_dir: Path, recursive: bool,
             if not ((real := path.resolve()) == out or out in real.parents)]
 
 
+def check_memory_cap(settings: Settings) -> None:
+    """With the model loaded: a run.memory_mb below what the process already takes would refuse every image,
+    each with advice (lower the tile) that cannot help."""
+    cap, used = settings.run.memory_cap_mb, process_rss_mb()
+    if used >= cap:
+        raise ConfigError(f"run.memory_mb = {cap:,.0f} is below what the model and runtime already take "
+                          f"(about {used:,.0f} MB); raise it")
+
+
 def check_folders_apart(input_dir: Path, output_dir: Path) -> None:
     """OUTPUT may sit inside INPUT (it is left out of the inputs), but not be INPUT or hold it:
     every input would be left out, and the run would succeed having done nothing."""
@@ -462,6 +471,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             from batchsr.engine import Engine
 
             engine = Engine(model_weights(settings.model), settings.engine)
+            check_memory_cap(settings)
         return engine
 
     def flush(batch: list[_Item]) -> None:

@@ -56,7 +56,7 @@ from batchsr.imageio import Image, atomic_write, decode_image, remove_temporarie
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock, InboxLock
 from batchsr.pipeline import output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed
-from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, write_output
+from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, check_memory_cap, write_output
 
 METRICS_FILE = "watch-metrics.csv"
 METRICS_COLUMNS = [*METRIC_COLUMNS, "input_sha256", "finished"]
@@ -866,6 +866,7 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
             if interrupted:
                 logger.warning("{} files were in flight when the daemon last stopped; they are queued again", len(interrupted))
             model = _Model(model_weights(settings.model), settings.engine, settings.model.scale)
+            check_memory_cap(settings)
             with ThreadPoolExecutor(max_workers=settings.run.write_workers, thread_name_prefix="batchsr-write") as writers:
                 daemon = _Daemon(settings, folders, journal, model, writers, stop)
                 daemon.set_aside_interrupted(interrupted)

@@ -361,6 +361,36 @@ def test_metadata_adds_no_empty_exif_blocks_nor_a_resolution(tmp_path):
         assert back.tag_v2.get(296, 1) == 1 and "dpi" not in back.info  # no unit: no physical size claimed
 
 
+def test_sixteen_bit_gray_alpha_and_big_tiffs_read_back(tmp_path):
+    """Layouts Pillow cannot open, which batchsr itself writes: 16-bit gray + alpha, and BigTIFF."""
+    from batchsr.imageio import bigtiff_meta, encode_image
+    from batchsr.metadata import Metadata
+
+    gray = (np.arange(6 * 8).reshape(6, 8) * 1000).astype(np.uint16)
+    alpha = np.full((6, 8), 65535, np.uint16)
+    alpha[0, 0] = 0
+    tifffile.imwrite(tmp_path / "la.tif", np.dstack([gray, alpha]), photometric="minisblack", extrasamples=["unassalpha"])
+    image = read_image(tmp_path / "la.tif")
+    assert image.gray and image.rgb.dtype == np.uint16 and np.array_equal(image.alpha, alpha)
+    assert np.array_equal(image.rgb[1:, :, 0], gray[1:])
+    again = decode_image(encode_image(image, "tiff"), "again")  # batchsr's own output
+    assert np.array_equal(again.alpha, alpha) and np.array_equal(again.rgb, image.rgb)
+    tifffile.imwrite(tmp_path / "big.tif", _upright(), photometric="rgb", bigtiff=True)
+    assert np.array_equal(read_image(tmp_path / "big.tif").rgb, _upright())
+    meta = Metadata(exif=b"II*\x00")
+    assert bigtiff_meta((40000, 40000, 3), np.uint8, meta, "x") == (True, Metadata())  # over 4 GB: BigTIFF, no EXIF
+    assert bigtiff_meta((6000, 4000, 3), np.uint16, meta, "x") == (False, meta)
+
+
+def test_a_jpeg_or_webp_output_too_large_is_refused_before_the_model(tmp_path):
+    from batchsr.pipeline import plan_route
+
+    image = Image(np.zeros((8, 9000, 3), np.uint8), None, False, "png")
+    route = plan_route(image, "webp", 2, Settings().run, 128, reference=False, in_use_mb=0.0)
+    assert route.refusal == "18000x16 is too large for WEBP (at most 16383 pixels a side); choose png or tiff"
+    assert plan_route(image, "png", 2, Settings().run, 128, reference=False, in_use_mb=0.0).refusal is None
+
+
 def test_sixteen_bit_white_is_zero_tiff_is_not_a_negative(tmp_path):
     gray = (np.arange(6 * 8).reshape(6, 8) * 1000).astype(np.uint16)
     tifffile.imwrite(tmp_path / "w.tif", 65535 - gray, photometric="miniswhite")

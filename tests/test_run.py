@@ -282,6 +282,16 @@ def test_unwritable_outputs_of_eval_and_logging_fail_up_front(tmp_path):
     assert bad_log.returncode == 78 and "logging.file" in bad_log.stderr
 
 
+def test_a_memory_cap_below_the_loaded_model_is_a_configuration_error(tmp_path, tiny_model):
+    from batchsr.errors import ConfigError
+
+    write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    settings = _settings(tiny_model)
+    settings = settings.model_copy(update={"run": settings.run.model_copy(update={"memory_mb": 256})})
+    with pytest.raises(ConfigError, match=r"run.memory_mb = 256 is below what the model and runtime already take"):
+        run_folder(tmp_path / "in", tmp_path / "out", settings)
+
+
 def test_help_does_not_import_tensorflow():
     code = "import sys; from click.testing import CliRunner; from batchsr.cli import main; r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
