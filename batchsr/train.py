@@ -119,7 +119,8 @@ class _Checkpoints:
 
 
 # What decides the patch stream: changing one on --resume would not continue the run, but start another.
-_STREAM_KEYS = ("train_dirs", "rescale", "patch_size", "batch_size", "seed", "augment", "permute_channels")
+# (train_dirs may change: the same images at another path, as on another machine, give the same stream.)
+_STREAM_KEYS = ("rescale", "patch_size", "batch_size", "seed", "augment", "permute_channels")
 
 
 def _check_resumed_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
