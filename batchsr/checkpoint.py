@@ -13,8 +13,9 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
-from batchsr.config import ModelSettings
+from batchsr.config import ModelSettings, TrainModel
 from batchsr.errors import ModelError
 
 FORMAT = "batchsr-model"
@@ -99,8 +100,9 @@ def read_info(weights_path: Path | str) -> ModelInfo:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{desc}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
     model = meta.get("model")
-    if not (isinstance(model, dict) and model.get("arch") in ("unet", "seed") and model.get("scale") in (2, 3, 4)):
-        raise ModelError(f"{desc}: bad model config {model!r} (needs 'arch' unet or seed and 'scale' 2, 3 or 4)")
+    archs, scales = (get_args(TrainModel.model_fields[k].annotation) for k in ("arch", "scale"))
+    if not (isinstance(model, dict) and model.get("arch") in archs and model.get("scale") in scales):
+        raise ModelError(f"{desc}: bad model config {model!r} (needs 'arch' in {archs} and 'scale' in {scales})")
     sha = file_sha256(weights_path)
     if meta.get("weights_sha256") != sha:
         raise ModelError(

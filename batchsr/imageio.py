@@ -111,13 +111,16 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         if unsupported:
             raise ImageError(path, unsupported)
         data, stored_orientation = _tiff_orientation_cleared(data)
+        if stored_orientation not in range(1, 9):
+            logger.warning("{}: invalid TIFF orientation {} ignored", path, stored_orientation)
+            stored_orientation = 1
     try:
         pil = PILImage.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
     except MemoryError:
         raise
     except PILImage.UnidentifiedImageError:
         if fmt == "tiff":  # layouts Pillow has no mode for, such as 16-bit gray + alpha (which batchsr writes)
-            return _decode_tiff_with_tifffile(data, path, max_pixels, stored_orientation or 1)
+            return _upright(*_decode_tiff_with_tifffile(data, path, max_pixels), fmt, stored_orientation, path)
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data (no valid header)") from None
     except Exception as exc:  # Pillow signals bad headers with many exception types
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data ({exc})") from None
@@ -125,20 +128,13 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         width, height = pil.size
         if min(width, height) < MIN_SIDE:
             raise ImageError(path, f"image of {width}x{height} pixels is empty")
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageError(
-                path, f"{width}x{height} pixels ({width * height / 1e6:.3g} megapixels) exceeds the limit of "
-                f"{max_pixels} pixels (image.max_pixels); refused before decoding"
-            )
+        _check_pixel_limit(path, width, height, max_pixels)
         frames = getattr(pil, "n_frames", 1)
         if frames > 1:
             what = ("multi-page", "page") if fmt == "tiff" else ("animated", "frame")
             logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), frames, what[1], what[1])
         meta, orientation = read_metadata(pil, path)
-        if stored_orientation is not None:
-            orientation = stored_orientation if stored_orientation in range(1, 9) else 1
-            if orientation != stored_orientation:
-                logger.warning("{}: invalid TIFF orientation {} ignored", path, stored_orientation)
+        orientation = stored_orientation or orientation  # a TIFF's own, read before it was cleared
         if _sixteen_bit(pil, data, fmt, path):
             rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
             if fmt == "tiff" and pil.tag_v2.get(262) == 0:  # WhiteIsZero: OpenCV returns the stored values
@@ -147,23 +143,34 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
                 rgb = unpremultiply(rgb, alpha)
         else:
             rgb, alpha, gray = _decode_with_pillow(pil, fmt, path)
+    return _upright(rgb, alpha, gray, meta, fmt, orientation, path)
+
+
+def _check_pixel_limit(path, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            path, f"{width}x{height} pixels ({width * height / 1e6:.3g} megapixels) exceeds the limit of "
+            f"{max_pixels} pixels (image.max_pixels); refused before decoding"
+        )
+
+
+def _upright(rgb, alpha, gray: bool, meta: Metadata, fmt: str, orientation: int, path) -> Image:
+    """The decoded planes turned upright, colour extended under transparent pixels."""
     rgb, alpha = orient(rgb, orientation), (orient(alpha, orientation) if alpha is not None else None)
     if alpha is not None:
         rgb = bleed(rgb, alpha)
     return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, neutral=not gray and _channels_equal(rgb), meta=meta, source=str(path))
 
 
-def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None, orientation: int) -> Image:
-    """A TIFF that Pillow cannot open: 8/16-bit gray or RGB, with an alpha sample or not, read by tifffile."""
+def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None):
+    """A TIFF that Pillow cannot open: 8/16-bit gray or RGB, with an alpha sample or not, read by tifffile.
+    Returns ``(rgb, alpha, gray, meta)`` as stored (not yet upright)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            height, width = page.imagelength, page.imagewidth
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(path, f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels (image.max_pixels); "
-                                       "refused before decoding")
+            _check_pixel_limit(path, page.imagewidth, page.imagelength, max_pixels)
             pixels = page.asarray()
             photometric, extra = int(page.photometric), tuple(page.extrasamples or ())
             icc = page.tags.get(34675)
@@ -187,11 +194,7 @@ def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None, orient
     if alpha is not None and extra[0] == 1:  # associated (premultiplied) alpha
         colour = unpremultiply(colour, alpha)
     rgb = np.repeat(colour, 3, axis=2) if gray else colour
-    rgb, alpha = orient(rgb, orientation), (orient(alpha, orientation) if alpha is not None else None)
-    if alpha is not None:
-        rgb = bleed(rgb, alpha)
-    return Image(np.ascontiguousarray(rgb), alpha, gray, "tiff", neutral=not gray and _channels_equal(rgb),
-                 meta=Metadata(icc=icc), source=str(path))
+    return rgb, alpha, gray, Metadata(icc=icc)
 
 
 def _tiff_entries(data: bytes) -> tuple[str, dict[int, tuple[int, int, int]]]:
