@@ -52,15 +52,15 @@ from loguru import logger
 
 from batchsr.checkpoint import model_weights, read_info
 from batchsr.config import Settings
-from batchsr.errors import ConfigError, ImageError, InputError
+from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, sniff_format
 from batchsr.lock import FolderLock
 from batchsr.pipeline import (
     IMAGE_SUFFIXES, output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed,
 )
 from batchsr.runner import (
-    METRICS_FILE, STATE_DIR, Failure, Journal, ReferenceFolder, RunSummary, _write_metrics, check_output_dir, metrics_csv,
-    output_options, reference_candidates, tile_count, write_output,
+    METRICS_FILE, STATE_DIR, Failure, Journal, ReferenceFolder, RunSummary, _write_metrics, check_folders_apart, check_output_dir,
+    metrics_csv, output_options, reference_candidates, tile_count, write_output,
 )
 
 INSTALL_HINT = "pip install 'batchsr[beam]'"
@@ -508,6 +508,10 @@ def run_beam(
         raise InputError(f"input folder {input_dir} does not exist or is not a folder")
     if reference is not None and is_local(reference) and not Path(reference).is_dir():
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
+    if is_local(source) and is_local(target):
+        check_folders_apart(Path(source), Path(target))
+    elif source.rstrip("/") == target.rstrip("/") or source.startswith(target.rstrip("/") + "/"):
+        raise OutputError(f"output {output_dir} is the input {input_dir} or contains it; choose an output outside the input")
     info = read_info(model_weights(settings.model))
     job = _Job(settings, source, target, reference, info.scale)
     options = pipeline_options(runner, list(pipeline_args))

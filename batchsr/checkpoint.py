@@ -66,6 +66,14 @@ class ModelInfo:
     def scale(self) -> int:
         return int(self.config["scale"])
 
+    @property
+    def multiple(self) -> int:
+        """What the model pads its input to; tiles are cut to it.  The architecture's defaults fill keys the
+        description leaves out, as they do when the model is built."""
+        from batchsr.model import ModelConfig
+
+        return ModelConfig.from_dict(self.config).multiple
+
 
 def description_path(weights_path: Path) -> Path:
     name = weights_path.name

@@ -8,6 +8,7 @@ nowhere else.  Heavy modules (TensorFlow, OpenCV) load inside the commands, so
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +51,45 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+# What TensorFlow's native code prints at import whatever TF_CPP_MIN_LOG_LEVEL says: absl's preamble and
+# informational (I-severity) lines such as the oneDNN and "no CUDA drivers" notices.
+# The preamble ends without a newline, so the next line follows on the same one.
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_IMPORT_NOTICE = re.compile(r"I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \w+\.cc:\d+\] ")
+
+
+def _import_tensorflow() -> None:
+    """Imports TensorFlow with its native start-up notices moved to the DEBUG log, so that cron mails and
+    journals hold batchsr's own lines; anything else written to stderr meanwhile passes through."""
+    import importlib.util
+    import tempfile
+
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:  # training may run on JAX alone
+        return
+
+    from loguru import logger
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace").replace(_ABSL_PREAMBLE, "")
+            for line in text.splitlines():
+                if not line:
+                    continue
+                if _IMPORT_NOTICE.match(line):
+                    logger.debug("tensorflow: {}", line)
+                else:
+                    print(line, file=sys.stderr)
+
+
 class _Command(click.Command):
     """Turns library errors into a message and an exit code; anything else is a bug: exit 70, traceback in the log."""
 
@@ -72,14 +112,14 @@ class _Command(click.Command):
 
 
 def _internal_error(ctx: click.Context, exc: Exception) -> None:
-    """One line for the user, the traceback logged at DEBUG (so a rerun with --log-level DEBUG shows it), exit 70."""
+    """The traceback logged at ERROR (an unattended run cannot be rerun to see it), one line to report it, exit 70."""
     import traceback
 
     from loguru import logger
 
-    logger.debug("internal error:\n{}", "".join(traceback.format_exception(exc)).rstrip())
+    logger.error("internal error:\n{}", "".join(traceback.format_exception(exc)).rstrip())
     what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    click.echo(f"batchsr: internal error: {what} (a bug: please report it; rerun with --log-level DEBUG for the traceback)", err=True)
+    click.echo(f"batchsr: internal error: {what} (a bug: please report it with the traceback above)", err=True)
     ctx.exit(EXIT_SOFTWARE)
 
 
@@ -102,6 +142,7 @@ def _load(ctx: click.Context, overrides: dict):
 
     settings = load_settings(ctx.obj["config"], overrides)
     _setup_logging(ctx.obj["log_level"] or settings.logging.level, settings.logging.file)
+    _import_tensorflow()
     return settings
 
 
@@ -183,6 +224,10 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
 
     if report_dir is not None and reference_dir is None:
         raise ConfigError("--report needs --reference")
+    if report_dir is not None and engine != "beam":
+        from batchsr.runner import check_output_dir
+
+        check_output_dir(report_dir, "--report folder")
     if engine == "beam":
         if report_dir is not None:
             raise ConfigError("--report is not available with --engine beam")
@@ -251,6 +296,10 @@ def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap,
         raise ConfigError("--scale is required with --bicubic-only")
     if report_dir is not None and engine is None:
         raise ConfigError("--report needs a model (drop --bicubic-only)")
+    if report_dir is not None:
+        from batchsr.runner import check_output_dir
+
+        check_output_dir(report_dir, "--report folder")
     results = [evaluate_folder(folder, scale, engine, keep_images=report_dir is not None, max_pixels=settings.image.max_pixels)
                for folder in hr_dirs]
     if csv_path is not None:
@@ -279,6 +328,7 @@ def train(ctx, train_config, resume, init, steps, out_dir, until):
 
     settings = load_train_settings(train_config, {"steps": steps, "out_dir": str(out_dir) if out_dir else None})
     _setup_logging(ctx.obj["log_level"] or "INFO")
+    _import_tensorflow()
     from batchsr.train import train as run_training
 
     result = run_training(settings, resume=resume, init=init, until=until)
@@ -299,14 +349,17 @@ def _absolute(path: Path | None) -> str | None:
 @_engine_options
 @click.option("--inbox", type=click.Path(path_type=Path), help="watch.inbox.")
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), help="watch.output.")
+@click.option("--done", "done_dir", type=click.Path(path_type=Path), help="watch.done (inputs whose output is written).")
+@click.option("--failed", "failed_dir", type=click.Path(path_type=Path), help="watch.failed (inputs that kept failing).")
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), help="watch.state (journal and lock).")
 @click.option("--polling/--no-polling", default=None, help="watch.polling (needed on NFS and SMB mounts).")
 @click.pass_context
-def watch(ctx, weights, scale, device, precision, tile, overlap, batch_size, self_ensemble, inbox, output_dir, state_dir, polling):
+def watch(ctx, weights, scale, device, precision, tile, overlap, batch_size, self_ensemble, inbox, output_dir, done_dir, failed_dir,
+          state_dir, polling):
     """Upscale each image dropped into the inbox, once (a daemon: stops on SIGTERM or SIGINT)."""
     overrides = _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble)
-    overrides.update({"watch.inbox": _absolute(inbox), "watch.output": _absolute(output_dir), "watch.state": _absolute(state_dir),
-                      "watch.polling": polling})
+    overrides.update({"watch.inbox": _absolute(inbox), "watch.output": _absolute(output_dir), "watch.done": _absolute(done_dir),
+                      "watch.failed": _absolute(failed_dir), "watch.state": _absolute(state_dir), "watch.polling": polling})
     settings = _load(ctx, overrides)
     import threading
 

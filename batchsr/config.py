@@ -9,22 +9,24 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from batchsr.errors import ConfigError
 
 Precision = Literal["float32", "mixed_float16", "mixed_bfloat16"]
+FilePath = Annotated[Path, Strict(False)]  # paths alone are taken from text
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `batch_size: true` or `tile: "64"` is an error, not 1 or 64 (paths are FilePath).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSettings(_Section):
-    weights: Path | None = None  # None: the bundled model for `scale`
+    weights: FilePath | None = None  # None: the bundled model for `scale`
     scale: Literal[2, 3, 4] | None = None  # with weights null: which bundled model (default 4); else must match the weights
 
 
@@ -95,19 +97,19 @@ class ImageSettings(_Section):
 
 class LoggingSettings(_Section):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
-    file: Path | None = None
+    file: FilePath | None = None
 
 
 class WatchSettings(_Section):
     """The hot-folder daemon (``batchsr watch``); output format, quality and workers come from ``run``."""
 
-    inbox: Path = Path("/srv/batchsr/inbox")
-    output: Path = Path("/srv/batchsr/output")
-    done: Path = Path("/srv/batchsr/done")
-    failed: Path = Path("/srv/batchsr/failed")
-    state: Path = Path("/var/lib/batchsr")
+    inbox: FilePath = Path("/srv/batchsr/inbox")
+    output: FilePath = Path("/srv/batchsr/output")
+    done: FilePath = Path("/srv/batchsr/done")
+    failed: FilePath = Path("/srv/batchsr/failed")
+    state: FilePath = Path("/var/lib/batchsr")
     done_policy: Literal["move", "keep", "delete"] = "move"
-    reference: Path | None = None
+    reference: FilePath | None = None
     settle_s: float = Field(2.0, ge=0)
     batch_images: int = Field(16, ge=1, le=4096)
     max_wait_s: float = Field(2.0, ge=0)
@@ -150,9 +152,9 @@ class TrainModel(_Section):
 class TrainSettings(_Section):
     """One training run; relative paths are taken from the training file's folder."""
 
-    train_dirs: list[Path] = Field(min_length=1)
-    val_dir: Path | None = None
-    out_dir: Path = Path("runs/train")
+    train_dirs: list[FilePath] = Field(min_length=1)
+    val_dir: FilePath | None = None
+    out_dir: FilePath = Path("runs/train")
     model: TrainModel = TrainModel()
     patch_size: int = Field(48, ge=8, le=512)  # low-resolution side of a training patch
     batch_size: int = Field(16, ge=1, le=1024)

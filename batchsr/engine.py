@@ -75,7 +75,7 @@ class Engine:
         self.models = [model for model, _ in loaded]
         self.model, self.info = loaded[0]
         self.scale = self.info.scale
-        self.multiple = 2 ** int(self.info.config.get("depth", 0))
+        self.multiple = self.info.multiple
         logger.info(
             "model {} (x{}) on {} in {}", self.info.model_id, self.scale,
             ", ".join(d or "default device" for d in self.devices), settings.precision,
@@ -93,6 +93,20 @@ class Engine:
     @property
     def model_id(self) -> str:
         return self.info.model_id
+
+    def call_mb(self, height: int, width: int) -> float:
+        """Upper estimate of the memory a model call over the windows of a ``height x width`` image takes at its
+        peak, on every device at once; the run's memory budget counts it (TensorFlow keeps most of it afterwards).
+
+        Per window pixel, float32: eight activations of the widest full-resolution stage and nine of the sub-pixel
+        head.  Measured peaks are 10-45% below it (bundled x4: 1.41 KB against 1.60 KB; x2: 1.84 against 2.70).
+        """
+        config = self.info.config
+        top = config.get("top_width") or config["width"]
+        head = 9 * self.scale**2
+        per_pixel = 4 * (8 * top + head) if config["arch"] != "seed" else 4 * self.scale**2 * (8 * config["width"] + 9)
+        window_h, window_w = plan_tiles(height, width, self.settings.tile, self.settings.overlap, self.multiple).window_shape
+        return len(self.devices) * self.settings.batch_size * window_h * window_w * per_pixel / 1e6
 
     def _infer(self, batch: np.ndarray, copy: int = 0) -> np.ndarray:
         """The model's output, or with ``self_ensemble`` the mean over the 8 flips and rotations of the batch."""

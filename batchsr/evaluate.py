@@ -125,12 +125,17 @@ def summary_rows(results: list[SetResult], scale: int) -> list[dict]:
 
 
 def write_csv(results: list[SetResult], path: Path) -> None:
+    """A row per image, then a ``MEAN`` row per set (the figures the table prints), as in run's metrics.csv."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for result in results:
         for row in result.rows:
             writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        first = result.rows[0]
+        numeric = [c for c in COLUMNS if c not in ("set", "image", "width", "height", "scale", "model_id") and c in first]
+        writer.writerow({"set": result.name, "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
+                         **{c: round(result.mean(c), 1 if c == "ms" else 4) for c in numeric}})
     atomic_write(Path(path), buffer.getvalue().encode("utf-8"))
 
 

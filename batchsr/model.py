@@ -232,17 +232,18 @@ def build_model(config: ModelConfig) -> keras.Model:
     validate_config(config)
     s = config.scale
     lr = keras.Input(shape=(None, None, 3), name="lr")
+    # The input and its bicubic base stay float32 under mixed precision: only the learned detail is rounded.
     if config.arch == "unet":
-        x = PadToMultiple(config.multiple, name="pad")(lr)
+        x = PadToMultiple(config.multiple, name="pad", dtype="float32")(lr)
         features = _unet_body(x, config)
         detail = layers.Conv2D(3 * s * s, 3, padding="same", name="head_conv")(features)
-        base = BicubicUpsample(s, shuffle=False, name="base_upsample")(x)
+        base = BicubicUpsample(s, shuffle=False, name="base_upsample", dtype="float32")(x)
         # Both are sub-pixel phases at the input resolution: one shuffle serves the sum.
         sr = layers.Add(name="residual_add", dtype="float32")([base, detail])
         sr = DepthToSpace(s, name="head_shuffle", dtype="float32")(sr)
     else:
-        x = BicubicUpsample(s, name="pre_upsample")(lr)
-        x = PadToMultiple(config.multiple, name="pad")(x)
+        x = BicubicUpsample(s, name="pre_upsample", dtype="float32")(lr)
+        x = PadToMultiple(config.multiple, name="pad", dtype="float32")(x)
         features = _unet_body(x, config)
         sr = layers.Conv2D(3, 3, padding="same", name="head_conv", dtype="float32")(features)
     sr = CropToInput(s, name="crop", dtype="float32")(sr, lr)

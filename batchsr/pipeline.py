@@ -15,11 +15,13 @@ Images above ``run.stream_megapixels`` written as PNG or TIFF take
 ``write_streamed``: the engine yields a row of tiles at a time and each is
 finished and encoded at once, so the output never exists in memory whole.
 ``plan_route`` holds every image to ``run.memory_mb``: what would not fit in
-memory whole is streamed when its output allows, else refused with the reason.
+memory whole is streamed when its output allows, else refused with the reason;
+``MemoryBudget`` holds the images in flight together to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -162,6 +164,7 @@ class Route:
     metrics: bool = True
     refusal: str | None = None
     note: str | None = None
+    mb: float = 0.0  # the estimate the route was planned with, held until the image is written
 
 
 def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, in_use_mb: float) -> Route:
@@ -177,16 +180,16 @@ def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference:
     if target in MAX_SIDE and max(out_w, out_h) > MAX_SIDE[target]:  # known before the model runs
         return Route(refusal=too_large(target, out_w, out_h))
     can_stream = written_format(fmt) in STREAMED_FORMATS and factor == scale
-    whole = in_use_mb + whole_mb(image, scale, factor, reference=reference)
-    band = in_use_mb + band_mb(image, scale, tile)
+    whole_est, band_est = whole_mb(image, scale, factor, reference=reference), band_mb(image, scale, tile)
+    whole, band = in_use_mb + whole_est, in_use_mb + band_est
     big = image.rgb.shape[0] * image.rgb.shape[1] > run.stream_megapixels * 1e6
     if can_stream and (big and not reference or whole > cap) and band <= cap:
         note = None
         if reference:
             note = f"no metrics: scoring needs the output whole (about {whole:,.0f} MB, above run.memory_mb = {cap:,.0f})"
-        return Route(streamed=True, metrics=False, note=note)
+        return Route(streamed=True, metrics=False, note=note, mb=band_est)
     if whole <= cap:
-        return Route()
+        return Route(mb=whole_est)
     if can_stream:
         advice = "lower engine.tile or raise run.memory_mb"
         need = band
@@ -196,6 +199,44 @@ def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference:
         need = whole
     size = f"{image.rgb.shape[1]}x{image.rgb.shape[0]}"
     return Route(refusal=f"{size} needs about {need:,.0f} MB, above run.memory_mb = {cap:,.0f}; {advice}")
+
+
+class MemoryBudget:
+    """Holds ``run.memory_mb`` across the images of one run in flight together (one budget per run or batch).
+
+    The process takes its resident memory now, but at least what it took with
+    the model loaded (``loaded_mb``) plus the working memory of the largest
+    model call among the images in flight (``Engine.call_mb``), which a first
+    call has not taken yet.  Every image planned and not yet written holds its
+    own estimate on top, so images in flight together cannot pass the cap
+    between them.  A refusal while others are held is not final: the caller
+    lets them finish (``busy``) and plans the image again, so only an image
+    that does not fit on its own is refused.
+    """
+
+    def __init__(self, loaded_mb: float):
+        self.loaded_mb = loaded_mb
+        self._held: dict[object, tuple[float, float]] = {}  # key: (its estimate, its model call)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._held)
+
+    def plan(self, key, image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, call_mb: float) -> Route:
+        """``plan_route`` against what is in use; a route that fits holds its estimate under ``key``.
+        ``call_mb``: the model call over this image's windows."""
+        largest_call = max([call_mb, *(call for _, call in self._held.values())])
+        in_use = max(process_rss_mb(), self.loaded_mb + largest_call) + sum(mb for mb, _ in self._held.values())
+        route = plan_route(image, fmt, scale, run, tile, reference=reference, in_use_mb=in_use)
+        if route.refusal is None:
+            self._held[key] = (route.mb, call_mb)
+        elif call_mb:
+            route = dataclasses.replace(route, refusal=f"{route.refusal} (counted: {call_mb:,.0f} MB for a model call over "
+                                                        "its windows, set by engine.batch_size and engine.tile)")
+        return route
+
+    def release(self, key) -> None:
+        self._held.pop(key, None)
 
 
 def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "model") -> tuple[int, int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from batchsr.errors import OutputError
 from batchsr.imageio import atomic_write
 from batchsr.metrics import rgb_to_y
 
@@ -100,7 +101,13 @@ window.addEventListener("load", function () {
 
 def write_report(report_dir: Path, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
     """Writes ``report_dir/index.html`` with its images; returns the page's path."""
-    report_dir = Path(report_dir)
+    try:
+        return _write_report(Path(report_dir), images, title, summary_rows)
+    except OSError as exc:  # the outputs and metrics are written by now: a report that fails is the user's folder
+        raise OutputError(f"report {report_dir} not written: {exc.strerror or exc}") from None
+
+
+def _write_report(report_dir: Path, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
     assets = report_dir / "images"
     assets.mkdir(parents=True, exist_ok=True)
     rows_html = []

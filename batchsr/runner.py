@@ -31,7 +31,7 @@ from batchsr.imageio import Image, atomic_write, decode_image, encode_image, rea
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
-    IMAGE_SUFFIXES, finish_image, output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed,
+    IMAGE_SUFFIXES, MemoryBudget, finish_image, output_name, process_rss_mb, target_format, upscale_images, write_streamed,
 )
 from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
@@ -297,15 +297,16 @@ class _Progress:
             self.bar.close()
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """Creates OUTPUT and proves it writable before any work, so that a bad folder fails the run at once."""
+def check_output_dir(output_dir: Path, what: str = "output folder") -> None:
+    """Creates OUTPUT (or another folder written at the end) and proves it writable before any work,
+    so that a bad folder fails the run at once, not after it."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".batchsr-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"output folder {output_dir} is not writable: {exc.strerror or exc}") from None
+        raise OutputError(f"{what} {output_dir} is not writable: {exc.strerror or exc}") from None
 
 
 def list_inputs(input_dir: Path, output_dir: Path, recursive: bool,
@@ -319,13 +320,14 @@ def list_inputs(input_dir: Path, output_dir: Path, recursive: bool,
             if not ((real := path.resolve()) == out or out in real.parents)]
 
 
-def check_memory_cap(settings: Settings) -> None:
-    """With the model loaded: a run.memory_mb below what the process already takes would refuse every image,
-    each with advice (lower the tile) that cannot help."""
-    cap, used = settings.run.memory_cap_mb, process_rss_mb()
-    if used >= cap:
+def memory_budget(settings: Settings) -> MemoryBudget:
+    """With the model loaded: the run's memory budget.  A run.memory_mb below what the process already takes
+    would refuse every image, each with advice (lower the tile) that cannot help."""
+    cap, loaded = settings.run.memory_cap_mb, process_rss_mb()
+    if loaded >= cap:
         raise ConfigError(f"run.memory_mb = {cap:,.0f} is below what the model and runtime already take "
-                          f"(about {used:,.0f} MB); raise it")
+                          f"(about {loaded:,.0f} MB); raise it")
+    return MemoryBudget(loaded)
 
 
 def check_folders_apart(input_dir: Path, output_dir: Path) -> None:
@@ -424,6 +426,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     in_flight: list[tuple[_Item, Future]] = []
     report_images: list = []
     claimed: dict[Path, Path] = {}
+    budget: MemoryBudget | None = None
 
     def written_as(item: _Item) -> str:
         return target_format(item.image.format, run.output_format)
@@ -453,6 +456,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             if isinstance(error, OSError) and error.errno in (28, 30):  # ENOSPC, EROFS: nothing more can succeed
                 raise OutputError(f"cannot write to {output_dir}: {error.strerror}") from None
         item.image = None
+        budget.release(item.path)
         progress.update()
 
     def settle(block: bool) -> None:
@@ -466,12 +470,13 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 conclude(item, None, metrics)
 
     def get_engine():
-        nonlocal engine
+        nonlocal engine, budget
         if engine is None:
             from batchsr.engine import Engine
 
             engine = Engine(model_weights(settings.model), settings.engine)
-            check_memory_cap(settings)
+        if budget is None:
+            budget = memory_budget(settings)
         return engine
 
     def flush(batch: list[_Item]) -> None:
@@ -524,8 +529,18 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
             get_engine()  # loaded before the memory check, which counts it
-            route = plan_route(item.image, written_as(item), scale, run, settings.engine.tile,
-                               reference=reference_dir is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
+
+            def plan():
+                return budget.plan(item.path, item.image, written_as(item), scale, run, settings.engine.tile,
+                                   reference=reference_dir is not None and float(factor).is_integer(),
+                                   call_mb=engine.call_mb(*item.image.rgb.shape[:2]))
+
+            route = plan()
+            if route.refusal is not None and budget.busy:  # refused beside the images in flight: planned again alone
+                flush(batch)
+                batch, tiles = [], 0
+                settle(block=True)
+                route = plan()
             if route.refusal is not None:
                 fail(item, route.refusal)
                 item.image = None
@@ -567,9 +582,8 @@ def tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
     """How many windows ``image`` sends through the model: its weight in a batch of ``engine.batch_size``."""
     from batchsr.tiling import plan_tiles
 
-    multiple = 2 ** int(info.config.get("depth", 0))
     h, w = image.rgb.shape[:2]
-    return len(plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, multiple).tiles)
+    return len(plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, info.multiple).tiles)
 
 
 def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> bytes | None:

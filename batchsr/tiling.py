@@ -57,6 +57,8 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) 
     window_h, window_w = min(window, padded_h), min(window, padded_w)
 
     def origins(size: int, padded: int, span: int):
+        if span == padded:  # one window holds the whole side: more tiles would repeat it
+            return [(0, 0, size)]
         spans = []
         for start in range(0, size, tile):
             stop = min(start + tile, size)

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -55,8 +55,8 @@ from batchsr.errors import ConfigError, ImageError, InputError, ModelError, Outp
 from batchsr.imageio import Image, atomic_write, decode_image, remove_temporaries
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock, InboxLock
-from batchsr.pipeline import output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed
-from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, check_memory_cap, write_output
+from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_images, write_streamed
+from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, memory_budget, write_output
 
 METRICS_FILE = "watch-metrics.csv"
 METRICS_COLUMNS = [*METRIC_COLUMNS, "input_sha256", "finished"]
@@ -375,8 +375,9 @@ class _Daemon:
     """Daemon-lifetime state: journal, model, writer threads, event hints."""
 
     def __init__(self, settings: Settings, folders: WatchFolders, journal: WatchJournal, model: _Model,
-                 writers: ThreadPoolExecutor, stop: threading.Event):
+                 writers: ThreadPoolExecutor, stop: threading.Event, loaded_mb: float):
         self.settings, self.watch, self.run_settings = settings, settings.watch, settings.run
+        self.loaded_mb = loaded_mb  # the process with the model loaded, before any model call: the memory budget's base
         self.folders, self.journal, self.model, self.writers, self.stop = folders, journal, model, writers, stop
         self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
         self.prefix = str(folders.inbox) + os.sep
@@ -644,39 +645,32 @@ class _Daemon:
         return usable
 
     def _produce(self, engine, items: list[_Read], counts: _BatchCounts) -> list[tuple[_Read, Path, Future]]:
-        """Model and writes as in ``run`` (``batchsr.pipeline``): batched, or band by band for huge images."""
+        """Model and writes as in ``run`` (``batchsr.pipeline``): batched, or band by band for huge images.
+
+        The batch's images hold ``run.memory_mb`` together (``MemoryBudget``): one that does not fit beside
+        those planned before it waits until they are written, and is refused only if it does not fit alone.
+        """
         run, image_settings = self.run_settings, self.settings.image
         factor = run.outscale or engine.scale
-        batched, streamed = [], []
+        budget = MemoryBudget(self.loaded_mb)
+        batched: list[tuple[_Read, Path, str]] = []
+        writes: list[tuple[_Read, Path, Future]] = []
         taken: dict[Path, str] = {}
-        for item in items:
-            fmt = target_format(item.image.format, run.output_format)
-            out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
-            owner = taken.get(out_rel) or self.journal.output_owner(out_rel.as_posix())
-            if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
-                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts)
-                continue
-            taken[out_rel] = item.entry.path
-            route = plan_route(item.image, fmt, engine.scale, run, self.settings.engine.tile,
-                               reference=self.folders.reference is not None and float(factor).is_integer(), in_use_mb=process_rss_mb())
-            if route.refusal is not None:
-                self._try_failed(item, route.refusal, None, counts)
-                continue
-            if route.note:
-                logger.warning("{}: {}", item.entry.path, route.note)
-            (streamed if route.streamed else batched).append((item, out_rel, fmt))
-        t0 = time.time()
-        upscaled = self._upscale(engine, [item.image for item, _, _ in batched], image_settings.alpha)
-        ms = (time.time() - t0) * 1000.0 / max(len(batched), 1)
-        writes = []
-        for (item, out_rel, fmt), result in zip(batched, upscaled):
-            if isinstance(result, Exception):
-                self._try_failed(item, f"model failed: {type(result).__name__}: {result}", traceback_digest(result), counts)
-                continue
-            colour, alpha = result
-            job = self.writers.submit(self._write_output, item, colour, alpha, out_rel, engine, factor, ms)
-            writes.append((item, out_rel, job))
-        for item, out_rel, fmt in streamed:
+
+        def model_and_write() -> None:
+            t0 = time.time()
+            upscaled = self._upscale(engine, [item.image for item, _, _ in batched], image_settings.alpha)
+            ms = (time.time() - t0) * 1000.0 / max(len(batched), 1)
+            for (item, out_rel, fmt), result in zip(batched, upscaled):
+                if isinstance(result, Exception):
+                    self._try_failed(item, f"model failed: {type(result).__name__}: {result}", traceback_digest(result), counts)
+                    continue
+                colour, alpha = result
+                job = self.writers.submit(self._write_output, item, colour, alpha, out_rel, engine, factor, ms)
+                writes.append((item, out_rel, job))
+            batched.clear()
+
+        def stream(item: _Read, out_rel: Path, fmt: str) -> None:
             logger.info("{}: {}x{} upscaled band by band", item.entry.path, *item.image.size)
             job = Future()
             try:
@@ -685,6 +679,39 @@ class _Daemon:
             except Exception as exc:  # judged with the other writes' outcomes
                 job.set_exception(exc)
             writes.append((item, out_rel, job))
+
+        for item in items:
+            fmt = target_format(item.image.format, run.output_format)
+            out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
+            owner = taken.get(out_rel) or self.journal.output_owner(out_rel.as_posix())
+            if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
+                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts)
+                continue
+            taken[out_rel] = item.entry.path
+            reference = self.folders.reference is not None and float(factor).is_integer()
+            call_mb = engine.call_mb(*item.image.rgb.shape[:2])
+            route = budget.plan(item.entry.id, item.image, fmt, engine.scale, run, self.settings.engine.tile, reference=reference,
+                                call_mb=call_mb)
+            if route.refusal is not None and budget.busy:  # refused beside the others: planned again once they are written
+                model_and_write()
+                wait([job for _, _, job in writes])
+                for done, _, _ in writes:
+                    budget.release(done.entry.id)
+                    done.image = None  # the result stays in its future
+                route = budget.plan(item.entry.id, item.image, fmt, engine.scale, run, self.settings.engine.tile, reference=reference,
+                                    call_mb=call_mb)
+            if route.refusal is not None:
+                self._try_failed(item, route.refusal, None, counts)
+                continue
+            if route.note:
+                logger.warning("{}: {}", item.entry.path, route.note)
+            if route.streamed:
+                stream(item, out_rel, fmt)
+                budget.release(item.entry.id)
+                item.image = None
+            else:
+                batched.append((item, out_rel, fmt))
+        model_and_write()
         return writes
 
     @staticmethod
@@ -866,9 +893,9 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
             if interrupted:
                 logger.warning("{} files were in flight when the daemon last stopped; they are queued again", len(interrupted))
             model = _Model(model_weights(settings.model), settings.engine, settings.model.scale)
-            check_memory_cap(settings)
+            loaded_mb = memory_budget(settings).loaded_mb
             with ThreadPoolExecutor(max_workers=settings.run.write_workers, thread_name_prefix="batchsr-write") as writers:
-                daemon = _Daemon(settings, folders, journal, model, writers, stop)
+                daemon = _Daemon(settings, folders, journal, model, writers, stop, loaded_mb)
                 daemon.set_aside_interrupted(interrupted)
                 return daemon.run()
         finally:

@@ -53,10 +53,13 @@ class Bicubic:
     """An engine stand-in: MATLAB bicubic x4, so pixel checks do not depend on a model (exact, linear, flat colours kept)."""
 
     scale = 4
-    info = SimpleNamespace(model_id="bicubic-x4", scale=4, config={"depth": 0})
+    info = SimpleNamespace(model_id="bicubic-x4", scale=4, config={"depth": 0}, multiple=1)
 
     def upscale(self, images):
         return [imresize(np.asarray(image, np.float32), scale=4) for image in images]
+
+    def call_mb(self, height: int, width: int) -> float:
+        return 0.0  # whole images through imresize: nothing beyond what pipeline.whole_mb counts
 
     def upscale_bands(self, image):
         image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max) if image.dtype.kind == "u" else image

@@ -108,6 +108,19 @@ def test_beam_matches_the_local_engine(tree, tmp_path, tiny_model):
     assert (again.done, again.skipped) == (0, 4)
 
 
+def test_beam_refuses_an_output_that_is_the_input_or_holds_it(tmp_path, tiny_model):
+    """As run: else every input is left out as lying inside OUTPUT, and the job "succeeds" doing nothing."""
+    pytest.importorskip("apache_beam")
+    from batchsr.beam import run_beam
+    from batchsr.errors import OutputError
+
+    write_png(tmp_path / "in" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    for source, target in [(tmp_path / "in", tmp_path / "in"), (tmp_path / "in", tmp_path), ("gs://b/in", "gs://b/"), ("gs://b/in", "gs://b/in/")]:
+        with pytest.raises(OutputError, match="is the input"):
+            run_beam(source, target, _settings(tiny_model))
+    assert not (tmp_path / "in" / ".batchsr").exists()
+
+
 def test_beam_streams_big_images_and_clashing_names_fail(tmp_path, tiny_model):
     pytest.importorskip("apache_beam")
     from batchsr.beam import run_beam

@@ -47,6 +47,21 @@ def test_mismatched_description_is_refused(tiny_model, tmp_path):
             read_info(copy)
 
 
+def test_keys_a_description_leaves_out_take_the_architecture_defaults_everywhere(tiny_model, tmp_path):
+    """The tiles are cut to the multiple the built model pads to, also when ``depth`` is left to its default."""
+    from batchsr.config import EngineSettings
+    from batchsr.engine import Engine
+    from batchsr.model import ModelConfig
+
+    copy = tmp_path / tiny_model.name
+    shutil.copy(tiny_model, copy)
+    meta = json.loads(description_path(tiny_model).read_text())
+    assert meta["model"].pop("depth") == ModelConfig().depth == 2
+    description_path(copy).write_text(json.dumps(meta))
+    assert read_info(copy).multiple == read_info(tiny_model).multiple == 4
+    assert Engine(copy, EngineSettings()).multiple == 4
+
+
 def test_missing_description_and_wrong_name(tiny_model, tmp_path):
     copy = tmp_path / tiny_model.name
     shutil.copy(tiny_model, copy)

@@ -38,6 +38,11 @@ def test_unknown_section_is_named(tmp_path):
         ("engine:\n  tile: 3\n", "engine.tile", "3"),
         ("engine:\n  precision: float8\n", "engine.precision", "'float8'"),
         ("run:\n  output_format: gif\n", "run.output_format", "'gif'"),
+        # Values of another type are not converted: a quoted number or a flag where a count belongs is an edit gone wrong.
+        ("engine:\n  tile: '64'\n", "engine.tile", "'64'"),
+        ("engine:\n  batch_size: true\n", "engine.batch_size", "True"),
+        ("run:\n  recursive: 1\n", "run.recursive", "1"),
+        ("watch:\n  settle_s: '2'\n", "watch.settle_s", "'2'"),
     ],
 )
 def test_bad_value_names_key_value_and_what_is_allowed(tmp_path, text, key, value):

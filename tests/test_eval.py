@@ -42,8 +42,12 @@ def test_eval_with_a_model_writes_csv_and_table(tiny_model, tmp_path):
     path = tmp_path / "e.csv"
     write_csv([result], path)
     rows = list(csv.DictReader(open(path)))
-    assert [r["image"] for r in rows] == ["baby", "bird", "butterfly", "head", "woman"]
+    assert [r["image"] for r in rows] == ["baby", "bird", "butterfly", "head", "woman", "MEAN"]
     assert float(rows[1]["psnr_rgb"]) == pytest.approx(result.rows[1]["psnr_rgb"], abs=1e-4)
+    mean = rows[-1]
+    assert (mean["set"], mean["scale"], mean["model_id"], mean["width"]) == ("Set5", "4", engine.model_id, "")
+    assert float(mean["psnr_y"]) == pytest.approx(np.mean([float(r["psnr_y"]) for r in rows[:-1]]), abs=1e-4)
+    assert float(mean["bicubic_ssim_y"]) == pytest.approx(result.mean("bicubic_ssim_y"), abs=1e-4)
     table = markdown_table([result], 4, with_model=True)
     assert "| Set5 | 4 |" in table and f"{result.mean('psnr_y'):.2f}" in table
 

@@ -675,7 +675,9 @@ def test_the_memory_cap_streams_what_fits_band_by_band_and_refuses_the_rest():
     assert tight.refusal is not None and "lower engine.tile" in tight.refusal
     assert plan_route(image, "png", 4, run, 16, reference=False, in_use_mb=2750).streamed  # smaller bands fit
     small = _big(640, 480, np.uint16, alpha=True)
-    assert plan_route(small, "jpg", 4, run, 128, reference=True, in_use_mb=1500) == type(png)()  # whole, with metrics
+    whole = plan_route(small, "jpg", 4, run, 128, reference=True, in_use_mb=1500)
+    assert whole == type(png)(mb=whole_mb(small, 4, 4.0, reference=True))  # whole, with metrics, holding its estimate
+    assert png.mb == band_mb(image, 4, 128)
     assert whole_mb(small, 4, 4.0, reference=True) > whole_mb(small, 4, 4.0, reference=False) > whole_mb(_big(640, 480), 4, 4.0, reference=False)
 
 
@@ -688,13 +690,45 @@ def test_run_holds_each_image_to_the_memory_cap(tmp_path, monkeypatch):
     assert cv2.imwrite(str(src / "photo2.jpg"), pixels)
     whole = tmp_path / "whole"
     _run(src, whole, Bicubic())
-    monkeypatch.setattr("batchsr.runner.process_rss_mb", lambda: 1000.0)  # the estimates, not this test process
+    for where in ("batchsr.runner", "batchsr.pipeline"):  # the estimates, not this test process
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
     capped = tmp_path / "capped"
     summary = _run(src, capped, Bicubic(), run={"memory_mb": 1012}, failures=1)
     [failure] = summary.failed
     assert failure.path.name == "photo2.jpg" and "240x200" in failure.reason and "run.memory_mb = 1,012" in failure.reason
     assert not (capped / "photo2.jpg").exists()
     assert np.abs(_unchanged(capped / "photo.png").astype(int) - _unchanged(whole / "photo.png").astype(int)).max() <= 1
+
+
+def test_images_that_do_not_fit_the_memory_cap_together_go_through_the_model_apart(tmp_path, monkeypatch):
+    from batchsr.pipeline import whole_mb
+
+    calls = []
+
+    class Counting(Bicubic):
+        def upscale(self, images):
+            calls.append(len(images))
+            return super().upscale(images)
+
+    src = tmp_path / "in"
+    src.mkdir()
+    pixels = np.random.default_rng(4).integers(0, 256, (200, 240, 3), dtype=np.uint8)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        assert cv2.imwrite(str(src / name), pixels)
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
+    one = whole_mb(decode_image((src / "a.jpg").read_bytes()), 4, 4.0, reference=False)
+
+    def settings(cap: float) -> Settings:  # a tile each, all three in one batch
+        return Settings.model_validate({"engine": {"tile": 256, "batch_size": 8}, "run": {"progress": "none", "memory_mb": int(cap)}})
+
+    run_folder(src, tmp_path / "roomy", settings(1000 + 3.5 * one), engine=Counting())
+    assert calls == [3]
+    calls.clear()
+    tight = tmp_path / "tight"
+    summary = run_folder(src, tight, settings(1000 + 1.5 * one), engine=Counting())
+    assert calls == [1, 1, 1] and summary.done == 3  # each waited for the one before it, none refused
+    assert all((tight / name).is_file() for name in ("a.jpg", "b.jpg", "c.jpg"))
 
 
 @pytest.mark.slow

@@ -47,6 +47,23 @@ def test_zero_detail_head_returns_the_bicubic_base():
     assert np.allclose(np.asarray(model(x)), base, atol=1e-6)
 
 
+def test_mixed_precision_rounds_only_the_learned_detail():
+    """Under mixed_bfloat16 the input and its bicubic base stay float32 (bfloat16 keeps 8 bits of mantissa,
+    coarser than a 16-bit image's levels): with a zero head the output is the float32 base."""
+    import keras
+
+    x = np.random.default_rng(3).random((1, 12, 12, 3)).astype("float32")
+    base = keras.ops.convert_to_numpy(BicubicUpsample(4)(x))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_model(ModelConfig(width=4, depth=1, blocks=0))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    head = model.get_layer("head_conv")
+    head.set_weights([np.zeros_like(w) for w in head.get_weights()])
+    assert np.abs(np.asarray(model(x)) - base).max() < 1e-6
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -292,6 +292,68 @@ def test_a_memory_cap_below_the_loaded_model_is_a_configuration_error(tmp_path, 
         run_folder(tmp_path / "in", tmp_path / "out", settings)
 
 
+def test_the_memory_cap_counts_the_model_call_over_each_images_windows(tmp_path, tiny_model, monkeypatch):
+    """A call of engine.batch_size windows is counted at the windows the image has: a big tile costs small images
+    nothing, and an image refused for its call's memory is upscaled with smaller batches."""
+    from batchsr.engine import Engine
+
+    write_png(tmp_path / "in" / "a.png", np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8))
+    settings = _settings(tiny_model)
+    big = settings.engine.model_copy(update={"tile": 2048, "overlap": 16})
+    engine = Engine(tiny_model, big)
+    assert engine.call_mb(100, 120) == engine.call_mb(97, 117) < engine.call_mb(400, 120) / 3
+    call = engine.call_mb(100, 120)
+    monkeypatch.setattr("batchsr.runner.process_rss_mb", lambda: 1000.0)  # the loaded process, as the estimates see it
+    monkeypatch.setattr("batchsr.pipeline.process_rss_mb", lambda: 1000.0)
+    assert call > 30  # and the image itself about 6 MB
+    run = settings.run.model_copy(update={"memory_mb": int(1000 + call * 0.6)})
+    refused = run_folder(tmp_path / "in", tmp_path / "refused", settings.model_copy(update={"run": run, "engine": big}), engine=engine)
+    [failure] = refused.failed
+    assert "for a model call over its windows, set by engine.batch_size and engine.tile" in failure.reason
+    one = big.model_copy(update={"batch_size": 1})
+    done = run_folder(tmp_path / "in", tmp_path / "done", settings.model_copy(update={"run": run, "engine": one}),
+                      engine=Engine(tiny_model, one))
+    assert done.done == 1 and not done.failed
+
+
+def test_a_quiet_run_prints_nothing_but_its_problems(tmp_path, tiny_model):
+    """Cron mails whatever a job prints: at WARNING a clean run says nothing, TensorFlow's import notices included."""
+    write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    clean = _cli("--log-level", "WARNING", "run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model), "--progress", "none")
+    assert clean.returncode == 0 and clean.stderr == "" and clean.stdout == "", clean.stderr
+    (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    broken = _cli("--log-level", "WARNING", "run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model), "--progress", "none")
+    assert broken.returncode == 65 and "b.png" in broken.stderr and "tensorflow" not in broken.stderr.lower(), broken.stderr
+
+
+def test_an_unwritable_report_folder_fails_before_any_work(tmp_path, tiny_model):
+    write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    write_png(tmp_path / "hr" / "a.png", np.full((24, 20, 3), 90, np.uint8))
+    (tmp_path / "afile").write_text("not a folder")
+    report = str(tmp_path / "afile" / "report")
+    run = _cli("run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model), "--reference", str(tmp_path / "hr"),
+               "--report", report, "--progress", "none")
+    assert run.returncode == 73 and f"--report folder {report} is not writable" in run.stderr, run.stderr
+    assert not (tmp_path / "out" / "a.png").exists()
+    scored = _cli("eval", "--hr", str(tmp_path / "hr"), "--model", str(tiny_model), "--report", report)
+    assert scored.returncode == 73 and f"--report folder {report} is not writable" in scored.stderr, scored.stderr
+    assert "PSNR-Y" not in scored.stdout  # refused before scoring
+
+
+def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
+    script = str(REPO / "scripts" / "cron-run.sh")
+    write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    batchsr = [sys.executable, "-m", "batchsr.cli", "run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model),
+               "--progress", "log"]
+    fine = subprocess.run(["sh", script, *batchsr], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert (fine.returncode, fine.stdout, fine.stderr) == (0, "", "") and (tmp_path / "out" / "a.png").is_file()
+    (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    trouble = subprocess.run(["sh", script, *batchsr], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert trouble.returncode == 65 and "b.png" in trouble.stdout and "done 0, skipped 1, failed 1" in trouble.stdout
+    locked = subprocess.run(["sh", script, "sh", "-c", "echo held by pid 7 >&2; exit 75"], capture_output=True, text=True, timeout=60)
+    assert (locked.returncode, locked.stdout, locked.stderr) == (0, "", "")
+
+
 def test_help_does_not_import_tensorflow():
     code = "import sys; from click.testing import CliRunner; from batchsr.cli import main; r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -305,8 +367,9 @@ def test_config_command_prints_effective_settings(tmp_path):
     assert result.returncode == 0 and "tile: 64" in result.stdout and "batch_size: 8" in result.stdout
 
 
-def test_an_unexpected_error_exits_70_with_one_line(tmp_path, monkeypatch):
-    """A bug is exit code 70 and one line (the traceback only at DEBUG), not exit 1 and a traceback."""
+def test_an_unexpected_error_exits_70_with_its_traceback(tmp_path, monkeypatch):
+    """A bug is exit code 70, its traceback logged at ERROR (a cron or systemd run cannot be rerun to see it)
+    and one line asking for a report, not exit 1."""
     from click.testing import CliRunner
     from loguru import logger
 
@@ -320,16 +383,15 @@ def test_an_unexpected_error_exits_70_with_one_line(tmp_path, monkeypatch):
     src = tmp_path / "in"
     write_png(src / "a.png", np.zeros((8, 8, 3), np.uint8))
     config = tmp_path / "c.yaml"
-    config.write_text("run:\n  progress: none\n")
-    args = ["--config", str(config), "run", str(src), str(tmp_path / "out")]
+    config.write_text(f"run:\n  progress: none\nlogging:\n  file: {tmp_path / 'batchsr.log'}\n")
+    args = ["--config", str(config), "--log-level", "WARNING", "run", str(src), str(tmp_path / "out")]
     try:
         result = CliRunner().invoke(main, args)
-        debug = CliRunner().invoke(main, ["--log-level", "DEBUG", *args])
     finally:
         logger.remove()  # the CLI pointed loguru at CliRunner's stream
         logger.add(sys.stderr)
     assert result.exit_code == 70, result.output
-    line = ("batchsr: internal error: RuntimeError: something broke "
-            "(a bug: please report it; rerun with --log-level DEBUG for the traceback)")
-    assert line in result.output.splitlines() and "Traceback" not in result.output
-    assert debug.exit_code == 70 and "Traceback" in debug.output and "in broken" in debug.output
+    line = "batchsr: internal error: RuntimeError: something broke (a bug: please report it with the traceback above)"
+    assert result.output.splitlines()[-1] == line
+    assert "Traceback" in result.output and "in broken" in result.output
+    assert "in broken" in (tmp_path / "batchsr.log").read_text()  # the log file keeps it too

@@ -24,6 +24,15 @@ def test_cores_partition_the_image(h, w, tile, overlap, multiple):
     assert plan.padded_height - h < multiple and plan.padded_width - w < multiple  # padded only as the model pads
 
 
+def test_a_side_one_window_holds_is_not_cut_again():
+    """150 px at tile 128 + 2 x 16: one 152 px window holds it; four copies of it would quadruple the model time."""
+    plan = plan_tiles(150, 150, 128, 16, 4)
+    assert plan.window_shape == (152, 152) and [t.core for t in plan.tiles] == [(0, 150, 0, 150)]
+    wide = plan_tiles(40, 300, 16, 16, 4)  # a side the window holds, and one it does not
+    assert plan_tiles(40, 40, 16, 16, 4).tiles == (plan_tiles(40, 40, 16, 16, 4).tiles[0],)
+    assert {t.y for t in wide.tiles} == {0} and len(wide.tiles) == len(plan_tiles(16, 300, 16, 16, 4).tiles) > 1
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="0x5"):
         plan_tiles(0, 5, 16, 4, 4)

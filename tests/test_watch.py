@@ -908,6 +908,17 @@ def test_overlapping_folders_are_refused(field, value):
         WatchFolders.from_settings(watch.model_copy(update={field: Path(value)}))
 
 
+def test_every_watch_folder_can_be_given_on_the_command_line(tmp_path):
+    """Without --done and --failed the inputs would go to the configured (or built-in) folders unasked."""
+    inbox = tmp_path / "in"
+    refused = cli("watch", "--inbox", str(inbox), "--output", str(tmp_path / "out"), "--state", str(tmp_path / "state"),
+                  "--done", str(inbox / "done"), "--failed", str(tmp_path / "failed"))
+    assert refused.returncode == 78 and f"watch.done ({inbox / 'done'})" in refused.stderr, refused.stderr
+    refused = cli("watch", "--inbox", str(inbox), "--output", str(tmp_path / "out"), "--state", str(tmp_path / "state"),
+                  "--done", str(tmp_path / "done"), "--failed", str(inbox / "failed"))
+    assert refused.returncode == 78 and f"watch.failed ({inbox / 'failed'})" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize("rel", [".a.png", "x/.b.png", ".dir/c.png", "d.png.tmp", "e.PART", "f.crdownload", ".g.png.AbC123",
                                  ".syncthing.h.png.tmp", "~syncthing~i.png.tmp"])
 def test_temporary_names_are_recognised(rel):
@@ -939,7 +950,10 @@ def test_the_systemd_units_fit_the_daemon():
     assert watch["Type"] == "notify" and watch["Restart"] == "on-failure"
     assert watch["ExecStart"].split()[1:] == ["watch"]
     assert _seconds(watch["TimeoutStopSec"]) > WatchSettings().stop_timeout_s  # the batch finishes before systemd's SIGKILL
-    assert _seconds(watch["WatchdogSec"]) > 0 and "78" in watch["RestartPreventExitStatus"].split()
+    assert _seconds(watch["WatchdogSec"]) > 0 and {"66", "78"} <= set(watch["RestartPreventExitStatus"].split())
+    assert "143" in watch["SuccessExitStatus"].split()  # cut off after watch.stop_timeout_s: the next start resumes
+    unit = _unit(REPO / "scripts" / "batchsr-watch.service")["Unit"]
+    assert int(unit["StartLimitBurst"]) >= 3 and _seconds(unit["StartLimitIntervalSec"]) > int(unit["StartLimitBurst"]) * _seconds(watch["RestartSec"])
     run = _unit(REPO / "scripts" / "batchsr-run.service")["Service"]
     assert run["Type"] == "oneshot" and run["ExecStart"].split()[1] == "run" and "75" in run["SuccessExitStatus"].split()
     timer = _unit(REPO / "scripts" / "batchsr-run.timer")
