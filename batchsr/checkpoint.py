@@ -89,6 +89,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def config_sha256(model: dict) -> str:
+    """The model config's digest: a description edited after saving (``slope``, a width) would rebuild
+    another network under the same model id, which names the weights."""
+    return hashlib.sha256(json.dumps(model, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
 def read_info(weights_path: Path | str) -> ModelInfo:
     """Reads and checks a checkpoint's description without building the model."""
     weights_path = Path(weights_path)
@@ -111,6 +117,9 @@ def read_info(weights_path: Path | str) -> ModelInfo:
     archs, scales = (get_args(TrainModel.model_fields[k].annotation) for k in ("arch", "scale"))
     if not (isinstance(model, dict) and model.get("arch") in archs and model.get("scale") in scales):
         raise ModelError(f"{desc}: bad model config {model!r} (needs 'arch' in {archs} and 'scale' in {scales})")
+    if "model_sha256" in meta and meta["model_sha256"] != config_sha256(model):  # absent in descriptions of batchsr 0.1
+        raise ModelError(f"{desc}: the model config was edited after the weights were saved (model_sha256 does not match); "
+                         "restore it, or train or save the model again")
     sha = file_sha256(weights_path)
     if meta.get("weights_sha256") != sha:
         raise ModelError(
@@ -174,6 +183,7 @@ def save_model(model, config, weights_path: Path | str, training: dict | None = 
         "format_version": FORMAT_VERSION,
         "batchsr_version": __version__,
         "model": config.to_dict(),
+        "model_sha256": config_sha256(config.to_dict()),
         "weights_file": weights_path.name,
         "weights_sha256": file_sha256(weights_path),
         "parameters": int(model.count_params()),

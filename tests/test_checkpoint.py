@@ -38,6 +38,10 @@ def test_mismatched_description_is_refused(tiny_model, tmp_path):
     meta = json.loads(description_path(tiny_model).read_text())
     meta["model"]["width"] = 16  # the description no longer fits the weights
     description_path(copy).write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="the model config was edited after the weights were saved"):
+        read_info(copy)
+    del meta["model_sha256"]  # as descriptions written before the digest existed
+    description_path(copy).write_text(json.dumps(meta))
     with pytest.raises(ModelError, match=r"do not fit the described model \(layer enc0_in_conv: the description builds "
                        r"\(3, 3, 3, 16\), the file holds \(3, 3, 3, 8\)\)$"):
         load_model(copy)  # one line, not Keras's dump of the weight arrays
@@ -57,9 +61,30 @@ def test_keys_a_description_leaves_out_take_the_architecture_defaults_everywhere
     shutil.copy(tiny_model, copy)
     meta = json.loads(description_path(tiny_model).read_text())
     assert meta["model"].pop("depth") == ModelConfig().depth == 2
+    del meta["model_sha256"]  # as descriptions written before the digest existed
     description_path(copy).write_text(json.dumps(meta))
     assert read_info(copy).multiple == read_info(tiny_model).multiple == 4
     assert Engine(copy, EngineSettings()).multiple == 4
+
+
+def test_a_description_edited_after_saving_is_refused(tiny_model, tmp_path):
+    """The same weights under another slope are another network: it must not pass for the model id of the first."""
+    from batchsr.checkpoint import bundled_model
+
+    copy = tmp_path / tiny_model.name
+    shutil.copy(tiny_model, copy)
+    meta = json.loads(description_path(tiny_model).read_text())
+    meta["model"]["slope"] = 0.1
+    description_path(copy).write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=f"{copy.stem[:-8]}.json: the model config was edited after the weights were saved"):
+        read_info(copy)
+    meta["training"] = {"note": "edited"}  # the rest of the description may change
+    meta["model"]["slope"] = json.loads(description_path(tiny_model).read_text())["model"]["slope"]
+    description_path(copy).write_text(json.dumps(meta))
+    assert read_info(copy).model_id == read_info(tiny_model).model_id
+    for scale in (2, 3, 4):
+        assert "model_sha256" in json.loads(description_path(bundled_model(scale)).read_text())
+        read_info(bundled_model(scale))
 
 
 def test_missing_description_and_wrong_name(tiny_model, tmp_path):
