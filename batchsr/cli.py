@@ -8,7 +8,6 @@ nowhere else.  Heavy modules (TensorFlow, OpenCV) load inside the commands, so
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -51,43 +50,51 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-# What TensorFlow's native code prints at import whatever TF_CPP_MIN_LOG_LEVEL says: absl's preamble and
-# informational (I-severity) lines such as the oneDNN and "no CUDA drivers" notices.
-# The preamble ends without a newline, so the next line follows on the same one.
+# What TensorFlow's native code prints at import whatever TF_CPP_MIN_LOG_LEVEL says: absl's preamble (which
+# ends without a newline, so the next line follows on the same one) and informational (I-severity) lines such as
+# the oneDNN and "no CUDA drivers" notices.
 _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-_IMPORT_NOTICE = re.compile(r"I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \w+\.cc:\d+\] ")
+_IMPORT_NOTICE = r"I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \w+\.cc:\d+\] "
+
+# A separate process reads the import's stderr, so that what it must show (a fatal "this CPU lacks AVX" line
+# before an abort) reaches the terminal even when the import kills this process.
+_STDERR_FILTER = """
+import re, sys
+preamble, notice, show = sys.argv[1].encode(), re.compile(sys.argv[2].encode()), sys.argv[3] == "1"
+for line in sys.stdin.buffer:
+    line = line.replace(preamble, b"")
+    if not line.strip() or (notice.match(line) and not show):
+        continue
+    sys.stderr.buffer.write(b"tensorflow: " + line if notice.match(line) else line)
+    sys.stderr.buffer.flush()
+"""
 
 
-def _import_tensorflow() -> None:
-    """Imports TensorFlow with its native start-up notices moved to the DEBUG log, so that cron mails and
-    journals hold batchsr's own lines; anything else written to stderr meanwhile passes through."""
+def _import_tensorflow(show_notices: bool = False) -> None:
+    """Imports TensorFlow with its native start-up notices left out of stderr (shown at DEBUG), so that cron
+    mails and journals hold batchsr's own lines; anything else written to stderr meanwhile passes through."""
     import importlib.util
-    import tempfile
+    import subprocess
 
     if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:  # training may run on JAX alone
         return
-
-    from loguru import logger
-
     sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    try:
+        reader = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, _ABSL_PREAMBLE, _IMPORT_NOTICE, "1" if show_notices else "0"],
+                                  stdin=read_end)
+    finally:
+        os.close(read_end)
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", "replace").replace(_ABSL_PREAMBLE, "")
-            for line in text.splitlines():
-                if not line:
-                    continue
-                if _IMPORT_NOTICE.match(line):
-                    logger.debug("tensorflow: {}", line)
-                else:
-                    print(line, file=sys.stderr)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the last writer gone: the reader ends
+        os.close(saved)
+        reader.wait()
 
 
 class _Command(click.Command):
@@ -141,8 +148,9 @@ def _load(ctx: click.Context, overrides: dict):
     from batchsr.config import load_settings
 
     settings = load_settings(ctx.obj["config"], overrides)
-    _setup_logging(ctx.obj["log_level"] or settings.logging.level, settings.logging.file)
-    _import_tensorflow()
+    level = ctx.obj["log_level"] or settings.logging.level
+    _setup_logging(level, settings.logging.file)
+    _import_tensorflow(show_notices=level in ("TRACE", "DEBUG"))
     return settings
 
 
@@ -328,7 +336,7 @@ def train(ctx, train_config, resume, init, steps, out_dir, until):
 
     settings = load_train_settings(train_config, {"steps": steps, "out_dir": str(out_dir) if out_dir else None})
     _setup_logging(ctx.obj["log_level"] or "INFO")
-    _import_tensorflow()
+    _import_tensorflow(show_notices=ctx.obj["log_level"] in ("TRACE", "DEBUG"))
     from batchsr.train import train as run_training
 
     result = run_training(settings, resume=resume, init=init, until=until)

@@ -98,15 +98,16 @@ class Engine:
         """Upper estimate of the memory a model call over the windows of a ``height x width`` image takes at its
         peak, on every device at once; the run's memory budget counts it (TensorFlow keeps most of it afterwards).
 
-        Per window pixel, float32: eight activations of the widest full-resolution stage and nine of the sub-pixel
-        head.  Measured peaks are 10-45% below it (bundled x4: 1.41 KB against 1.60 KB; x2: 1.84 against 2.70).
+        Per window pixel, float32: thirteen activations of the widest full-resolution stage and thirteen of the
+        sub-pixel head, plus 20 MB a call: fitted to the first call's peak over tiles 16-512 and batches 1-64
+        (``scripts/call_memory.py``), where one large window a call costs the most per pixel.
         """
         config = self.info.config
         top = config.get("top_width") or config["width"]
-        head = 9 * self.scale**2
-        per_pixel = 4 * (8 * top + head) if config["arch"] != "seed" else 4 * self.scale**2 * (8 * config["width"] + 9)
+        head = 13 * self.scale**2
+        per_pixel = 4 * (13 * top + head) if config["arch"] != "seed" else 4 * self.scale**2 * (13 * config["width"] + 13)
         window_h, window_w = plan_tiles(height, width, self.settings.tile, self.settings.overlap, self.multiple).window_shape
-        return len(self.devices) * self.settings.batch_size * window_h * window_w * per_pixel / 1e6
+        return len(self.devices) * (20.0 + self.settings.batch_size * window_h * window_w * per_pixel / 1e6)
 
     def _infer(self, batch: np.ndarray, copy: int = 0) -> np.ndarray:
         """The model's output, or with ``self_ensemble`` the mean over the 8 flips and rotations of the batch."""

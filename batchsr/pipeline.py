@@ -142,7 +142,8 @@ def whole_mb(image: Image, scale: int, factor: float, *, reference: bool) -> flo
         total += (out_px + h * scale * out_w) * 12  # the two passes of the resize
     total += out_px * (12 + 2 * 4 * item)  # rounding temporaries, pixels, encoded file
     if reference:
-        total += out_px * (2 * 3 * item + 12 + 8 * 8)  # reference, 8-bit copies, bicubic, SSIM planes
+        # reference, 8-bit copies, bicubic, and scoring: float64 RGB copies of both images and skimage's SSIM planes
+        total += out_px * (2 * 3 * item + 12 + 8 * 8 + 160)
     return total / 1e6
 
 
@@ -209,25 +210,27 @@ class MemoryBudget:
     model call among the images in flight (``Engine.call_mb``), which a first
     call has not taken yet.  Every image planned and not yet written holds its
     own estimate on top, so images in flight together cannot pass the cap
-    between them.  A refusal while others are held is not final: the caller
-    lets them finish (``busy``) and plans the image again, so only an image
-    that does not fit on its own is refused.
+    between them.  An image refused, or sent band by band where alone it would
+    go whole, while others are held waits: ``plan`` returns None, the caller
+    lets the others finish and plans it again.  So only an image that does not
+    fit on its own is refused, and none loses its metrics to its neighbours.
     """
 
     def __init__(self, loaded_mb: float):
         self.loaded_mb = loaded_mb
         self._held: dict[object, tuple[float, float]] = {}  # key: (its estimate, its model call)
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._held)
-
-    def plan(self, key, image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, call_mb: float) -> Route:
+    def plan(self, key, image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, call_mb: float) -> Route | None:
         """``plan_route`` against what is in use; a route that fits holds its estimate under ``key``.
-        ``call_mb``: the model call over this image's windows."""
+        ``call_mb``: the model call over this image's windows.  None: wait for the images held, then plan again."""
         largest_call = max([call_mb, *(call for _, call in self._held.values())])
         in_use = max(process_rss_mb(), self.loaded_mb + largest_call) + sum(mb for mb, _ in self._held.values())
         route = plan_route(image, fmt, scale, run, tile, reference=reference, in_use_mb=in_use)
+        if self._held and (route.refusal is not None or route.streamed):
+            alone = plan_route(image, fmt, scale, run, tile, reference=reference,
+                               in_use_mb=max(process_rss_mb(), self.loaded_mb + call_mb))
+            if route.refusal is not None or not alone.streamed:
+                return None
         if route.refusal is None:
             self._held[key] = (route.mb, call_mb)
         elif call_mb:

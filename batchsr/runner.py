@@ -536,7 +536,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                                    call_mb=engine.call_mb(*item.image.rgb.shape[:2]))
 
             route = plan()
-            if route.refusal is not None and budget.busy:  # refused beside the images in flight: planned again alone
+            if route is None:  # it would go better alone: the images in flight finish first
                 flush(batch)
                 batch, tiles = [], 0
                 settle(block=True)

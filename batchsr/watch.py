@@ -663,6 +663,7 @@ class _Daemon:
             ms = (time.time() - t0) * 1000.0 / max(len(batched), 1)
             for (item, out_rel, fmt), result in zip(batched, upscaled):
                 if isinstance(result, Exception):
+                    budget.release(item.entry.id)
                     self._try_failed(item, f"model failed: {type(result).__name__}: {result}", traceback_digest(result), counts)
                     continue
                 colour, alpha = result
@@ -692,7 +693,7 @@ class _Daemon:
             call_mb = engine.call_mb(*item.image.rgb.shape[:2])
             route = budget.plan(item.entry.id, item.image, fmt, engine.scale, run, self.settings.engine.tile, reference=reference,
                                 call_mb=call_mb)
-            if route.refusal is not None and budget.busy:  # refused beside the others: planned again once they are written
+            if route is None:  # it would go better alone: planned again once the others are written
                 model_and_write()
                 wait([job for _, _, job in writes])
                 for done, _, _ in writes:

@@ -124,6 +124,18 @@ def test_training_model_top_width_names_the_key_and_value(tmp_path):
     assert "model.top_width" in str(error.value) and "2" in str(error.value) and "at least 4" in str(error.value)
 
 
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 reads 2e-4 as text; with strict types that would refuse the usual way to write a learning rate."""
+    path = tmp_path / "t.yaml"
+    path.write_text("train_dirs: [a]\nlr: 2e-4\nlr_min: 1E-6\n")
+    settings = load_train_settings(path)
+    assert (settings.lr, settings.lr_min) == (2e-4, 1e-6)
+    config = tmp_path / "c.yaml"
+    config.write_text("watch:\n  settle_s: 5e-1\nrun:\n  stream_megapixels: 1.6e1\n")
+    loaded = load_settings(config)
+    assert (loaded.watch.settle_s, loaded.run.stream_megapixels) == (0.5, 16.0)
+
+
 @pytest.mark.parametrize("value", ["[1.0, 1.5]", "[0.1]", "[0.8, 0.8]"])
 def test_training_rescale_factors_are_checked(tmp_path, value):
     path = tmp_path / "t.yaml"

@@ -9,6 +9,7 @@ fringe at transparent edges, flat colours unchanged).
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import struct
@@ -729,6 +730,28 @@ def test_images_that_do_not_fit_the_memory_cap_together_go_through_the_model_apa
     summary = run_folder(src, tight, settings(1000 + 1.5 * one), engine=Counting())
     assert calls == [1, 1, 1] and summary.done == 3  # each waited for the one before it, none refused
     assert all((tight / name).is_file() for name in ("a.jpg", "b.jpg", "c.jpg"))
+
+
+def test_an_image_that_fits_whole_alone_waits_instead_of_losing_its_metrics(tmp_path, monkeypatch):
+    """Beside an image in flight it would go band by band (no metrics); alone it goes whole and is scored."""
+    from batchsr.pipeline import whole_mb
+
+    src, hr = tmp_path / "in", tmp_path / "hr"
+    rng = np.random.default_rng(5)
+    hr.mkdir()
+    src.mkdir()
+    for name in ("a.png", "b.png", "c.png"):  # an output band is far smaller than the whole output
+        pixels = rng.integers(0, 256, (400, 480, 3), dtype=np.uint8)
+        assert cv2.imwrite(str(hr / name), pixels) and cv2.imwrite(str(src / name), pixels[::4, ::4])
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
+    one = whole_mb(decode_image((src / "a.png").read_bytes()), 4, 4.0, reference=True)
+    settings = Settings.model_validate({"engine": {"tile": 256, "batch_size": 8},
+                                        "run": {"progress": "none", "memory_mb": int(1000 + 1.5 * one)}})
+    summary = run_folder(src, tmp_path / "out", settings, engine=Bicubic(), reference_dir=hr)
+    assert summary.done == 3 and not summary.failed
+    with open(tmp_path / "out" / "metrics.csv", newline="") as handle:
+        assert [row["image"] for row in csv.DictReader(handle)] == ["a.png", "b.png", "c.png", "MEAN"]
 
 
 @pytest.mark.slow

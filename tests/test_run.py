@@ -340,6 +340,19 @@ def test_an_unwritable_report_folder_fails_before_any_work(tmp_path, tiny_model)
     assert "PSNR-Y" not in scored.stdout  # refused before scoring
 
 
+def test_a_fatal_line_from_the_tensorflow_import_is_shown_even_when_it_kills_the_process(tmp_path):
+    """TensorFlow built for AVX on a CPU without it prints one F-line and aborts: that line is the only diagnosis."""
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    line = "F0000 00:00:1.0 1 cpu_feature_guard.cc:99] The TensorFlow library was compiled to use AVX instructions"
+    (fake / "__init__.py").write_text(f"import os\nos.write(2, b'I0000 00:00:1.0 1 port.cc:1] a notice\\n{line}\\n')\nos.abort()\n")
+    write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
+    result = subprocess.run([sys.executable, "-m", "batchsr.cli", "run", str(tmp_path / "in"), str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == -6 and line in result.stderr and "a notice" not in result.stderr, result.stderr
+
+
 def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     script = str(REPO / "scripts" / "cron-run.sh")
     write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))

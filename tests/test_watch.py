@@ -39,7 +39,7 @@ from loguru import logger
 
 from batchsr.config import Settings, WatchSettings, load_settings
 from batchsr.errors import ConfigError
-from batchsr.imageio import read_image
+from batchsr.imageio import decode_image, read_image
 from batchsr.resize import degrade
 from batchsr.watch import METRICS_COLUMNS, METRICS_FILE, WatchFolders, is_ignored, serve
 from conftest import REPO, write_png  # works under both `pytest` and `python -m pytest`
@@ -700,6 +700,39 @@ def test_the_periodic_rescan_catches_what_events_missed(tmp_path, tiny_model, mo
         drop(tmp_path / "inbox", "missed.png", data)
         wait_for(lambda: states(tmp_path).get("done") == ["missed.png"], 60, what="missed.png done")
     assert_consistent(tmp_path, {"missed.png": data})
+
+
+def test_an_image_the_model_fails_on_holds_no_memory_from_its_neighbours(tmp_path, tiny_model, monkeypatch):
+    """Under a cap that fits one image at a time, a model failure must not keep its share: the others are done."""
+    import batchsr.watch
+    from batchsr.engine import Engine
+    from batchsr.pipeline import whole_mb
+
+    config = write_config(tmp_path, tiny_model, batch_images=4, max_wait_s=5.0)
+    settings = load_settings(config)
+    call = Engine(tiny_model, settings.engine).call_mb(120, 120)
+    one = whole_mb(decode_image(png(1, (120, 120))), 4, 4.0, reference=False)
+    raw = yaml.safe_load(config.read_text())
+    raw["run"]["memory_mb"] = int(1000 + call + 1.5 * one)  # one image at a time, never two
+    config.write_text(yaml.safe_dump(raw))
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
+    real = batchsr.watch.upscale_images
+
+    def poisoned(engine, images, alpha):
+        if any(im.rgb.shape[1] == 124 for im in images):
+            raise RuntimeError("out of device memory")
+        return real(engine, images, alpha)
+
+    monkeypatch.setattr(batchsr.watch, "upscale_images", poisoned)
+    good = {f"b{k}.png": png(k, (120, 120)) for k in range(3)}
+    with serving_here(config) as messages:
+        drop(tmp_path / "inbox", "aaa.png", png(9, (120, 124)))  # first in name order
+        for name, data in good.items():
+            drop(tmp_path / "inbox", name, data)
+        wait_for(lambda: states(tmp_path).get("done") == sorted(good) and states(tmp_path).get("failed") == ["aaa.png"], 90,
+                 what="the three done, aaa.png failed")
+    assert not any("run.memory_mb" in m for m in messages), [m for m in messages if "run.memory_mb" in m]
 
 
 def test_an_inbox_deleted_and_made_again_is_watched_again(tmp_path, tiny_model):
