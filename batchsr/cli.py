@@ -57,44 +57,54 @@ _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is call
 _IMPORT_NOTICE = r"I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \w+\.cc:\d+\] "
 
 # A separate process reads the import's stderr, so that what it must show (a fatal "this CPU lacks AVX" line
-# before an abort) reaches the terminal even when the import kills this process.
+# before an abort) reaches the terminal even when the import kills this process.  It ignores Ctrl-C (it ends
+# when the import's stderr closes) and hands the notices back through a file, for the DEBUG log.
 _STDERR_FILTER = """
-import re, sys
-preamble, notice, show = sys.argv[1].encode(), re.compile(sys.argv[2].encode()), sys.argv[3] == "1"
-for line in sys.stdin.buffer:
-    line = line.replace(preamble, b"")
-    if not line.strip() or (notice.match(line) and not show):
-        continue
-    sys.stderr.buffer.write(b"tensorflow: " + line if notice.match(line) else line)
-    sys.stderr.buffer.flush()
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+preamble, notice = sys.argv[1].encode(), re.compile(sys.argv[2].encode())
+with open(sys.argv[3], "ab") as notices:
+    for line in sys.stdin.buffer:
+        line = line.replace(preamble, b"")
+        if notice.match(line):
+            notices.write(line)
+        elif line.strip():
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
 """
 
 
-def _import_tensorflow(show_notices: bool = False) -> None:
-    """Imports TensorFlow with its native start-up notices left out of stderr (shown at DEBUG), so that cron
-    mails and journals hold batchsr's own lines; anything else written to stderr meanwhile passes through."""
+def _import_tensorflow() -> None:
+    """Imports TensorFlow with its native start-up notices moved to the DEBUG log, so that cron mails and
+    journals hold batchsr's own lines; anything else written to stderr meanwhile passes through."""
     import importlib.util
     import subprocess
+    import tempfile
+
+    from loguru import logger
 
     if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:  # training may run on JAX alone
         return
     sys.stderr.flush()
-    read_end, write_end = os.pipe()
-    try:
-        reader = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, _ABSL_PREAMBLE, _IMPORT_NOTICE, "1" if show_notices else "0"],
-                                  stdin=read_end)
-    finally:
-        os.close(read_end)
-    saved = os.dup(2)
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # the last writer gone: the reader ends
-        os.close(saved)
-        reader.wait()
+    with tempfile.NamedTemporaryFile(prefix="batchsr-tf-", suffix=".log") as notices:
+        read_end, write_end = os.pipe()
+        try:
+            reader = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, _ABSL_PREAMBLE, _IMPORT_NOTICE, notices.name],
+                                      stdin=read_end)
+        finally:
+            os.close(read_end)
+        saved = os.dup(2)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)  # the last writer gone: the reader ends
+            os.close(saved)
+            reader.wait()
+            for line in notices.read().decode("utf-8", "replace").splitlines():
+                logger.debug("tensorflow: {}", line)
 
 
 class _Command(click.Command):
@@ -148,9 +158,8 @@ def _load(ctx: click.Context, overrides: dict):
     from batchsr.config import load_settings
 
     settings = load_settings(ctx.obj["config"], overrides)
-    level = ctx.obj["log_level"] or settings.logging.level
-    _setup_logging(level, settings.logging.file)
-    _import_tensorflow(show_notices=level in ("TRACE", "DEBUG"))
+    _setup_logging(ctx.obj["log_level"] or settings.logging.level, settings.logging.file)
+    _import_tensorflow()
     return settings
 
 
@@ -336,7 +345,7 @@ def train(ctx, train_config, resume, init, steps, out_dir, until):
 
     settings = load_train_settings(train_config, {"steps": steps, "out_dir": str(out_dir) if out_dir else None})
     _setup_logging(ctx.obj["log_level"] or "INFO")
-    _import_tensorflow(show_notices=ctx.obj["log_level"] in ("TRACE", "DEBUG"))
+    _import_tensorflow()
     from batchsr.train import train as run_training
 
     result = run_training(settings, resume=resume, init=init, until=until)

@@ -242,7 +242,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # YAML 1.1 reads 2e-4 (no dot) as text; YAML 1.2, and everyone writing a learning rate, reads a number.
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 
@@ -258,6 +258,8 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    except ValueError as exc:  # a scalar YAML took for a date or number that is none (2024-13-45)
+        raise ConfigError(f"{path}: a value cannot be read ({exc}); quote it if it is text") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -98,14 +98,15 @@ class Engine:
         """Upper estimate of the memory a model call over the windows of a ``height x width`` image takes at its
         peak, on every device at once; the run's memory budget counts it (TensorFlow keeps most of it afterwards).
 
-        Per window pixel, float32: thirteen activations of the widest full-resolution stage and thirteen of the
-        sub-pixel head, plus 20 MB a call: fitted to the first call's peak over tiles 16-512 and batches 1-64
-        (``scripts/call_memory.py``), where one large window a call costs the most per pixel.
+        Per window pixel, float32: nine activations of the widest full-resolution stage and twenty of the
+        sub-pixel head, plus 20 MB a call: fitted to the first call's peaks of the bundled x2, x3 and x4 models
+        over tiles 16-512 and batches 1-64 (``scripts/call_memory.py``), where one large window a call costs
+        the most per pixel.
         """
         config = self.info.config
         top = config.get("top_width") or config["width"]
-        head = 13 * self.scale**2
-        per_pixel = 4 * (13 * top + head) if config["arch"] != "seed" else 4 * self.scale**2 * (13 * config["width"] + 13)
+        head = 20 * self.scale**2
+        per_pixel = 4 * (9 * top + head) if config["arch"] != "seed" else 4 * self.scale**2 * (9 * config["width"] + 20)
         window_h, window_w = plan_tiles(height, width, self.settings.tile, self.settings.overlap, self.multiple).window_shape
         return len(self.devices) * (20.0 + self.settings.batch_size * window_h * window_w * per_pixel / 1e6)
 

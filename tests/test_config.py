@@ -134,6 +134,10 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
     config.write_text("watch:\n  settle_s: 5e-1\nrun:\n  stream_megapixels: 1.6e1\n")
     loaded = load_settings(config)
     assert (loaded.watch.settle_s, loaded.run.stream_megapixels) == (0.5, 16.0)
+    for text in ("engine:\n  overlap: ._e5\n", "logging:\n  level: 2024-13-45\n"):  # neither a number nor a date
+        config.write_text(text)
+        with pytest.raises(ConfigError):
+            load_settings(config)
 
 
 @pytest.mark.parametrize("value", ["[1.0, 1.5]", "[0.1]", "[0.8, 0.8]"])

@@ -353,6 +353,22 @@ def test_a_fatal_line_from_the_tensorflow_import_is_shown_even_when_it_kills_the
     assert result.returncode == -6 and line in result.stderr and "a notice" not in result.stderr, result.stderr
 
 
+def test_tensorflow_import_notices_go_to_the_debug_log(tmp_path):
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os\nos.write(2, b'I0000 00:00:1.0 1 port.cc:1] a notice\\nplain line\\n')\n"
+                                      "raise ImportError('no tensorflow here')\n")
+    write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"logging:\n  file: {tmp_path / 'batchsr.log'}\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
+    result = subprocess.run([sys.executable, "-m", "batchsr.cli", "--config", str(config), "--log-level", "DEBUG", "run",
+                             str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 70 and "plain line" in result.stderr, result.stderr
+    log = (tmp_path / "batchsr.log").read_text()
+    assert "tensorflow: I0000 00:00:1.0 1 port.cc:1] a notice" in log and "no tensorflow here" in log
+
+
 def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     script = str(REPO / "scripts" / "cron-run.sh")
     write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
