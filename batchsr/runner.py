@@ -500,8 +500,17 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         else:
             conclude(item, None)
 
-    batch: list[_Item] = []
-    tiles = 0
+    # Windows of one shape share a model call, so images wait in a group per window shape until their
+    # windows fill engine.batch_size: small images of two orientations then run full batches, not halves.
+    groups: dict[tuple[int, int], list[_Item]] = {}
+    waiting: dict[tuple[int, int], int] = {}
+
+    def flush_groups() -> None:
+        batch = [item for group in groups.values() for item in group]
+        groups.clear()
+        waiting.clear()
+        flush(batch)
+
     # An output belongs to the input the journal has for it while that input exists, whatever
     # the name order: a new input whose name maps onto it fails instead of overwriting it.
     present = set(paths)
@@ -537,8 +546,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
             route = plan()
             if route is None:  # it would go better alone: the images in flight finish first
-                flush(batch)
-                batch, tiles = [], 0
+                flush_groups()
                 settle(block=True)
                 route = plan()
             if route.refusal is not None:
@@ -551,13 +559,17 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                     logger.warning("{}: {}", item.path, route.note)
                 stream_one(item, out_rel)
                 continue
-            batch.append(item)
+            tiles = window_plan(settings, info, item.image)
+            group = groups.setdefault(tiles.window_shape, [])
+            group.append(item)
             alpha_passes = 2 if item.image.alpha is not None and settings.image.alpha == "model" else 1
-            tiles += tile_count(settings, info, item.image) * alpha_passes
-            if tiles >= settings.engine.batch_size:
-                flush(batch)
-                batch, tiles = [], 0
-        flush(batch)
+            waiting[tiles.window_shape] = waiting.get(tiles.window_shape, 0) + len(tiles.tiles) * alpha_passes
+            if waiting[tiles.window_shape] >= settings.engine.batch_size:
+                del groups[tiles.window_shape], waiting[tiles.window_shape]
+                flush(group)
+            elif sum(waiting.values()) >= 4 * settings.engine.batch_size:  # many shapes: the wait stays short
+                flush_groups()
+        flush_groups()
         settle(block=True)
     finally:
         writers.shutdown(wait=True)
@@ -578,12 +590,17 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     return summary
 
 
-def tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
-    """How many windows ``image`` sends through the model: its weight in a batch of ``engine.batch_size``."""
+def window_plan(settings: Settings, info: ModelInfo, image: Image):
+    """The windows ``image`` sends through the model (``tiling.TilePlan``)."""
     from batchsr.tiling import plan_tiles
 
     h, w = image.rgb.shape[:2]
-    return len(plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, info.multiple).tiles)
+    return plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, info.multiple)
+
+
+def tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
+    """How many windows ``image`` sends through the model: its weight in a batch of ``engine.batch_size``."""
+    return len(window_plan(settings, info, image).tiles)
 
 
 def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> bytes | None:

@@ -732,6 +732,26 @@ def test_images_that_do_not_fit_the_memory_cap_together_go_through_the_model_apa
     assert all((tight / name).is_file() for name in ("a.jpg", "b.jpg", "c.jpg"))
 
 
+def test_small_images_share_model_calls_with_images_of_their_window_shape(tmp_path):
+    """Landscape and portrait thumbnails in turn: each call holds one window shape, so no batch runs half empty."""
+    calls = []
+
+    class Counting(Bicubic):
+        def upscale(self, images):
+            calls.append(sorted({im.shape[:2] for im in images}))
+            return super().upscale(images)
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(6)
+    for k in range(8):
+        size = (20, 30) if k % 2 == 0 else (30, 20)
+        assert cv2.imwrite(str(src / f"{k}.png"), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    settings = Settings.model_validate({"engine": {"tile": 64, "batch_size": 4}, "run": {"progress": "none"}})
+    summary = run_folder(src, tmp_path / "out", settings, engine=Counting())
+    assert summary.done == 8 and sorted(map(tuple, calls)) == [((20, 30),), ((30, 20),)], calls
+
+
 def test_an_image_that_fits_whole_alone_waits_instead_of_losing_its_metrics(tmp_path, monkeypatch):
     """Beside an image in flight it would go band by band (no metrics); alone it goes whole and is scored."""
     from batchsr.pipeline import whole_mb
