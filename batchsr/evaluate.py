@@ -21,6 +21,7 @@ from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, read_i
 from batchsr.metrics import score
 from batchsr.report import ReportImage
 from batchsr.resize import crop_to_multiple, degrade, imresize
+from batchsr.runner import column_means
 
 # Images stored as RGB here whose published source was single-channel; the
 # published tables score them on their gray values (see shared/data/SOURCES.md).
@@ -133,9 +134,8 @@ def write_csv(results: list[SetResult], path: Path) -> None:
         for row in result.rows:
             writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
         first = result.rows[0]
-        numeric = [c for c in COLUMNS if c not in ("set", "image", "width", "height", "scale", "model_id") and c in first]
         writer.writerow({"set": result.name, "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
-                         **{c: round(result.mean(c), 1 if c == "ms" else 4) for c in numeric}})
+                         **column_means(result.rows, COLUMNS)})
     atomic_write(Path(path), buffer.getvalue().encode("utf-8"))
 
 

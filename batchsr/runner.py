@@ -505,6 +505,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     groups: dict[tuple[int, int], list[_Item]] = {}
     waiting: dict[tuple[int, int], int] = {}
 
+    def plan(item: _Item):
+        return budget.plan(item.path, item.image, written_as(item), scale, run, settings.engine.tile,
+                           reference=reference_dir is not None and float(factor).is_integer(),
+                           call_mb=engine.call_mb(*item.image.rgb.shape[:2]))
+
     def flush_groups() -> None:
         batch = [item for group in groups.values() for item in group]
         groups.clear()
@@ -538,17 +543,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
             get_engine()  # loaded before the memory check, which counts it
-
-            def plan():
-                return budget.plan(item.path, item.image, written_as(item), scale, run, settings.engine.tile,
-                                   reference=reference_dir is not None and float(factor).is_integer(),
-                                   call_mb=engine.call_mb(*item.image.rgb.shape[:2]))
-
-            route = plan()
+            route = plan(item)
             if route is None:  # it would go better alone: the images in flight finish first
                 flush_groups()
                 settle(block=True)
-                route = plan()
+                route = plan(item)
             if route.refusal is not None:
                 fail(item, route.refusal)
                 item.image = None
@@ -603,6 +602,13 @@ def tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
     return len(window_plan(settings, info, image).tiles)
 
 
+def column_means(rows: list[dict], columns: list[str]) -> dict:
+    """The MEAN row's figures: each metric column the rows have, averaged (ms to 0.1, the rest to 4 places)."""
+    labels = ("set", "image", "model_id", "width", "height", "scale")
+    return {c: round(float(np.mean([r[c] for r in rows])), 1 if c == "ms" else 4)
+            for c in columns if c not in labels and c in rows[0]}
+
+
 def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> bytes | None:
     """metrics.csv's content: a row per input of ``inputs`` with metrics, in that order, then their MEAN; None without any.
 
@@ -617,10 +623,9 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
         rows.append({"image": rel, "scale": scale, "model_id": entry[1], **entry[3]})  # the row's own scale when recorded
     if not rows:
         return None
-    numeric = [c for c in METRIC_COLUMNS if c not in ("image", "model_id", "width", "height", "scale")]
     scales = {r["scale"] for r in rows}
-    mean = {"image": "MEAN", "scale": scales.pop() if len(scales) == 1 else "", "model_id": model_id, "width": "", "height": ""}
-    mean.update({c: round(float(np.mean([r[c] for r in rows])), 1 if c == "ms" else 4) for c in numeric})
+    mean = {"image": "MEAN", "scale": scales.pop() if len(scales) == 1 else "", "model_id": model_id, "width": "", "height": "",
+            **column_means(rows, METRIC_COLUMNS)}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
     writer.writeheader()
