@@ -140,6 +140,7 @@ class TrainModel(_Section):
     depth: int = Field(2, ge=0, le=4)
     blocks: int = Field(2, ge=0, le=16)
     top_width: int = Field(0, ge=0, le=256)  # channels of the full-resolution stages; 0: width
+    top_blocks: int | None = Field(None, ge=0, le=16)  # residual blocks of the full-resolution stages; null: blocks
 
     @field_validator("top_width")
     @classmethod

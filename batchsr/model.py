@@ -35,11 +35,17 @@ class ModelConfig:
     blocks: int = 2  # residual blocks per stage
     top_width: int = 0  # channels of the full-resolution stages (level 0); 0: ``width``
     slope: float = 0.2  # leaky ReLU negative slope
+    top_blocks: int | None = None  # residual blocks of the full-resolution stages; None: ``blocks``
 
     def stage_width(self, level: int) -> int:
         if level == 0 and self.top_width:
             return self.top_width
         return self.width * 2**level
+
+    def stage_blocks(self, level: int) -> int:
+        if level == 0 and self.top_blocks is not None:
+            return self.top_blocks
+        return self.blocks
 
     @property
     def multiple(self) -> int:
@@ -71,6 +77,8 @@ def validate_config(config: ModelConfig) -> None:
         raise ValueError(f"depth must be an integer in 0..4, got {config.depth!r}")
     if not (isinstance(config.blocks, int) and 0 <= config.blocks <= 16):
         raise ValueError(f"blocks must be an integer in 0..16, got {config.blocks!r}")
+    if not (config.top_blocks is None or (isinstance(config.top_blocks, int) and 0 <= config.top_blocks <= 16)):
+        raise ValueError(f"top_blocks must be None or an integer in 0..16, got {config.top_blocks!r}")
     if not 0.0 <= config.slope < 1.0:
         raise ValueError(f"slope must be in [0, 1), got {config.slope!r}")
 
@@ -204,9 +212,10 @@ def _residual_block(x, filters, name, slope):
     return layers.Add(name=f"{name}_add")([x, y])
 
 
-def _stage(x, filters, name, config):
+def _stage(x, level, name, config):
+    filters = config.stage_width(level)
     x = _conv(x, filters, f"{name}_in", config.slope)
-    for i in range(config.blocks):
+    for i in range(config.stage_blocks(level)):
         x = _residual_block(x, filters, f"{name}_res{i}", config.slope)
     return x
 
@@ -214,16 +223,16 @@ def _stage(x, filters, name, config):
 def _unet_body(x, config):
     skips = []
     for level in range(config.depth):
-        x = _stage(x, config.stage_width(level), f"enc{level}", config)
+        x = _stage(x, level, f"enc{level}", config)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
-    x = _stage(x, config.stage_width(config.depth), "bottleneck", config)
+    x = _stage(x, config.depth, "bottleneck", config)
     for level in reversed(range(config.depth)):
         filters = config.stage_width(level)
         x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"dec{level}_up")(x)
         x = layers.LeakyReLU(negative_slope=config.slope, name=f"dec{level}_up_lrelu")(x)
         x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
-        x = _stage(x, filters, f"dec{level}", config)
+        x = _stage(x, level, f"dec{level}", config)
     return x
 
 

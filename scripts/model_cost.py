@@ -51,9 +51,11 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--top-width", type=int, default=0, help="channels of the full-resolution stages (0: width)")
+    parser.add_argument("--top-blocks", type=int, help="residual blocks of the full-resolution stages (default: blocks)")
     args = parser.parse_args()
     if args.arch:
-        configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks, args.top_width)]
+        configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks, args.top_width,
+                               top_blocks=args.top_blocks)]
     else:
         configs = [ModelConfig("unet", 4, 32, 2, 2), ModelConfig("unet", 4, 32, 2, 2, top_width=48),
                    ModelConfig("unet", 4, 32, 2, 3), ModelConfig("seed", 4, 32, 2, 2)]
@@ -61,7 +63,8 @@ def main() -> None:
     for config in configs:
         params, macs = cost(config)
         print(f"| {config.arch} x{config.scale} width {config.width} depth {config.depth} blocks {config.blocks}"
-              f"{f' top_width {config.top_width}' if config.top_width else ''} "
+              f"{f' top_width {config.top_width}' if config.top_width else ''}"
+              f"{f' top_blocks {config.top_blocks}' if config.top_blocks is not None else ''} "
               f"| {params:,} | {macs / 1e6:.3f} |")
 
 

@@ -25,6 +25,9 @@ def test_layers_are_named_and_depth_changes_the_layout():
     assert {"enc0_pool", "enc2_pool", "bottleneck_in_conv", "dec2_up", "dec0_concat", "head_conv", "head_shuffle"} <= names
     shallow = build_model(ModelConfig(width=4, depth=1, blocks=0))
     assert "enc1_pool" not in {layer.name for layer in shallow.layers}
+    top_heavy = {layer.name for layer in build_model(ModelConfig(width=4, depth=1, blocks=1, top_blocks=3)).layers}
+    assert {"enc0_res2_add", "dec0_res2_add", "bottleneck_res0_add"} <= top_heavy
+    assert not {"enc0_res3_add", "bottleneck_res1_add"} & top_heavy
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
@@ -71,6 +74,7 @@ def test_mixed_precision_rounds_only_the_learned_detail():
         ({"arch": "resnet"}, "arch must be one of"),
         ({"width": 2}, "width must be"),
         ({"depth": 9}, "depth must be"),
+        ({"top_blocks": 17}, "top_blocks must be"),
     ],
 )
 def test_bad_config_names_the_value(kwargs, message):

@@ -130,6 +130,44 @@ def test_init_into_a_wider_model_starts_from_the_same_output(tmp_path, tiny_mode
     assert np.abs(narrow - lr.repeat(4, 1).repeat(4, 2)).mean() > 1e-3  # the model does something
 
 
+def test_init_into_deeper_top_stages_starts_from_the_same_output(tmp_path, tiny_model):
+    """More residual blocks at full resolution (``top_blocks``): the new blocks start as the
+    identity, so the deeper model upscales a real photo exactly as the source did."""
+    from batchsr.checkpoint import load_model as load
+    from batchsr.imageio import read_image
+
+    source, _ = load(tiny_model)
+    model = {"width": 12, "depth": 2, "blocks": 1, "top_blocks": 3, "scale": 4}
+    settings = _settings(tmp_path / "deep", model=model, steps=1, warmup_steps=0, val_interval=1, lr=1e-12, lr_min=0.0, ema=None)
+    result = train(settings, init=tiny_model, progress=False)
+    target, _ = load(result.final_weights)
+    names = {layer.name for layer in target.layers}
+    assert {"enc0_res2_b_conv", "dec0_res2_b_conv"} <= names and "enc1_res1_b_conv" not in names
+    lr = read_image(data_dir("Set5", "HR") / "butterfly.png").rgb[:64, :64].astype("float32")[None] / 255.0
+    narrow, deep = np.asarray(source(lr)), np.asarray(target(lr))
+    assert np.abs(narrow - deep).max() < 1e-4
+    assert np.abs(narrow - lr.repeat(4, 1).repeat(4, 2)).mean() > 1e-3  # the model does something
+
+
+def test_numpy_pipeline_runs_blas_on_one_thread(tmp_path, monkeypatch):
+    """The patch threads each call NumPy; BLAS pools of their own would oversubscribe the cores."""
+    from threadpoolctl import threadpool_info
+
+    import batchsr.data as data
+
+    seen = []
+    real = data.numpy_training_batches
+
+    def spy(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            seen.append({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+            yield batch
+
+    monkeypatch.setattr(data, "numpy_training_batches", spy)
+    train(_settings(tmp_path / "run", pipeline="numpy", steps=4, val_interval=2, warmup_steps=1), progress=False)
+    assert len(seen) >= 4 and all(threads == {1} for threads in seen), seen
+
+
 _MIRRORED = """
 import json, sys
 import numpy as np
