@@ -98,17 +98,19 @@ class Engine:
         """Upper estimate of the memory a model call over the windows of a ``height x width`` image takes at its
         peak, on every device at once; the run's memory budget counts it (TensorFlow keeps most of it afterwards).
 
-        Per window pixel, float32: nine activations of the widest full-resolution stage and twenty of the
-        sub-pixel head, plus 20 MB a call: fitted to the first call's peaks of the bundled x2, x3 and x4 models
-        over tiles 16-512 and batches 1-64 (``scripts/call_memory.py``), where one large window a call costs
-        the most per pixel.
+        Per window pixel, float32: fifteen activations of the widest full-resolution stage and twenty of the
+        sub-pixel head for the first window of a batch, half that for each further one, plus 60 MB a call:
+        fitted to the first call's peaks of the bundled x2, x3 and x4 models over tiles 16-512 and batches
+        1-64 (``scripts/call_memory.py``). One large window costs the most per pixel: nine activations for
+        every window were 1.35x short for the x4 model at tile 256, batch 1, and 3x over at tile 128, batch 8.
         """
         config = self.info.config
         top = config.get("top_width") or config["width"]
         head = 20 * self.scale**2
-        per_pixel = 4 * (9 * top + head) if config["arch"] != "seed" else 4 * self.scale**2 * (9 * config["width"] + 20)
+        per_pixel = 4 * (15 * top + head) if config["arch"] != "seed" else 4 * self.scale**2 * (15 * config["width"] + 20)
         window_h, window_w = plan_tiles(height, width, self.settings.tile, self.settings.overlap, self.multiple).window_shape
-        return len(self.devices) * (20.0 + self.settings.batch_size * window_h * window_w * per_pixel / 1e6)
+        windows = 1 + (self.settings.batch_size - 1) / 2
+        return len(self.devices) * (60.0 + windows * window_h * window_w * per_pixel / 1e6)
 
     def _infer(self, batch: np.ndarray, copy: int = 0) -> np.ndarray:
         """The model's output, or with ``self_ensemble`` the mean over the 8 flips and rotations of the batch."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Parameters and multiply-adds per input pixel of model configurations (no weights needed).
 
-    python scripts/model_cost.py                                  # unet (also top_width 48, blocks 3), seed, at x4
+    python scripts/model_cost.py                                  # the bundled x4 shape, unet (also top_width 48, blocks 3), seed
     python scripts/model_cost.py --arch unet --scale 2 --blocks 3
 
 Counts the trainable convolutions (the fixed bicubic branch adds about 0.001 M)
@@ -57,8 +57,9 @@ def main() -> None:
         configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks, args.top_width,
                                top_blocks=args.top_blocks)]
     else:
-        configs = [ModelConfig("unet", 4, 32, 2, 2), ModelConfig("unet", 4, 32, 2, 2, top_width=48),
-                   ModelConfig("unet", 4, 32, 2, 3), ModelConfig("seed", 4, 32, 2, 2)]
+        configs = [ModelConfig("unet", 4, 32, 2, 1, top_width=48, top_blocks=2), ModelConfig("unet", 4, 32, 2, 2),
+                   ModelConfig("unet", 4, 32, 2, 2, top_width=48), ModelConfig("unet", 4, 32, 2, 3),
+                   ModelConfig("seed", 4, 32, 2, 2)]
     print("| model | parameters | M multiply-adds per input pixel |\n|---|---|---|")
     for config in configs:
         params, macs = cost(config)

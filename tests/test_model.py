@@ -100,6 +100,8 @@ def test_model_cost_script_counts_the_card_figures():
     spec.loader.exec_module(module)
     params, macs = module.cost(ModelConfig("unet", 4, 32, 2, 2))
     assert params == 1_200_176 and round(macs / 1e6, 3) == 0.249
+    params, macs = module.cost(ModelConfig("unet", 4, 32, 2, 1, top_width=48, top_blocks=2))  # the bundled x4 shape
+    assert params == 893_328 and round(macs / 1e6, 3) == 0.320
     # By hand for a one-stage net: 3x3 convs 3->4 and 4->4 (in + one block), then the x2 head 4->12.
     params, macs = module.cost(ModelConfig("unet", 2, 4, 0, 1))
     assert macs == 9 * (3 * 4 + 4 * 4 + 4 * 4 + 4 * 12)

@@ -301,16 +301,20 @@ def test_the_memory_cap_counts_the_model_call_over_each_images_windows(tmp_path,
     settings = _settings(tiny_model)
     big = settings.engine.model_copy(update={"tile": 2048, "overlap": 16})
     engine = Engine(tiny_model, big)
-    assert engine.call_mb(100, 120) == engine.call_mb(97, 117) < engine.call_mb(400, 120) / 3
+    fixed = engine.call_mb(1, 1)  # the per-call part, beside a few pixels
+    assert engine.call_mb(100, 120) == engine.call_mb(97, 117)
+    assert engine.call_mb(400, 120) - fixed > 3 * (engine.call_mb(100, 120) - fixed)
     call = engine.call_mb(100, 120)
     monkeypatch.setattr("batchsr.runner.process_rss_mb", lambda: 1000.0)  # the loaded process, as the estimates see it
     monkeypatch.setattr("batchsr.pipeline.process_rss_mb", lambda: 1000.0)
     assert call > 30  # and the image itself about 6 MB
-    run = settings.run.model_copy(update={"memory_mb": int(1000 + call * 0.6)})
+    one = big.model_copy(update={"batch_size": 1})
+    single = Engine(tiny_model, one).call_mb(100, 120)
+    assert call - single > 30  # room between them for the image's own share
+    run = settings.run.model_copy(update={"memory_mb": int(1000 + (call + single) / 2)})
     refused = run_folder(tmp_path / "in", tmp_path / "refused", settings.model_copy(update={"run": run, "engine": big}), engine=engine)
     [failure] = refused.failed
     assert "for a model call over its windows, set by engine.batch_size and engine.tile" in failure.reason
-    one = big.model_copy(update={"batch_size": 1})
     done = run_folder(tmp_path / "in", tmp_path / "done", settings.model_copy(update={"run": run, "engine": one}),
                       engine=Engine(tiny_model, one))
     assert done.done == 1 and not done.failed
