@@ -102,7 +102,7 @@ class Engine:
         sub-pixel head for the first window of a batch, half that for each further one, plus 60 MB a call:
         fitted to the first call's peaks of the bundled x2, x3 and x4 models over tiles 16-512 and batches
         1-64 (``scripts/call_memory.py``). One large window costs the most per pixel: nine activations for
-        every window were 1.35x short for the x4 model at tile 256, batch 1, and 3x over at tile 128, batch 8.
+        every window were 1.35x short for the x4 model at tile 256, batch 1, and 2x over at tile 128, batch 8.
         """
         config = self.info.config
         top = config.get("top_width") or config["width"]

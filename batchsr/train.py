@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from batchsr.config import TrainSettings
+from batchsr.config import TrainModel, TrainSettings
 from batchsr.errors import ConfigError, ModelError, OutputError
 from batchsr.imageio import atomic_write, from_float, to_float
 from batchsr.metrics import psnr, rgb_to_y
@@ -229,7 +229,8 @@ def _widened(old: list[np.ndarray], fresh: list[np.ndarray], transposed: bool,
 
 def _warm_start(model, init: Path, config) -> None:
     """Copies every layer the two models share; a wider model (``width``/``top_width``)
-    starts as an exact copy of the narrower one, its new channels free to learn."""
+    starts as an exact copy of the narrower one, its new channels free to learn, and so
+    does a deeper one (``blocks``/``top_blocks``): its new residual blocks start as the identity."""
     from batchsr.checkpoint import load_model
     from batchsr.model import ModelConfig
 
@@ -276,6 +277,12 @@ def _warm_start(model, init: Path, config) -> None:
         "warm start from {} ({}): {} layers copied, {} widened, {} new residual blocks as identity, skipped {}",
         init, info.model_id, copied, len(widened), len(added), skipped or "none",
     )
+
+
+def _one_blas_thread():
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _distribution(devices: str):
@@ -336,7 +343,11 @@ def train(
         raise ConfigError(f"{out_dir} already holds a training checkpoint; pass --resume to continue it or choose another out_dir")
     if resume:
         saved = json.loads((latest / "state.json").read_text())
-        if saved["settings"]["model"] != state["settings"]["model"]:
+        try:  # keys newer than the checkpoint take their defaults
+            same_model = TrainModel.model_validate(saved["settings"]["model"]) == settings.model
+        except ValueError:  # pydantic's ValidationError: a key or value this version does not know
+            same_model = False
+        if not same_model:
             raise ConfigError(f"--resume: the model in {latest} differs from the training config's model")
         if saved.get("pipeline", "tfdata") != pipeline:
             raise ConfigError(
@@ -477,9 +488,7 @@ def train(
         dataset = training_dataset(*args) if pipeline == "tfdata" else numpy_training_batches(*args, workers=workers)
         # Each patch thread's small NumPy products would start a BLAS pool of one thread per core: three
         # runs on 16 cores took 110 s for their first 100 steps, 30 s for 1,000 with one BLAS thread each.
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1, user_api="blas") if pipeline == "numpy" else contextlib.nullcontext():
+        with _one_blas_thread() if pipeline == "numpy" else contextlib.nullcontext():
             model.fit(
                 dataset,
                 epochs=last_epoch,

@@ -151,7 +151,7 @@ def test_init_into_deeper_top_stages_starts_from_the_same_output(tmp_path, tiny_
 
 def test_numpy_pipeline_runs_blas_on_one_thread(tmp_path, monkeypatch):
     """The patch threads each call NumPy; BLAS pools of their own would oversubscribe the cores."""
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     import batchsr.data as data
 
@@ -164,7 +164,9 @@ def test_numpy_pipeline_runs_blas_on_one_thread(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(data, "numpy_training_batches", spy)
-    train(_settings(tmp_path / "run", pipeline="numpy", steps=4, val_interval=2, warmup_steps=1), progress=False)
+    with threadpool_limits(limits=2, user_api="blas"):  # a pool of several threads, whatever the machine or environment
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {2}
+        train(_settings(tmp_path / "run", pipeline="numpy", steps=4, val_interval=2, warmup_steps=1), progress=False)
     assert len(seen) >= 4 and all(threads == {1} for threads in seen), seen
 
 
@@ -294,3 +296,16 @@ def test_losses_match_their_definitions(kind, expected):
     y_true = np.array([[0.5, 0.2, 0.0, 1.0]], "float32")
     y_pred = np.array([[0.6, -0.1, 0.0, 1.0]], "float32")
     assert float(np.mean(keras.ops.convert_to_numpy(loss(y_true, y_pred)))) == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_of_a_checkpoint_written_before_a_new_model_key(tmp_path):
+    """A checkpoint's settings lack keys added later (``top_blocks``): their defaults are what it trained with."""
+    import json
+
+    settings = _settings(tmp_path / "run", steps=4, val_interval=2, warmup_steps=1)
+    train(settings, progress=False, until=2)
+    [state_path] = (tmp_path / "run" / "checkpoints").glob("*/state.json")
+    state = json.loads(state_path.read_text())
+    del state["settings"]["model"]["top_blocks"]
+    state_path.write_text(json.dumps(state))
+    assert train(settings, resume=True, progress=False).step == 4
