@@ -60,7 +60,7 @@ from batchsr.pipeline import (
 )
 from batchsr.runner import (
     METRICS_FILE, STATE_DIR, Failure, Journal, ReferenceFolder, RunSummary, _write_metrics, check_folders_apart, check_output_dir,
-    metrics_csv, output_options, reference_candidates, tile_count, write_output,
+    metrics_csv, output_options, reference_candidates, window_plan, write_output,
 )
 
 INSTALL_HINT = "pip install 'batchsr[beam]'"
@@ -262,7 +262,7 @@ def _decode(claimed, job: _Job, info):
     if route.note:
         logger.warning("{}: {}", path, route.note)
     passes = 2 if image.alpha is not None and settings.image.alpha == "model" else 1
-    tiles = tile_count(settings, info, image) * passes
+    tiles = len(window_plan(settings, info, image).tiles) * passes
     yield _Work(path, rel, out_rel, hashlib.sha256(data).hexdigest(), image, tiles, route.streamed)
 
 

@@ -223,13 +223,15 @@ class MemoryBudget:
     def plan(self, key, image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, call_mb: float) -> Route | None:
         """``plan_route`` against what is in use; a route that fits holds its estimate under ``key``.
         ``call_mb``: the model call over this image's windows.  None: wait for the images held, then plan again."""
+        rss = process_rss_mb()
         largest_call = max([call_mb, *(call for _, call in self._held.values())])
-        in_use = max(process_rss_mb(), self.loaded_mb + largest_call) + sum(mb for mb, _ in self._held.values())
+        in_use = max(rss, self.loaded_mb + largest_call) + sum(mb for mb, _ in self._held.values())
         route = plan_route(image, fmt, scale, run, tile, reference=reference, in_use_mb=in_use)
-        if self._held and (route.refusal is not None or route.streamed):
-            alone = plan_route(image, fmt, scale, run, tile, reference=reference,
-                               in_use_mb=max(process_rss_mb(), self.loaded_mb + call_mb))
-            if route.refusal is not None or not alone.streamed:
+        if self._held:
+            if route.refusal is not None:
+                return None
+            if route.streamed and not plan_route(image, fmt, scale, run, tile, reference=reference,
+                                                 in_use_mb=max(rss, self.loaded_mb + call_mb)).streamed:
                 return None
         if route.refusal is None:
             self._held[key] = (route.mb, call_mb)

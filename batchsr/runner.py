@@ -590,16 +590,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
 
 def window_plan(settings: Settings, info: ModelInfo, image: Image):
-    """The windows ``image`` sends through the model (``tiling.TilePlan``)."""
+    """The windows ``image`` sends through the model (``tiling.TilePlan``): its weight in a batch of ``engine.batch_size``."""
     from batchsr.tiling import plan_tiles
 
     h, w = image.rgb.shape[:2]
     return plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, info.multiple)
-
-
-def tile_count(settings: Settings, info: ModelInfo, image: Image) -> int:
-    """How many windows ``image`` sends through the model: its weight in a batch of ``engine.batch_size``."""
-    return len(window_plan(settings, info, image).tiles)
 
 
 def column_means(rows: list[dict], columns: list[str]) -> dict:

@@ -155,17 +155,20 @@ def test_numpy_pipeline_runs_blas_on_one_thread(tmp_path, monkeypatch):
 
     import batchsr.data as data
 
+    def blas_threads() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
     seen = []
     real = data.numpy_training_batches
 
     def spy(*args, **kwargs):
         for batch in real(*args, **kwargs):
-            seen.append({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+            seen.append(blas_threads())
             yield batch
 
     monkeypatch.setattr(data, "numpy_training_batches", spy)
     with threadpool_limits(limits=2, user_api="blas"):  # a pool of several threads, whatever the machine or environment
-        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {2}
+        assert blas_threads() == {2}
         train(_settings(tmp_path / "run", pipeline="numpy", steps=4, val_interval=2, warmup_steps=1), progress=False)
     assert len(seen) >= 4 and all(threads == {1} for threads in seen), seen
 
