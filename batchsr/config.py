@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
@@ -248,7 +248,7 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, schema: type[BaseModel]) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -265,8 +265,34 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    _paths_as_written(data, yaml.load(text, Loader=yaml.BaseLoader), schema)  # noqa: S506 (text only)
     # A section whose keys are all commented out reads as null: it means "all defaults".
     return {key: {} if value is None and key in _SECTIONS else value for key, value in data.items()}
+
+
+def _is_path(annotation: Any) -> bool:
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation is Path or any(_is_path(arg) for arg in get_args(annotation) if get_origin(annotation) is not list)
+
+
+def _paths_as_written(data: dict, text: Any, schema: type[BaseModel]) -> None:
+    """A path YAML read as a number, flag or date (``1e5``, ``2024-01-01``, ``on``) is the text as written:
+    folder names are not numbers.  ``text`` is the same file read with every scalar as text."""
+    if not isinstance(text, dict):
+        return
+    for key, field in schema.model_fields.items():
+        value, written = data.get(key), text.get(key)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            if isinstance(value, dict):
+                _paths_as_written(value, written, field.annotation)
+        elif _is_path(field.annotation):
+            if value is not None and not isinstance(value, str) and isinstance(written, str):
+                data[key] = written
+        elif get_origin(field.annotation) is list and _is_path(get_args(field.annotation)[0]):
+            if isinstance(value, list) and isinstance(written, list) and len(value) == len(written):
+                data[key] = [w if v is not None and not isinstance(v, str) and isinstance(w, str) else v
+                             for v, w in zip(value, written)]
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -289,7 +315,7 @@ def _resolve(base: Path, path: Path | None) -> Path | None:
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Loads ``path`` (or the defaults) and applies dotted ``overrides`` such as ``engine.tile``."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_yaml(Path(path), Settings) if path is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
@@ -325,7 +351,7 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
 
 def load_train_settings(path: Path, overrides: dict[str, Any] | None = None) -> TrainSettings:
     """Paths in the file are taken from its folder; a path given by a flag (``out_dir``) from the current one."""
-    data = _read_yaml(Path(path))
+    data = _read_yaml(Path(path), TrainSettings)
     in_file = set(data)
     flags = frozenset(key for key, value in (overrides or {}).items() if value is not None)
     for key in flags:

@@ -140,6 +140,25 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
             load_settings(config)
 
 
+def test_paths_are_taken_as_written_even_where_yaml_sees_a_number_flag_or_date(tmp_path):
+    """A folder named 1e5, 2024-01-01 or on is a folder, not 100000.0, a date or True."""
+    config = tmp_path / "c.yaml"
+    config.write_text("watch:\n  inbox: 1e5\n  reference: 2024-01-01\n  done: on\n  failed: 0x10\n"
+                      "logging:\n  file: 12\nmodel:\n  weights: ~\n")
+    loaded = load_settings(config)
+    assert (loaded.watch.inbox, loaded.watch.reference, loaded.watch.done, loaded.watch.failed) == (
+        tmp_path / "1e5", tmp_path / "2024-01-01", tmp_path / "on", tmp_path / "0x10")
+    assert loaded.logging.file == tmp_path / "12" and loaded.model.weights is None
+    train = tmp_path / "t.yaml"
+    train.write_text("train_dirs: [2024, data, 3.5]\nval_dir: 1e5\nout_dir: yes\n")
+    settings = load_train_settings(train)
+    assert settings.train_dirs == [tmp_path / "2024", tmp_path / "data", tmp_path / "3.5"]
+    assert (settings.val_dir, settings.out_dir) == (tmp_path / "1e5", tmp_path / "yes")
+    config.write_text("engine:\n  tile: 1e2\n")  # a number where a number belongs stays one (and a float is refused)
+    with pytest.raises(ConfigError, match="engine.tile = 100.0"):
+        load_settings(config)
+
+
 @pytest.mark.parametrize("value", ["[1.0, 1.5]", "[0.1]", "[0.8, 0.8]"])
 def test_training_rescale_factors_are_checked(tmp_path, value):
     path = tmp_path / "t.yaml"
