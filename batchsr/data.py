@@ -8,13 +8,14 @@ batches.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from batchsr.errors import ConfigError
-from batchsr.imageio import read_image, sniff_format, to_uint8
+from batchsr.imageio import probe_decoding_mb, read_image, sniff_format, to_uint8
 from batchsr.resize import imresize, resize_matrix
 
 
@@ -229,12 +230,85 @@ def numpy_training_batches(
                 next_step += 1
 
 
-def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers: int, prefetch: int = 8) -> Iterator[object]:
+class DecodeAhead:
+    """Holds the images decoded ahead of their turn to ``limit_mb`` together.
+
+    tf.data decodes ``run.decode_workers`` files at once and keeps more ready;
+    a folder of huge scans would otherwise hold several of them decoded before
+    the first is planned against ``run.memory_mb``.  Files are admitted to
+    decoding one at a time, in order, each reserving ``probe_decoding_mb`` from
+    its header; a file waits while the files reserved would pass the limit,
+    except the next file the consumer takes, which never waits: the stream
+    cannot stall.  A file's reservation ends when it is handed over, or with
+    ``keep``, when the stream ends (``watch`` holds a batch decoded until it is
+    written).  While any key pauses it, only the next file is admitted.
+    """
+
+    def __init__(self, limit_mb: float, *, keep: bool = False):
+        self.limit_mb = limit_mb
+        self.keep = keep
+        self.peak_mb = 0.0  # the most reserved at once
+        self._changed = threading.Condition()
+        self._reserved: dict[int, float] = {}
+        self._next = 0
+        self._pausers: set = set()
+        self._closed = False
+
+    @property
+    def pending_mb(self) -> float:
+        with self._changed:
+            return sum(self._reserved.values())
+
+    def reserve(self, index: int, mb: float) -> None:
+        with self._changed:
+            while not self._closed and index != self._next and sum(self._reserved.values()) + mb > self._limit():
+                self._changed.wait()
+            if self._closed:
+                return
+            self._reserved[index] = self._reserved.get(index, 0.0) + mb
+            self.peak_mb = max(self.peak_mb, sum(self._reserved.values()))
+
+    def _limit(self) -> float:
+        return 0.0 if self._pausers else self.limit_mb
+
+    def handed_over(self, index: int) -> None:
+        with self._changed:
+            if not self.keep:
+                self._reserved.pop(index, None)
+            self._next = index + 1
+            self._changed.notify_all()
+
+    def pause(self, key) -> None:
+        with self._changed:
+            self._pausers.add(key)
+
+    def resume(self, key) -> None:
+        with self._changed:
+            self._pausers.discard(key)
+            self._changed.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        with self._changed:
+            return self._closed
+
+    def close(self) -> None:
+        """The stream ended or was abandoned: files waiting, and any that come after, decode nothing."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
+def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers: int, prefetch: int = 8,
+                   ahead: DecodeAhead | None = None) -> Iterator[object]:
     """Yields ``prepare(path)`` for every path, in order, computed in parallel ahead of use.
 
     A tf.data pipeline runs ``prepare`` (read, hash, decode) on ``workers`` threads
     and keeps ``prefetch`` results ready, overlapping file I/O with inference.
-    ``prepare`` must return errors as values: one bad file never stops the stream.
+    With ``ahead``, a first stage admits files to it one at a time, in order,
+    within ``ahead``'s memory limit; only that stage ever waits, so decoding
+    always goes on for the files admitted.  ``prepare`` must return errors as
+    values: one bad file never stops the stream.
     """
     import tensorflow as tf
 
@@ -242,19 +316,32 @@ def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers
         return
     results: dict[int, object] = {}
 
+    def admit(index):
+        ahead.reserve(int(index), probe_decoding_mb(paths[int(index)]))
+        return index
+
     def run(index):
         i = int(index)
-        results[i] = prepare(paths[i])
+        if ahead is None or not ahead.closed:
+            results[i] = prepare(paths[i])
         return np.int64(i)
 
-    dataset = (
-        tf.data.Dataset.range(len(paths))
-        .map(
-            lambda i: tf.numpy_function(run, [i], tf.int64, stateful=True),
-            num_parallel_calls=workers,
-            deterministic=True,
-        )
-        .prefetch(prefetch)
-    )
-    for index in dataset.as_numpy_iterator():
-        yield results.pop(int(index))
+    dataset = tf.data.Dataset.range(len(paths))
+    if ahead is not None:
+        dataset = dataset.map(lambda i: tf.numpy_function(admit, [i], tf.int64, stateful=True))  # sequential
+    dataset = dataset.map(
+        lambda i: tf.numpy_function(run, [i], tf.int64, stateful=True), num_parallel_calls=workers, deterministic=True,
+    ).prefetch(prefetch)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = workers + 2  # decoding never waits for a thread the admitting stage holds
+    iterator = dataset.with_options(options).as_numpy_iterator()
+    try:
+        for index in iterator:
+            item = results.pop(int(index))
+            if ahead is not None:
+                ahead.handed_over(int(index))
+            yield item
+    finally:
+        if ahead is not None:
+            ahead.close()  # before the iterator goes, which waits for its stages
+        del iterator

@@ -146,6 +146,40 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
     return _upright(rgb, alpha, gray, meta, fmt, orientation, path)
 
 
+def decoding_mb(width: int, height: int, sample_bytes: int) -> float:
+    """Upper estimate of the memory an image takes while it is decoded and once decoded: RGB plus alpha,
+    and the decoder's own buffer beside the array."""
+    return 2 * 4 * sample_bytes * width * height / 1e6
+
+
+def probe_decoding_mb(path: Path | str) -> float:
+    """``decoding_mb`` from the file's header alone (nothing decoded); 0 for a file that is no image or
+    whose header cannot be read: decoding it will say why."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(32)
+            fmt = sniff_format(head[:16])
+            if fmt is None:
+                return 0.0
+            handle.seek(0)
+            try:
+                with PILImage.open(handle, formats=[_PIL_FORMATS[fmt]]) as pil:
+                    width, height = pil.size
+                    sixteen = _sixteen_bit(pil, head, fmt, path)
+            except PILImage.UnidentifiedImageError:
+                if fmt != "tiff":
+                    return 0.0
+                import tifffile
+
+                handle.seek(0)
+                with tifffile.TiffFile(handle) as tif:
+                    page = tif.pages[0]
+                    width, height, sixteen = page.imagewidth, page.imagelength, page.bitspersample > 8
+    except Exception:  # noqa: BLE001 (an unreadable header is decoding's to report, with the reason)
+        return 0.0
+    return decoding_mb(width, height, 2 if sixteen else 1)
+
+
 def _check_pixel_limit(path, width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(

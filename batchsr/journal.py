@@ -347,6 +347,12 @@ class WatchJournal:
                     completed.add(r.entry_id)
         return completed
 
+    def unclaim(self, entry_ids: list[int], now: float) -> None:
+        """Back to the queue untried, in their place (a batch too large to hold decoded at once)."""
+        with self._transaction() as db:
+            db.executemany("UPDATE files SET state = 'ready', updated = ? WHERE id = ? AND state = 'claimed'",
+                           [(now, entry_id) for entry_id in entry_ids])
+
     def retry_later(self, entry_id: int, *, attempts: int, error: str, digest: str | None, not_before: float, now: float) -> None:
         """Back to the queue after ``not_before``; ``attempts`` is the new count of failed tries."""
         with self._transaction() as db:

@@ -208,16 +208,21 @@ class MemoryBudget:
     The process takes its resident memory now, but at least what it took with
     the model loaded (``loaded_mb``) plus the working memory of the largest
     model call among the images in flight (``Engine.call_mb``), which a first
-    call has not taken yet.  Every image planned and not yet written holds its
-    own estimate on top, so images in flight together cannot pass the cap
-    between them.  An image refused, or sent band by band where alone it would
-    go whole, while others are held waits: ``plan`` returns None, the caller
-    lets the others finish and plans it again.  So only an image that does not
-    fit on its own is refused, and none loses its metrics to its neighbours.
+    call has not taken yet, plus what the images decoded ahead may take
+    (``ahead``, a ``data.DecodeAhead``: its limit).  Every image planned and
+    not yet written holds its own estimate on top, so images in flight together
+    cannot pass the cap between them.  An image that fits only if decoding
+    ahead pauses is planned counting what is decoded ahead now, and pauses it
+    until it is written.  An image refused, or sent band by band where alone it
+    would go whole, while others are held waits: ``plan`` returns None, the
+    caller lets the others finish and plans it again.  So only an image that
+    does not fit on its own is refused, and none loses its metrics to its
+    neighbours or to decoding ahead.
     """
 
-    def __init__(self, loaded_mb: float):
+    def __init__(self, loaded_mb: float, ahead=None):
         self.loaded_mb = loaded_mb
+        self.ahead = ahead
         self._held: dict[object, tuple[float, float]] = {}  # key: (its estimate, its model call)
 
     def plan(self, key, image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, call_mb: float) -> Route | None:
@@ -225,16 +230,27 @@ class MemoryBudget:
         ``call_mb``: the model call over this image's windows.  None: wait for the images held, then plan again."""
         rss = process_rss_mb()
         largest_call = max([call_mb, *(call for _, call in self._held.values())])
-        in_use = max(rss, self.loaded_mb + largest_call) + sum(mb for mb, _ in self._held.values())
-        route = plan_route(image, fmt, scale, run, tile, reference=reference, in_use_mb=in_use)
+        held = sum(mb for mb, _ in self._held.values())
+        share, pending = (self.ahead.limit_mb, self.ahead.pending_mb) if self.ahead is not None else (0.0, 0.0)
+
+        def route_with(ahead_mb: float, others: float, call: float) -> Route:
+            in_use = max(rss, self.loaded_mb + call + ahead_mb) + others
+            return plan_route(image, fmt, scale, run, tile, reference=reference, in_use_mb=in_use)
+
+        route, pause = route_with(share, held, largest_call), False
+        if (route.refusal is not None or route.streamed) and share > pending:
+            paused = route_with(pending, held, largest_call)
+            if route.refusal is not None or (paused.refusal is None and not paused.streamed):
+                route, pause = paused, paused.refusal is None
         if self._held:
             if route.refusal is not None:
                 return None
-            if route.streamed and not plan_route(image, fmt, scale, run, tile, reference=reference,
-                                                 in_use_mb=max(rss, self.loaded_mb + call_mb)).streamed:
+            if route.streamed and not route_with(pending, 0.0, call_mb).streamed:
                 return None
         if route.refusal is None:
             self._held[key] = (route.mb, call_mb)
+            if pause:
+                self.ahead.pause(key)
         elif call_mb:
             route = dataclasses.replace(route, refusal=f"{route.refusal} (counted: {call_mb:,.0f} MB for a model call over "
                                                         "its windows, set by engine.batch_size and engine.tile)")
@@ -242,6 +258,8 @@ class MemoryBudget:
 
     def release(self, key) -> None:
         self._held.pop(key, None)
+        if self.ahead is not None:
+            self.ahead.resume(key)
 
 
 def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "model") -> tuple[int, int]:

@@ -320,14 +320,20 @@ def list_inputs(input_dir: Path, output_dir: Path, recursive: bool,
             if not ((real := path.resolve()) == out or out in real.parents)]
 
 
-def memory_budget(settings: Settings) -> MemoryBudget:
-    """With the model loaded: the run's memory budget.  A run.memory_mb below what the process already takes
-    would refuse every image, each with advice (lower the tile) that cannot help."""
+def memory_budget(settings: Settings, ahead=None) -> MemoryBudget:
+    """With the model loaded: the run's memory budget (``ahead``: the run's ``data.DecodeAhead``).  A
+    run.memory_mb below what the process already takes would refuse every image, each with advice (lower
+    the tile) that cannot help."""
     cap, loaded = settings.run.memory_cap_mb, process_rss_mb()
     if loaded >= cap:
         raise ConfigError(f"run.memory_mb = {cap:,.0f} is below what the model and runtime already take "
                           f"(about {loaded:,.0f} MB); raise it")
-    return MemoryBudget(loaded)
+    return MemoryBudget(loaded, ahead)
+
+
+def decode_ahead_mb(settings: Settings) -> float:
+    """What the images decoded ahead of their turn may take together: a quarter of run.memory_mb."""
+    return settings.run.memory_cap_mb / 4
 
 
 def check_folders_apart(input_dir: Path, output_dir: Path) -> None:
@@ -419,7 +425,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             item.error = exc.reason
         return item
 
-    from batchsr.data import prepared_files
+    from batchsr.data import DecodeAhead, prepared_files
 
     progress = _Progress(len(paths), run.progress, run.log_interval_s)
     writers = ThreadPoolExecutor(max_workers=run.write_workers, thread_name_prefix="batchsr-write")
@@ -427,6 +433,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     report_images: list = []
     claimed: dict[Path, Path] = {}
     budget: MemoryBudget | None = None
+    ahead = DecodeAhead(decode_ahead_mb(settings))
 
     def written_as(item: _Item) -> str:
         return target_format(item.image.format, run.output_format)
@@ -476,7 +483,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
             engine = Engine(model_weights(settings.model), settings.engine)
         if budget is None:
-            budget = memory_budget(settings)
+            budget = memory_budget(settings, ahead)
         return engine
 
     def flush(batch: list[_Item]) -> None:
@@ -521,7 +528,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     present = set(paths)
     outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items() if input_dir / rel in present}
     try:
-        for item in prepared_files(paths, prepare, run.decode_workers):
+        for item in prepared_files(paths, prepare, run.decode_workers, ahead=ahead):
             if item.skip:
                 summary.skipped += 1
                 progress.update()

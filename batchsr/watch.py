@@ -52,11 +52,11 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, remove_temporaries
+from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_images, write_streamed
-from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, memory_budget, write_output
+from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ahead_mb, memory_budget, write_output
 
 METRICS_FILE = "watch-metrics.csv"
 METRICS_COLUMNS = [*METRIC_COLUMNS, "input_sha256", "finished"]
@@ -620,14 +620,22 @@ class _Daemon:
         return counts
 
     def _read_batch(self, entries: list[Entry], counts: _BatchCounts) -> list[_Read]:
-        """The tf.data decode stage of ``run``; settles what is not for the model (gone, changed, known, broken)."""
-        from batchsr.data import prepared_files
+        """The tf.data decode stage of ``run``; settles what is not for the model (gone, changed, known, broken).
+
+        The batch's images stay decoded until they are written: once they take a quarter of run.memory_mb
+        (``decoding_mb`` each), the files not read yet go back to the queue for the next batch.
+        """
+        from batchsr.data import DecodeAhead, prepared_files
 
         claimed = {self.folders.inbox / e.path: e for e in entries}
         max_pixels = self.settings.image.max_pixels
-        reads = prepared_files(list(claimed), lambda path: read_claimed(path, claimed[path], max_pixels), self.run_settings.decode_workers)
+        share = decode_ahead_mb(self.settings)
+        ahead = DecodeAhead(share, keep=True)
+        reads = prepared_files(list(claimed), lambda path: read_claimed(path, claimed[path], max_pixels),
+                               self.run_settings.decode_workers, ahead=ahead)
         usable = []
-        for item in reads:
+        held_mb = 0.0
+        for taken, item in enumerate(reads, start=1):
             entry, now = item.entry, time.time()
             if item.missing:
                 self.journal.vanish([entry.path])
@@ -642,6 +650,14 @@ class _Daemon:
                 self._try_failed(item, item.error, item.digest, counts)
             else:
                 usable.append(item)
+                held_mb += decoding_mb(*item.image.size, item.image.rgb.dtype.itemsize)
+            if held_mb >= share and taken < len(entries):
+                reads.close()
+                later = entries[taken:]
+                self.journal.unclaim([e.id for e in later], time.time())
+                logger.info("{} images decoded take about {:,.0f} MB, a quarter of run.memory_mb or more: "
+                            "{} wait for the next batch", len(usable), held_mb, len(later))
+                break
         return usable
 
     def _produce(self, engine, items: list[_Read], counts: _BatchCounts) -> list[tuple[_Read, Path, Future]]:

@@ -51,3 +51,28 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write(target, b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in target.parent.iterdir()] == ["out.bin"]
+
+
+def test_the_decoding_estimate_comes_from_the_header_and_covers_the_decoded_image(tmp_path):
+    import tifffile
+
+    from batchsr.imageio import decoding_mb, probe_decoding_mb
+
+    rng = np.random.default_rng(2)
+    eight = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    deep = rng.integers(0, 65536, (30, 50, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "a.png"), eight)
+    cv2.imwrite(str(tmp_path / "a.jpg"), eight)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    tifffile.imwrite(tmp_path / "gray_alpha.tif", rng.integers(0, 65536, (30, 50, 2), dtype=np.uint16),
+                     photometric="minisblack", extrasamples=["unassalpha"])  # Pillow cannot open it
+    for name, sample in [("a.png", 1), ("a.jpg", 1), ("deep.png", 2), ("gray_alpha.tif", 2)]:
+        estimate = probe_decoding_mb(tmp_path / name)
+        assert estimate == decoding_mb(50, 30, sample), name
+        image = read_image(tmp_path / name)
+        held = image.rgb.nbytes + (image.alpha.nbytes if image.alpha is not None else 0)
+        assert held <= estimate * 1e6 / 2, name  # what stays decoded, with the decoder's buffer beside it
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:20])
+    (tmp_path / "text.png").write_text("not an image")
+    assert probe_decoding_mb(tmp_path / "cut.png") == probe_decoding_mb(tmp_path / "text.png") == 0.0
+    assert probe_decoding_mb(tmp_path / "missing.png") == 0.0

@@ -1,0 +1,143 @@
+"""Images decoded ahead of their turn are held to a share of ``run.memory_mb`` (``data.DecodeAhead``)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from batchsr.config import Settings, load_settings
+from batchsr.data import DecodeAhead, prepared_files
+from batchsr.runner import run_folder
+from tests.conftest import Bicubic
+from tests.test_watch import drop, journal_rows, png, serving_here, states, wait_for, write_config
+
+
+def _stream(monkeypatch, sizes: list[float], limit: float | None, consume_s: float = 0.02, stop_after: int | None = None):
+    """prepared_files over fake files of ``sizes`` MB; returns (results in order, most files decoded and not yet
+    taken at once, the files that decoded, the gate)."""
+    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda index: sizes[index])
+    ahead = DecodeAhead(limit) if limit is not None else None
+    lock = threading.Lock()
+    state = {"decoded_not_taken": 0, "most": 0}
+    decoded = []
+
+    def prepare(index):
+        with lock:
+            decoded.append(index)
+            state["decoded_not_taken"] += 1
+            state["most"] = max(state["most"], state["decoded_not_taken"])
+        return index
+
+    results = []
+    stream = prepared_files(list(range(len(sizes))), prepare, workers=4, ahead=ahead)
+    for item in stream:
+        with lock:
+            state["decoded_not_taken"] -= 1
+        results.append(item)
+        time.sleep(consume_s)  # the model's turn
+        if stop_after is not None and len(results) == stop_after:
+            stream.close()
+            break
+    return results, state["most"], decoded, ahead
+
+
+def test_files_decoded_ahead_stay_within_the_limit_in_order(monkeypatch):
+    results, most, _, _ = _stream(monkeypatch, [10.0] * 12, limit=None)
+    assert results == list(range(12)) and most >= 4  # unbounded: workers and prefetch fill up while the consumer works
+    results, most, _, ahead = _stream(monkeypatch, [10.0] * 12, limit=25.0)
+    assert results == list(range(12))
+    assert ahead.peak_mb <= 25.0 + 10.0 and most <= 3  # two within the limit, and the next file, which never waits
+
+
+def test_a_file_larger_than_the_limit_does_not_stall_the_stream(monkeypatch):
+    results, _, _, ahead = _stream(monkeypatch, [100.0, 5.0, 100.0, 5.0, 5.0, 100.0], limit=10.0, consume_s=0.0)
+    assert results == list(range(6)) and ahead.peak_mb <= 110.0
+
+
+def test_a_closed_stream_decodes_nothing_more(monkeypatch):
+    results, _, decoded, _ = _stream(monkeypatch, [10.0] * 40, limit=15.0, consume_s=0.05, stop_after=3)
+    time.sleep(0.5)  # files that were waiting give up
+    assert results == [0, 1, 2] and len(decoded) <= 5, decoded
+
+
+def test_a_paused_stream_decodes_only_the_next_file():
+    ahead = DecodeAhead(1000.0)
+    ahead.pause("big")
+    ahead.reserve(0, 1.0)  # the next file
+    waiting = threading.Thread(target=ahead.reserve, args=(1, 1.0), daemon=True)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive() and ahead.pending_mb == 1.0
+    ahead.resume("big")
+    waiting.join(5)
+    assert not waiting.is_alive() and ahead.pending_mb == 2.0
+
+
+def _folder(path, count: int, size=(30, 40)):
+    path.mkdir()
+    rng = np.random.default_rng(3)
+    for k in range(count):
+        assert cv2.imwrite(str(path / f"{k:02d}.png"), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def test_run_holds_the_images_decoded_ahead_to_a_quarter_of_the_memory_cap(tmp_path, monkeypatch):
+    seen = []
+
+    class Recording(DecodeAhead):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+
+    monkeypatch.setattr("batchsr.data.DecodeAhead", Recording)
+    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda path: 100.0)  # as if each were a big scan
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
+    _folder(tmp_path / "in", 10)
+    settings = Settings.model_validate({"run": {"progress": "none", "memory_mb": 2000, "decode_workers": 4}})
+    summary = run_folder(tmp_path / "in", tmp_path / "out", settings, engine=Bicubic())
+    assert summary.done == 10 and not summary.failed
+    [ahead] = seen
+    assert ahead.limit_mb == 500.0 and 0 < ahead.peak_mb <= 600.0
+
+
+def test_an_image_that_fits_only_while_decoding_ahead_pauses_is_not_refused(tmp_path, monkeypatch):
+    """Counting the whole share for decoding ahead would refuse it; decoding ahead waits for it instead."""
+    from batchsr.imageio import decode_image
+    from batchsr.pipeline import whole_mb
+
+    _folder(tmp_path / "in", 4, size=(200, 240))
+    one = whole_mb(decode_image((tmp_path / "in" / "00.png").read_bytes()), 4, 4.0, reference=False)
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
+    cap = int(1000 + 1.5 * one)  # a quarter of it is far more than the room beside one image
+    assert cap / 4 > 0.5 * one
+    settings = Settings.model_validate({"engine": {"tile": 256, "batch_size": 8}, "run": {"progress": "none", "memory_mb": cap}})
+    summary = run_folder(tmp_path / "in", tmp_path / "out", settings, engine=Bicubic())
+    assert summary.done == 4 and not summary.failed, [f.reason for f in summary.failed]
+
+
+def test_watch_leaves_what_does_not_fit_decoded_beside_the_batch_for_the_next_one(tmp_path, tiny_model, monkeypatch):
+    config = write_config(tmp_path, tiny_model, batch_images=8, max_wait_s=1.0)
+    raw = yaml.safe_load(config.read_text())
+    raw["run"]["memory_mb"] = 800  # a quarter: 200 MB, two of these images
+    config.write_text(yaml.safe_dump(raw))
+    assert load_settings(config).run.memory_cap_mb == 800
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 100.0)
+    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda path: 100.0)
+    monkeypatch.setattr("batchsr.watch.decoding_mb", lambda w, h, b: 100.0)
+    names = [f"{k}.png" for k in range(5)]
+    with serving_here(config) as messages:
+        for k, name in enumerate(names):
+            drop(tmp_path / "inbox", name, png(k, (20, 20)))
+        wait_for(lambda: states(tmp_path).get("done") and sorted(states(tmp_path)["done"]) == names, 90, what="all five done")
+    done_per_batch = [int(m.group(1)) for m in (re.search(r"batch: (\d+) done", m) for m in messages) if m]
+    assert any("wait for the next batch" in m for m in messages)
+    assert sum(done_per_batch) == 5 and max(done_per_batch) == 2, done_per_batch  # two decoded at a time, no more
+    assert all(row["attempts"] == 0 and row["error"] is None for row in journal_rows(tmp_path))
