@@ -240,8 +240,9 @@ class DecodeAhead:
     its header; a file waits while the files reserved would pass the limit,
     except the next file the consumer takes, which never waits: the stream
     cannot stall.  A file's reservation ends when it is handed over, or with
-    ``keep``, when the stream ends (``watch`` holds a batch decoded until it is
-    written).  While any key pauses it, only the next file is admitted.
+    ``keep``, when the consumer releases it or the stream ends (``watch`` holds
+    a batch decoded until it is written).  While any key pauses it, only the
+    next file is admitted.
     """
 
     def __init__(self, limit_mb: float, *, keep: bool = False):
@@ -278,9 +279,17 @@ class DecodeAhead:
             self._next = index + 1
             self._changed.notify_all()
 
-    def pause(self, key) -> None:
+    def pause(self, key) -> float:
+        """Only the next file is admitted until ``resume(key)``; returns what is reserved now."""
         with self._changed:
             self._pausers.add(key)
+            return sum(self._reserved.values())
+
+    def release(self, index: int) -> None:
+        """A file taken that holds nothing decoded (broken, a duplicate) gives its reservation back."""
+        with self._changed:
+            self._reserved.pop(index, None)
+            self._changed.notify_all()
 
     def resume(self, key) -> None:
         with self._changed:

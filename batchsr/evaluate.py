@@ -22,6 +22,7 @@ from batchsr.metrics import score
 from batchsr.report import ReportImage
 from batchsr.resize import crop_to_multiple, degrade, imresize
 from batchsr.runner import column_means
+from batchsr.tiling import plan_tiles
 
 # Images stored as RGB here whose published source was single-channel; the
 # published tables score them on their gray values (see shared/data/SOURCES.md).
@@ -77,7 +78,7 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
     paths = hr_files(folder)
     name = set_name(Path(folder))
     rows, kept = [], []
-    traced: set[tuple[int, ...]] = set()
+    traced: set[tuple[int, int]] = set()
     for path in paths:
         image = read_image(path, max_pixels=max_pixels)
         hr = crop_to_multiple(image.rgb, scale)
@@ -94,9 +95,10 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
         row = {"set": name, "image": path.stem, "width": hr.shape[1], "height": hr.shape[0], "scale": scale}
         row.update({f"bicubic_{k}": v for k, v in score(bicubic.astype(np.float64) * peak, ref, scale, gray).items()})
         if engine is not None:
-            if lr.shape not in traced:  # a new input shape traces the model's graph: ``ms`` times the network alone
+            window = plan_tiles(lr.shape[0], lr.shape[1], engine.settings.tile, engine.settings.overlap, engine.multiple).window_shape
+            if window not in traced:  # a new window shape traces the model's graph: ``ms`` times the network alone
                 engine.upscale([to_float(lr)])
-                traced.add(lr.shape)
+                traced.add(window)
             t0 = time.time()
             sr = engine.upscale([to_float(lr)])[0]
             if image.gray or image.neutral:  # untinted, as run and watch write it

@@ -82,6 +82,10 @@ class Image:
     def size(self) -> tuple[int, int]:
         return self.rgb.shape[1], self.rgb.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return self.rgb.nbytes + (self.alpha.nbytes if self.alpha is not None else 0)
+
 
 def sniff_format(head: bytes) -> str | None:
     """The image format named by the first bytes of a file, or None."""

@@ -166,6 +166,7 @@ class Route:
     refusal: str | None = None
     note: str | None = None
     mb: float = 0.0  # the estimate the route was planned with, held until the image is written
+    paused: bool = False  # it fits only while decoding ahead pauses, which it does until the image is written
 
 
 def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, in_use_mb: float) -> Route:
@@ -212,17 +213,20 @@ class MemoryBudget:
     (``ahead``, a ``data.DecodeAhead``: its limit).  Every image planned and
     not yet written holds its own estimate on top, so images in flight together
     cannot pass the cap between them.  An image that fits only if decoding
-    ahead pauses is planned counting what is decoded ahead now, and pauses it
-    until it is written.  An image refused, or sent band by band where alone it
+    ahead pauses is planned counting what is reserved for it now, and pauses
+    it until it is written (``Route.paused``).  ``decoded_mb``: images decoded
+    before planning began (a callable), which RSS may not show above the model
+    call's estimate yet.  An image refused, or sent band by band where alone it
     would go whole, while others are held waits: ``plan`` returns None, the
     caller lets the others finish and plans it again.  So only an image that
     does not fit on its own is refused, and none loses its metrics to its
     neighbours or to decoding ahead.
     """
 
-    def __init__(self, loaded_mb: float, ahead=None):
+    def __init__(self, loaded_mb: float, ahead=None, decoded_mb=None):
         self.loaded_mb = loaded_mb
         self.ahead = ahead
+        self.decoded_mb = decoded_mb or (lambda: 0.0)  # what the images decoded before planning hold now (watch: its batch)
         self._held: dict[object, tuple[float, float]] = {}  # key: (its estimate, its model call)
 
     def plan(self, key, image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, call_mb: float) -> Route | None:
@@ -230,27 +234,29 @@ class MemoryBudget:
         ``call_mb``: the model call over this image's windows.  None: wait for the images held, then plan again."""
         rss = process_rss_mb()
         largest_call = max([call_mb, *(call for _, call in self._held.values())])
-        held = sum(mb for mb, _ in self._held.values())
-        share, pending = (self.ahead.limit_mb, self.ahead.pending_mb) if self.ahead is not None else (0.0, 0.0)
+        held, decoded = sum(mb for mb, _ in self._held.values()), self.decoded_mb()
+        pending = self.ahead.pending_mb if self.ahead is not None else 0.0
+        share = max(self.ahead.limit_mb, pending) if self.ahead is not None else 0.0  # the next file may pass the limit
 
         def route_with(ahead_mb: float, others: float, call: float) -> Route:
-            in_use = max(rss, self.loaded_mb + call + ahead_mb) + others
+            in_use = max(rss, self.loaded_mb + decoded + call + ahead_mb) + others
             return plan_route(image, fmt, scale, run, tile, reference=reference, in_use_mb=in_use)
 
-        route, pause = route_with(share, held, largest_call), False
+        route = route_with(share, held, largest_call)
         if (route.refusal is not None or route.streamed) and share > pending:
+            pending = self.ahead.pause(key)  # what is reserved now, and nothing more but the next file
             paused = route_with(pending, held, largest_call)
             if route.refusal is not None or (paused.refusal is None and not paused.streamed):
-                route, pause = paused, paused.refusal is None
+                route = dataclasses.replace(paused, paused=paused.refusal is None)
+            if not route.paused:
+                self.ahead.resume(key)
         if self._held:
-            if route.refusal is not None:
-                return None
-            if route.streamed and not route_with(pending, 0.0, call_mb).streamed:
+            if route.refusal is not None or (route.streamed and not route_with(pending, 0.0, call_mb).streamed):
+                if route.paused:
+                    self.ahead.resume(key)
                 return None
         if route.refusal is None:
             self._held[key] = (route.mb, call_mb)
-            if pause:
-                self.ahead.pause(key)
         elif call_mb:
             route = dataclasses.replace(route, refusal=f"{route.refusal} (counted: {call_mb:,.0f} MB for a model call over "
                                                         "its windows, set by engine.batch_size and engine.tile)")

@@ -331,9 +331,10 @@ def memory_budget(settings: Settings, ahead=None) -> MemoryBudget:
     return MemoryBudget(loaded, ahead)
 
 
-def decode_ahead_mb(settings: Settings) -> float:
-    """What the images decoded ahead of their turn may take together: a quarter of run.memory_mb."""
-    return settings.run.memory_cap_mb / 4
+def decode_ahead_mb(settings: Settings, loaded_mb: float) -> float:
+    """What the images decoded ahead of their turn may take together: a quarter of what run.memory_mb leaves
+    beside the process (``loaded_mb``: what it takes, with the model loaded once it is)."""
+    return max(settings.run.memory_cap_mb - loaded_mb, 0.0) / 4
 
 
 def check_folders_apart(input_dir: Path, output_dir: Path) -> None:
@@ -433,7 +434,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     report_images: list = []
     claimed: dict[Path, Path] = {}
     budget: MemoryBudget | None = None
-    ahead = DecodeAhead(decode_ahead_mb(settings))
+    ahead = DecodeAhead(decode_ahead_mb(settings, process_rss_mb()))  # set again once the model is loaded
 
     def written_as(item: _Item) -> str:
         return target_format(item.image.format, run.output_format)
@@ -484,6 +485,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             engine = Engine(model_weights(settings.model), settings.engine)
         if budget is None:
             budget = memory_budget(settings, ahead)
+            ahead.limit_mb = decode_ahead_mb(settings, budget.loaded_mb)
         return engine
 
     def flush(batch: list[_Item]) -> None:

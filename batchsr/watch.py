@@ -622,14 +622,15 @@ class _Daemon:
     def _read_batch(self, entries: list[Entry], counts: _BatchCounts) -> list[_Read]:
         """The tf.data decode stage of ``run``; settles what is not for the model (gone, changed, known, broken).
 
-        The batch's images stay decoded until they are written: once they take a quarter of run.memory_mb
-        (``decoding_mb`` each), the files not read yet go back to the queue for the next batch.
+        The batch's images stay decoded until they are written: once they take a quarter of what
+        run.memory_mb leaves beside the model (``decoding_mb`` each), the files not read yet go back to the
+        queue for the next batch.
         """
         from batchsr.data import DecodeAhead, prepared_files
 
         claimed = {self.folders.inbox / e.path: e for e in entries}
         max_pixels = self.settings.image.max_pixels
-        share = decode_ahead_mb(self.settings)
+        share = decode_ahead_mb(self.settings, self.loaded_mb)
         ahead = DecodeAhead(share, keep=True)
         reads = prepared_files(list(claimed), lambda path: read_claimed(path, claimed[path], max_pixels),
                                self.run_settings.decode_workers, ahead=ahead)
@@ -651,11 +652,13 @@ class _Daemon:
             else:
                 usable.append(item)
                 held_mb += decoding_mb(*item.image.size, item.image.rgb.dtype.itemsize)
+            if item.image is None:
+                ahead.release(taken - 1)
             if held_mb >= share and taken < len(entries):
                 reads.close()
                 later = entries[taken:]
                 self.journal.unclaim([e.id for e in later], time.time())
-                logger.info("{} images decoded take about {:,.0f} MB, a quarter of run.memory_mb or more: "
+                logger.info("{} images decoded take about {:,.0f} MB, a quarter of run.memory_mb beside the model or more: "
                             "{} wait for the next batch", len(usable), held_mb, len(later))
                 break
         return usable
@@ -668,7 +671,7 @@ class _Daemon:
         """
         run, image_settings = self.run_settings, self.settings.image
         factor = run.outscale or engine.scale
-        budget = MemoryBudget(self.loaded_mb)
+        budget = MemoryBudget(self.loaded_mb, decoded_mb=lambda: sum(item.image.nbytes for item in items if item.image is not None) / 1e6)
         batched: list[tuple[_Read, Path, str]] = []
         writes: list[tuple[_Read, Path, Future]] = []
         taken: dict[Path, str] = {}
