@@ -257,9 +257,12 @@ class MemoryBudget:
                 return None
         if route.refusal is None:
             self._held[key] = (route.mb, call_mb)
-        elif call_mb:
-            route = dataclasses.replace(route, refusal=f"{route.refusal} (counted: {call_mb:,.0f} MB for a model call over "
-                                                        "its windows, set by engine.batch_size and engine.tile)")
+        else:
+            counted = [f"{call_mb:,.0f} MB for a model call over its windows, set by engine.batch_size and engine.tile"] if call_mb else []
+            if pending:
+                counted.append(f"{pending:,.0f} MB for the images decoded ahead of it")
+            if counted:
+                route = dataclasses.replace(route, refusal=f"{route.refusal} (counted: {'; '.join(counted)})")
         return route
 
     def release(self, key) -> None:

@@ -652,7 +652,8 @@ class _Daemon:
             else:
                 usable.append(item)
                 held_mb += decoding_mb(*item.image.size, item.image.rgb.dtype.itemsize)
-            if item.image is None:
+            if not usable or usable[-1] is not item:  # settled here: what it reserved is free again
+                item.image = None
                 ahead.release(taken - 1)
             if held_mb >= share and taken < len(entries):
                 reads.close()
@@ -683,6 +684,7 @@ class _Daemon:
             for (item, out_rel, fmt), result in zip(batched, upscaled):
                 if isinstance(result, Exception):
                     budget.release(item.entry.id)
+                    item.image = None
                     self._try_failed(item, f"model failed: {type(result).__name__}: {result}", traceback_digest(result), counts)
                     continue
                 colour, alpha = result
@@ -706,6 +708,7 @@ class _Daemon:
             owner = taken.get(out_rel) or self.journal.output_owner(out_rel.as_posix())
             if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
                 self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts)
+                item.image = None
                 continue
             taken[out_rel] = item.entry.path
             reference = self.folders.reference is not None and float(factor).is_integer()
@@ -722,6 +725,7 @@ class _Daemon:
                                     call_mb=call_mb)
             if route.refusal is not None:
                 self._try_failed(item, route.refusal, None, counts)
+                item.image = None
                 continue
             if route.note:
                 logger.warning("{}: {}", item.entry.path, route.note)

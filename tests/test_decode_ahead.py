@@ -164,3 +164,21 @@ def test_the_budget_pauses_decoding_ahead_for_an_image_that_fits_only_without_it
     assert MemoryBudget(1000.0, big).plan("b", image, "png", 4, roomy, 128, reference=False, call_mb=0.0).refusal is not None
     whole = MemoryBudget(1000.0, DecodeAhead(10.0)).plan("c", image, "png", 4, roomy, 128, reference=False, call_mb=0.0)
     assert whole.refusal is None and not whole.streamed and not whole.paused
+
+
+def test_an_image_refused_even_with_decoding_ahead_paused_leaves_it_running_and_says_what_was_counted(monkeypatch):
+    from batchsr.config import RunSettings
+    from batchsr.imageio import Image
+    from batchsr.pipeline import MemoryBudget
+
+    monkeypatch.setattr("batchsr.pipeline.process_rss_mb", lambda: 1000.0)
+    run = RunSettings(memory_mb=1100)
+    ahead = DecodeAhead(25.0)
+    ahead.reserve(0, 5.0)
+    huge = Image(np.zeros((2000, 2400, 3), np.uint8), None, False, "jpg")  # JPEG output: it cannot go band by band
+    route = MemoryBudget(1000.0, ahead).plan("h", huge, "jpg", 4, run, 128, reference=False, call_mb=0.0)
+    assert route.refusal is not None and not route.paused and "(counted: 5 MB for the images decoded ahead of it)" in route.refusal
+    admitted = threading.Thread(target=ahead.reserve, args=(1, 1.0), daemon=True)  # would wait for ever if still paused
+    admitted.start()
+    admitted.join(5)
+    assert not admitted.is_alive() and ahead.pending_mb == 6.0
