@@ -78,7 +78,7 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
     paths = hr_files(folder)
     name = set_name(Path(folder))
     rows, kept = [], []
-    traced: set[tuple[int, int]] = set()
+    traced: set[tuple[tuple[int, int], int]] = set()
     for path in paths:
         image = read_image(path, max_pixels=max_pixels)
         hr = crop_to_multiple(image.rgb, scale)
@@ -95,10 +95,11 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
         row = {"set": name, "image": path.stem, "width": hr.shape[1], "height": hr.shape[0], "scale": scale}
         row.update({f"bicubic_{k}": v for k, v in score(bicubic.astype(np.float64) * peak, ref, scale, gray).items()})
         if engine is not None:
-            window = plan_tiles(lr.shape[0], lr.shape[1], engine.settings.tile, engine.settings.overlap, engine.multiple).window_shape
-            if window not in traced:  # a new window shape traces the model's graph: ``ms`` times the network alone
+            plan = plan_tiles(lr.shape[0], lr.shape[1], engine.settings.tile, engine.settings.overlap, engine.multiple)
+            calls = (plan.window_shape, len(plan.tiles))  # which set the shapes of the model's batches
+            if calls not in traced:  # a new batch shape traces the model's graph: ``ms`` times the network alone
                 engine.upscale([to_float(lr)])
-                traced.add(window)
+                traced.add(calls)
             t0 = time.time()
             sr = engine.upscale([to_float(lr)])[0]
             if image.gray or image.neutral:  # untinted, as run and watch write it

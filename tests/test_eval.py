@@ -99,12 +99,13 @@ def test_each_bundled_model_beats_bicubic_on_set5_by_its_card(scale):
 
 
 def test_eval_times_the_model_without_tracing(tiny_model):
-    """The first image of each window shape is run once untimed (tracing the graph) before the timed call."""
+    """The first image of each window shape and count is run once untimed (tracing the graph) before the timed call."""
     from batchsr.config import EngineSettings
     from batchsr.engine import Engine
 
-    # Set5's LR images whole: four window shapes (bird 72x72 and head 70x70 share one, padded); in 16-pixel tiles: one.
-    for tile, warmups in ((512, 4), (16, 1)):
+    # Set5's LR images whole: four window shapes (bird 72x72 and head 70x70 share one, padded); in 16-pixel tiles:
+    # one window shape, and four window counts (bird and head both have 5 x 5 windows).
+    for tile, warmups in ((512, 4), (16, 4)):
         engine = Engine(tiny_model, EngineSettings(tile=tile, overlap=4))
         shapes = []
         upscale = engine.upscale
