@@ -271,9 +271,16 @@ def _read_yaml(path: Path, schema: type[BaseModel]) -> dict:
 
 
 def _is_path(annotation: Any) -> bool:
+    """``Path``, ``FilePath`` or an optional one; not a list of them."""
     if get_origin(annotation) is Annotated:
         annotation = get_args(annotation)[0]
-    return annotation is Path or any(_is_path(arg) for arg in get_args(annotation) if get_origin(annotation) is not list)
+    if get_origin(annotation) is list:
+        return False
+    return annotation is Path or any(_is_path(arg) for arg in get_args(annotation))
+
+
+def _as_written(value: Any, written: Any) -> Any:
+    return written if value is not None and not isinstance(value, str) and isinstance(written, str) else value
 
 
 def _paths_as_written(data: dict, text: Any, schema: type[BaseModel]) -> None:
@@ -287,12 +294,11 @@ def _paths_as_written(data: dict, text: Any, schema: type[BaseModel]) -> None:
             if isinstance(value, dict):
                 _paths_as_written(value, written, field.annotation)
         elif _is_path(field.annotation):
-            if value is not None and not isinstance(value, str) and isinstance(written, str):
-                data[key] = written
+            if key in data:
+                data[key] = _as_written(value, written)
         elif get_origin(field.annotation) is list and _is_path(get_args(field.annotation)[0]):
             if isinstance(value, list) and isinstance(written, list) and len(value) == len(written):
-                data[key] = [w if v is not None and not isinstance(v, str) and isinstance(w, str) else v
-                             for v, w in zip(value, written)]
+                data[key] = [_as_written(v, w) for v, w in zip(value, written)]
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

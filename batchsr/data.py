@@ -258,16 +258,19 @@ class DecodeAhead:
     @property
     def pending_mb(self) -> float:
         with self._changed:
-            return sum(self._reserved.values())
+            return self._total()
 
     def reserve(self, index: int, mb: float) -> None:
         with self._changed:
-            while not self._closed and index != self._next and sum(self._reserved.values()) + mb > self._limit():
+            while not self._closed and index != self._next and self._total() + mb > self._limit():
                 self._changed.wait()
             if self._closed:
                 return
             self._reserved[index] = self._reserved.get(index, 0.0) + mb
-            self.peak_mb = max(self.peak_mb, sum(self._reserved.values()))
+            self.peak_mb = max(self.peak_mb, self._total())
+
+    def _total(self) -> float:
+        return sum(self._reserved.values())
 
     def _limit(self) -> float:
         return 0.0 if self._pausers else self.limit_mb
@@ -283,7 +286,7 @@ class DecodeAhead:
         """Only the next file is admitted until ``resume(key)``; returns what is reserved now."""
         with self._changed:
             self._pausers.add(key)
-            return sum(self._reserved.values())
+            return self._total()
 
     def release(self, index: int) -> None:
         """A file taken that holds nothing decoded (broken, a duplicate) gives its reservation back."""

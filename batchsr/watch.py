@@ -637,7 +637,7 @@ class _Daemon:
         usable = []
         held_mb = 0.0
         for taken, item in enumerate(reads, start=1):
-            entry, now = item.entry, time.time()
+            entry, now, kept = item.entry, time.time(), False
             if item.missing:
                 self.journal.vanish([entry.path])
             elif item.changed:
@@ -652,7 +652,8 @@ class _Daemon:
             else:
                 usable.append(item)
                 held_mb += decoding_mb(*item.image.size, item.image.rgb.dtype.itemsize)
-            if not usable or usable[-1] is not item:  # settled here: what it reserved is free again
+                kept = True
+            if not kept:  # settled here: what it reserved is free again
                 item.image = None
                 ahead.release(taken - 1)
             if held_mb >= share and taken < len(entries):
