@@ -56,7 +56,7 @@ from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, sniff_format
 from batchsr.lock import FolderLock
 from batchsr.pipeline import (
-    IMAGE_SUFFIXES, output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed,
+    IMAGE_SUFFIXES, failure_reason, output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed,
 )
 from batchsr.runner import (
     METRICS_FILE, STATE_DIR, Failure, Journal, ReferenceFolder, RunSummary, _write_metrics, check_folders_apart, check_output_dir,
@@ -188,10 +188,6 @@ def _failure(path: str, reason: str) -> dict:
     return {"file": path, "reason": reason}
 
 
-def _reason(error: Exception) -> str:
-    return error.reason if isinstance(error, ImageError) else str(error)
-
-
 # Pipeline steps: plain functions, so that Beam pickles them by reference.
 
 def _name(path: str, job: _Job):
@@ -303,8 +299,8 @@ def _stream(job: _Job, engine, work: _Work) -> _Upscaled:
                 remote = job.output(work.out_rel)
                 with open(local, "rb") as source, FileSystems.create(remote, compression_type=CompressionTypes.UNCOMPRESSED) as sink:
                     shutil.copyfileobj(source, sink, 1 << 22)
-    except (ImageError, OSError, ValueError) as exc:
-        return _Upscaled(streamed=True, error=_reason(exc))
+    except Exception as exc:  # noqa: BLE001 (one image's failure, as in run)
+        return _Upscaled(streamed=True, error=failure_reason(exc))
     return _Upscaled(streamed=True)
 
 
@@ -322,8 +318,8 @@ def _finish(result, job: _Job):
                                    job.settings, job.scale, name=work.path, rel=PurePosixPath(work.rel),
                                    references=_references(job.reference), ms=upscaled.ms)
             metrics = written.metrics
-    except (ImageError, OSError, ValueError) as exc:
-        yield pvalue.TaggedOutput(_FAILED, _failure(work.path, f"output not written: {_reason(exc)}"))
+    except Exception as exc:  # noqa: BLE001 (one image's failure, as in run)
+        yield pvalue.TaggedOutput(_FAILED, _failure(work.path, f"output not written: {failure_reason(exc)}"))
         return
     height, width = image.rgb.shape[:2]
     options = output_options(job.settings, job.target_format(image), job.factor)

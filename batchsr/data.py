@@ -254,16 +254,39 @@ class DecodeAhead:
         self._next = 0
         self._pausers: set = set()
         self._closed = False
+        self._estimate: Callable[[int], float] = lambda index: 0.0
+        self._count = 0
+        self._estimates: dict[int, float] = {}  # read from headers, not yet reserved
+
+    def stream(self, estimate: Callable[[int], float], count: int) -> None:
+        """The files to admit, ``count`` of them: ``estimate(index)`` reads one's header, once."""
+        with self._changed:
+            self._estimate, self._count = estimate, count
+
+    def estimate_mb(self, index: int) -> float:
+        with self._changed:
+            if index in self._estimates or index >= self._count:
+                return self._estimates.get(index, 0.0)
+            estimate = self._estimate
+        mb = estimate(index)  # a header read: not under the lock
+        with self._changed:
+            return self._estimates.setdefault(index, mb)
 
     @property
     def pending_mb(self) -> float:
+        """What the files admitted reserve, and the next file's estimate before it is admitted: it never waits."""
+        with self._changed:  # only the consumer moves the next file on: it cannot change under its plan
+            upcoming = self._next
+            admitted = self._closed or upcoming in self._reserved
+        next_mb = 0.0 if admitted else self.estimate_mb(upcoming)
         with self._changed:
-            return self._total()
+            return self._total() + (0.0 if self._closed or upcoming in self._reserved else next_mb)
 
     def reserve(self, index: int, mb: float) -> None:
         with self._changed:
             while not self._closed and index != self._next and self._total() + mb > self._limit():
                 self._changed.wait()
+            self._estimates.pop(index, None)
             if self._closed:
                 return
             self._reserved[index] = self._reserved.get(index, 0.0) + mb
@@ -283,10 +306,10 @@ class DecodeAhead:
             self._changed.notify_all()
 
     def pause(self, key) -> float:
-        """Only the next file is admitted until ``resume(key)``; returns what is reserved now."""
+        """Only the next file is admitted until ``resume(key)``; returns ``pending_mb``."""
         with self._changed:
             self._pausers.add(key)
-            return self._total()
+        return self.pending_mb
 
     def release(self, index: int) -> None:
         """A file taken that holds nothing decoded (broken, a duplicate) gives its reservation back."""
@@ -312,14 +335,15 @@ class DecodeAhead:
 
 
 def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers: int, prefetch: int = 8,
-                   ahead: DecodeAhead | None = None) -> Iterator[object]:
+                   ahead: DecodeAhead | None = None, max_pixels: int | None = None) -> Iterator[object]:
     """Yields ``prepare(path)`` for every path, in order, computed in parallel ahead of use.
 
     A tf.data pipeline runs ``prepare`` (read, hash, decode) on ``workers`` threads
     and keeps ``prefetch`` results ready, overlapping file I/O with inference.
     With ``ahead``, a first stage admits files to it one at a time, in order,
     within ``ahead``'s memory limit; only that stage ever waits, so decoding
-    always goes on for the files admitted.  ``prepare`` must return errors as
+    always goes on for the files admitted.  A file above ``max_pixels``
+    reserves nothing: decoding refuses it from its header.  ``prepare`` must return errors as
     values: one bad file never stops the stream.
     """
     import tensorflow as tf
@@ -329,7 +353,7 @@ def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers
     results: dict[int, object] = {}
 
     def admit(index):
-        ahead.reserve(int(index), probe_decoding_mb(paths[int(index)]))
+        ahead.reserve(int(index), ahead.estimate_mb(int(index)))
         return index
 
     def run(index):
@@ -340,6 +364,7 @@ def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers
 
     dataset = tf.data.Dataset.range(len(paths))
     if ahead is not None:
+        ahead.stream(lambda index: probe_decoding_mb(paths[index], max_pixels), len(paths))
         dataset = dataset.map(lambda i: tf.numpy_function(admit, [i], tf.int64, stateful=True))  # sequential
     dataset = dataset.map(
         lambda i: tf.numpy_function(run, [i], tf.int64, stateful=True), num_parallel_calls=workers, deterministic=True,

@@ -18,7 +18,7 @@ import numpy as np
 
 from batchsr.errors import ImageError, InputError
 from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, read_image, to_float, to_uint8
-from batchsr.metrics import score
+from batchsr.metrics import SSIM_WINDOW, score
 from batchsr.report import ReportImage
 from batchsr.resize import crop_to_multiple, degrade, imresize
 from batchsr.runner import column_means
@@ -54,7 +54,7 @@ def set_name(folder: Path) -> str:
 
 def min_side(scale: int) -> int:
     """Smallest HR side that still leaves an 11x11 SSIM window after the border crop."""
-    return 2 * scale + 11
+    return 2 * scale + SSIM_WINDOW
 
 
 def hr_files(folder: Path) -> list[Path]:

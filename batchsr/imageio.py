@@ -44,7 +44,6 @@ with contextlib.suppress(AttributeError):
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"\xff\xd8\xff", "jpg"),
-    (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
     (b"II+\x00", "tiff"),  # BigTIFF
@@ -91,6 +90,8 @@ def sniff_format(head: bytes) -> str | None:
     """The image format named by the first bytes of a file, or None."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[:2] == b"BM":  # two letters a text file may start with: the pixel data's offset must make sense too
+        return "bmp" if len(head) >= 14 and 26 <= int.from_bytes(head[10:14], "little") < 1 << 24 else None
     for magic, name in _SIGNATURES:
         if head.startswith(magic):
             return name
@@ -139,6 +140,9 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
             logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), frames, what[1], what[1])
         meta, orientation = read_metadata(pil, path)
         orientation = stored_orientation or orientation  # a TIFF's own, read before it was cleared
+        gray_key = _png_gray_key(data) if fmt == "png" else None
+        if gray_key is not None:
+            pil.info.pop("transparency", None)  # Pillow compares it unscaled with 1-, 2- and 4-bit levels
         if _sixteen_bit(pil, data, fmt, path):
             rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
             if fmt == "tiff" and pil.tag_v2.get(262) == 0:  # WhiteIsZero: OpenCV returns the stored values
@@ -147,7 +151,25 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
                 rgb = unpremultiply(rgb, alpha)
         else:
             rgb, alpha, gray = _decode_with_pillow(pil, fmt, path)
+    if gray_key is not None and alpha is None:
+        level = gray_key * (np.iinfo(rgb.dtype).max // ((1 << data[24]) - 1))  # the key at the decoded depth
+        alpha = np.where(rgb[:, :, 0] == level, 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)
     return _upright(rgb, alpha, gray, meta, fmt, orientation, path)
+
+
+def _png_gray_key(data: bytes) -> int | None:
+    """The transparent level (tRNS) of a gray PNG (colour type 0), as stored; None when it has none."""
+    if len(data) < 33 or data[25] != 0:
+        return None
+    at = 8
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        if kind == b"tRNS":
+            return struct.unpack(">H", data[at + 8 : at + 10])[0] if length >= 2 and at + 10 <= len(data) else None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        at += 12 + length
+    return None
 
 
 def decoding_mb(width: int, height: int, sample_bytes: int) -> float:
@@ -156,9 +178,9 @@ def decoding_mb(width: int, height: int, sample_bytes: int) -> float:
     return 2 * 4 * sample_bytes * width * height / 1e6
 
 
-def probe_decoding_mb(path: Path | str) -> float:
-    """``decoding_mb`` from the file's header alone (nothing decoded); 0 for a file that is no image or
-    whose header cannot be read: decoding it will say why."""
+def probe_decoding_mb(path: Path | str, max_pixels: int | None = None) -> float:
+    """``decoding_mb`` from the file's header alone (nothing decoded); 0 for a file that is no image, whose
+    header cannot be read, or above ``max_pixels``: decoding it will say why, before decoding any pixel."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(32)
@@ -180,6 +202,8 @@ def probe_decoding_mb(path: Path | str) -> float:
                     page = tif.pages[0]
                     width, height, sixteen = page.imagewidth, page.imagelength, page.bitspersample > 8
     except Exception:  # noqa: BLE001 (an unreadable header is decoding's to report, with the reason)
+        return 0.0
+    if max_pixels is not None and width * height > max_pixels:
         return 0.0
     return decoding_mb(width, height, 2 if sixteen else 1)
 
@@ -535,11 +559,16 @@ def atomic_file(path: Path):
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """A rename into ``folder`` survives power loss once the folder itself is synced."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def remove_temporaries(folder: Path) -> int:

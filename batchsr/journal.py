@@ -36,10 +36,10 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT NOT NULL,                -- relative to the inbox, '/'-separated, exactly as on disk
     sha256 TEXT,                       -- content hash, once the file has been read
     state TEXT NOT NULL CHECK (state IN ('seen', 'ready', 'claimed', 'done', 'failed')),
-    size INTEGER NOT NULL,             -- size and mtime when last observed (or when read)
-    mtime_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,             -- size and ctime when last observed (or when read): a write, a rename
+    ctime_ns INTEGER NOT NULL,         -- into place or a copy over it moves the ctime, even when the mtime is kept
     first_seen REAL NOT NULL,
-    changed REAL NOT NULL,             -- when size or mtime last changed: settling counts from here
+    changed REAL NOT NULL,             -- when size or ctime last changed: settling counts from here
     ready_since REAL,
     not_before REAL NOT NULL DEFAULT 0,  -- retry back-off
     attempts INTEGER NOT NULL DEFAULT 0,     -- tries that failed
@@ -67,7 +67,7 @@ class Seen(Enum):
     """What an observation of a file in the inbox means."""
 
     NEW = "new"  # no active row: one was created
-    CHANGED = "changed"  # size or mtime differ from the active row: settling restarts
+    CHANGED = "changed"  # size or ctime differ from the active row: settling restarts
     UNCHANGED = "unchanged"
     DONE_BEFORE = "done_before"  # this very file was processed; only its move is left
     FAILED_BEFORE = "failed_before"  # this very file failed; only its move to failed/ is left
@@ -80,7 +80,7 @@ class Entry:
     id: int
     path: str
     size: int
-    mtime_ns: int
+    ctime_ns: int
     attempts: int
     interrupted: int
     first_seen: float
@@ -95,7 +95,7 @@ class Result:
     state: str
     sha256: str | None
     size: int
-    mtime_ns: int
+    ctime_ns: int
     attempts: int
     interrupted: int
     error: str | None
@@ -113,7 +113,7 @@ class Completed:
     entry_id: int
     sha256: str
     size: int
-    mtime_ns: int
+    ctime_ns: int
     model_id: str
     output: str
     metrics: dict | None
@@ -158,9 +158,9 @@ def _entry(row) -> Entry:
     return Entry(*row)
 
 
-_ENTRY_COLUMNS = "id, path, size, mtime_ns, attempts, interrupted, first_seen"
+_ENTRY_COLUMNS = "id, path, size, ctime_ns, attempts, interrupted, first_seen"
 _RESULT_COLUMNS = (
-    "id, path, state, sha256, size, mtime_ns, attempts, interrupted, error, traceback_digest, model_id, output, finished, first_seen"
+    "id, path, state, sha256, size, ctime_ns, attempts, interrupted, error, traceback_digest, model_id, output, finished, first_seen"
 )
 
 
@@ -177,6 +177,8 @@ class WatchJournal:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+            if "mtime_ns" in columns:  # a journal from before ctime: no observation matches its times, so each
+                db.execute("ALTER TABLE files RENAME COLUMN mtime_ns TO ctime_ns")  # file is hashed once again
             for column in ("alone", "set_aside"):  # a journal from before them
                 if column not in columns:
                     db.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
@@ -202,35 +204,35 @@ class WatchJournal:
     # -- observing the inbox ------------------------------------------------
 
     def observe(self, files: list[tuple[str, int, int]], now: float) -> list[tuple[str, Seen]]:
-        """Records ``(path, size, mtime_ns)`` observations; says what each one means."""
+        """Records ``(path, size, ctime_ns)`` observations; says what each one means."""
         outcomes = []
         with self._transaction() as db:
-            for path, size, mtime_ns in files:
+            for path, size, ctime_ns in files:
                 active = db.execute(
-                    "SELECT id, size, mtime_ns FROM files WHERE path = ? AND state IN ('seen', 'ready', 'claimed')", (path,)
+                    "SELECT id, size, ctime_ns FROM files WHERE path = ? AND state IN ('seen', 'ready', 'claimed')", (path,)
                 ).fetchone()
                 if active is not None:
-                    if (active[1], active[2]) == (size, mtime_ns):
+                    if (active[1], active[2]) == (size, ctime_ns):
                         outcomes.append((path, Seen.UNCHANGED))
                         continue
                     db.execute(
-                        "UPDATE files SET state = 'seen', size = ?, mtime_ns = ?, changed = ?, ready_since = NULL, sha256 = NULL, "
+                        "UPDATE files SET state = 'seen', size = ?, ctime_ns = ?, changed = ?, ready_since = NULL, sha256 = NULL, "
                         "attempts = 0, interrupted = 0, not_before = 0, error = NULL, traceback_digest = NULL, updated = ? WHERE id = ?",
-                        (size, mtime_ns, now, now, active[0]),
+                        (size, ctime_ns, now, now, active[0]),
                     )
                     outcomes.append((path, Seen.CHANGED))
                     continue
                 last = db.execute(
-                    "SELECT state, size, mtime_ns, set_aside FROM files WHERE path = ? AND state IN ('done', 'failed') "
+                    "SELECT state, size, ctime_ns, set_aside FROM files WHERE path = ? AND state IN ('done', 'failed') "
                     "ORDER BY updated DESC, id DESC LIMIT 1",
                     (path,),
                 ).fetchone()
-                if last is not None and (last[1], last[2]) == (size, mtime_ns) and not last[3]:
+                if last is not None and (last[1], last[2]) == (size, ctime_ns) and not last[3]:
                     outcomes.append((path, Seen.DONE_BEFORE if last[0] == "done" else Seen.FAILED_BEFORE))
                     continue
                 db.execute(
-                    "INSERT INTO files (path, state, size, mtime_ns, first_seen, changed, updated) VALUES (?, 'seen', ?, ?, ?, ?, ?)",
-                    (path, size, mtime_ns, now, now, now),
+                    "INSERT INTO files (path, state, size, ctime_ns, first_seen, changed, updated) VALUES (?, 'seen', ?, ?, ?, ?, ?)",
+                    (path, size, ctime_ns, now, now, now),
                 )
                 outcomes.append((path, Seen.NEW))
         return outcomes
@@ -246,7 +248,7 @@ class WatchJournal:
         return {r[0] for r in self.db.execute("SELECT path FROM files WHERE state IN ('seen', 'ready', 'claimed')")}
 
     def settling(self, changed_before: float) -> list[Entry]:
-        """Seen rows whose size and mtime have not changed since ``changed_before``."""
+        """Seen rows whose size and ctime have not changed since ``changed_before``."""
         rows = self.db.execute(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'seen' AND changed <= ? ORDER BY changed, id", (changed_before,))
         return [_entry(r) for r in rows]
 
@@ -259,12 +261,12 @@ class WatchJournal:
             db.executemany("UPDATE files SET state = 'ready', ready_since = ?, updated = ? WHERE id = ? AND state = 'seen'", [(now, now, i) for i in ids])
 
     def restart_settling(self, changes: list[tuple[int, int, int]], now: float) -> None:
-        """``(id, size, mtime_ns)``: the file is still changing; back to seen, from now."""
+        """``(id, size, ctime_ns)``: the file is still changing; back to seen, from now."""
         with self._transaction() as db:
             db.executemany(
-                "UPDATE files SET state = 'seen', size = ?, mtime_ns = ?, changed = ?, ready_since = NULL, sha256 = NULL, "
+                "UPDATE files SET state = 'seen', size = ?, ctime_ns = ?, changed = ?, ready_since = NULL, sha256 = NULL, "
                 "attempts = 0, interrupted = 0, alone = 0, not_before = 0, updated = ? WHERE id = ? AND state IN ('seen', 'ready', 'claimed')",
-                [(size, mtime_ns, now, now, i) for i, size, mtime_ns in changes],
+                [(size, ctime_ns, now, now, i) for i, size, ctime_ns in changes],
             )
 
     def clamp_future(self, now: float) -> None:
@@ -320,14 +322,20 @@ class WatchJournal:
     # -- outcomes -----------------------------------------------------------------
 
     def done_with_content(self, path: str, sha256: str) -> int | None:
-        row = self.db.execute("SELECT id FROM files WHERE path = ? AND sha256 = ? AND state = 'done'", (path, sha256)).fetchone()
+        """The done row of this content whose output is still its own: no later version wrote over it."""
+        row = self.db.execute(
+            "SELECT id FROM files AS d WHERE path = ? AND sha256 = ? AND state = 'done' AND NOT EXISTS ("
+            "SELECT 1 FROM files AS later WHERE later.state = 'done' AND later.output = d.output AND later.id != d.id "
+            "AND (later.finished > d.finished OR (later.finished = d.finished AND later.id > d.id)))",
+            (path, sha256),
+        ).fetchone()
         return row[0] if row else None
 
-    def absorb_duplicate(self, entry_id: int, done_id: int, size: int, mtime_ns: int, now: float) -> None:
+    def absorb_duplicate(self, entry_id: int, done_id: int, size: int, ctime_ns: int, now: float) -> None:
         """The file is identical to a version already done: no new row, the old one now describes it."""
         with self._transaction() as db:
             db.execute("DELETE FROM files WHERE id = ? AND state IN ('seen', 'ready', 'claimed')", (entry_id,))
-            db.execute("UPDATE files SET size = ?, mtime_ns = ?, updated = ? WHERE id = ?", (size, mtime_ns, now, done_id))
+            db.execute("UPDATE files SET size = ?, ctime_ns = ?, updated = ? WHERE id = ?", (size, ctime_ns, now, done_id))
 
     def complete(self, results: list[Completed], now: float) -> set[int]:
         """Marks claimed rows done; returns the ids that were still claimed (not changed meanwhile)."""
@@ -339,9 +347,9 @@ class WatchJournal:
                     (r.entry_id, r.sha256, r.entry_id),
                 )
                 cursor = db.execute(
-                    "UPDATE files SET state = 'done', sha256 = ?, size = ?, mtime_ns = ?, model_id = ?, output = ?, metrics = ?, "
+                    "UPDATE files SET state = 'done', sha256 = ?, size = ?, ctime_ns = ?, model_id = ?, output = ?, metrics = ?, "
                     "error = NULL, traceback_digest = NULL, finished = ?, updated = ? WHERE id = ? AND state = 'claimed'",
-                    (r.sha256, r.size, r.mtime_ns, r.model_id, r.output, json.dumps(r.metrics) if r.metrics else None, now, now, r.entry_id),
+                    (r.sha256, r.size, r.ctime_ns, r.model_id, r.output, json.dumps(r.metrics) if r.metrics else None, now, now, r.entry_id),
                 )
                 if cursor.rowcount:
                     completed.add(r.entry_id)

@@ -24,6 +24,7 @@ X_RESOLUTION, Y_RESOLUTION = 282, 283
 EXIF_IFD, GPS_IFD, INTEROP_IFD = 0x8769, 0x8825, 0xA005
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003
 ICC_TAG, XMP_TAG = 34675, 700
+MAX_DPI = 65535  # JPEG's JFIF density field; PNG's pHYs holds about 1e8
 # Tags that describe one file's pixel layout or embed other blocks: never carried.
 _LAYOUT_TAGS = {
     254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 292, 293, 317, 320,
@@ -82,7 +83,7 @@ def read_metadata(im: PILImage.Image, path) -> tuple[Metadata, int]:
         dpi = (round(float(dpi[0]), 2), round(float(dpi[1]), 2)) if dpi else None  # PNG stores px/m: 300 reads 299.9994
     except (TypeError, ValueError, IndexError):
         dpi = None
-    if dpi is not None and (dpi[0] <= 0 or dpi[1] <= 0):
+    if dpi is not None and not all(0 < d <= MAX_DPI for d in dpi):
         dpi = None
     return Metadata(icc=icc, exif=exif_bytes, xmp=xmp, dpi=dpi), orientation
 
@@ -122,14 +123,21 @@ def _load_exif(data: bytes) -> PILImage.Exif:
 
 
 def scaled(meta: Metadata, size: tuple[int, int], factor: float) -> Metadata:
-    """Metadata of an output of ``size`` (width, height) made ``factor`` times larger."""
+    """Metadata of an output of ``size`` (width, height) made ``factor`` times larger.  A resolution that
+    would leave what every output format can hold (``MAX_DPI``), or none to begin with (0/0), is dropped."""
     dpi = (meta.dpi[0] * factor, meta.dpi[1] * factor) if meta.dpi else None
+    if dpi is not None and max(dpi) > MAX_DPI:
+        dpi = None
     exif = meta.exif
     if exif is not None:
         loaded = _load_exif(exif)
         for tag in (X_RESOLUTION, Y_RESOLUTION):
             if tag in loaded:
-                loaded[tag] = TiffImagePlugin.IFDRational(float(loaded[tag]) * factor)
+                value = float(loaded[tag]) * factor
+                if 0 < value <= MAX_DPI:
+                    loaded[tag] = TiffImagePlugin.IFDRational(value)
+                else:
+                    del loaded[tag]
         if EXIF_IFD in loaded:  # tobytes writes back the sub-IFDs the data has, edited here in place
             sub = loaded.get_ifd(EXIF_IFD)
             if PIXEL_X in sub:

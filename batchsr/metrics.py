@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.metrics import structural_similarity
 
+SSIM_WINDOW = 11  # the Gaussian window's side (sigma 1.5, truncated at 3.5 sigma)
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966]) / 255.0
 
 
@@ -49,6 +50,9 @@ def ssim(a: np.ndarray, b: np.ndarray, border: int = 0, peak: float = 255.0) -> 
     _check_pair(a, b)
     a = _crop(a.astype(np.float64), border)
     b = _crop(b.astype(np.float64), border)
+    if min(a.shape[:2]) < SSIM_WINDOW:
+        raise ValueError(f"{a.shape[1]}x{a.shape[0]} pixels left after cropping the border: too small for SSIM's "
+                         f"{SSIM_WINDOW}x{SSIM_WINDOW} window")
     return float(
         structural_similarity(
             a,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from batchsr.errors import ImageError
 from batchsr.imageio import (
     EXTENSIONS, MAX_SIDE, Image, atomic_file, bigtiff_meta, from_float, tiff_options, to_float, too_large, written_format,
 )
@@ -42,6 +43,15 @@ _SAME_FORMAT_SUFFIXES = {"jpg": {".jpg", ".jpeg"}, "tiff": {".tif", ".tiff"}}
 STREAMED_FORMATS = ("png", "tiff")
 _TIFF_TILE = 256
 _CHUNK_ROWS = 64
+
+
+def failure_reason(error: Exception) -> str:
+    """The line a failed image gets: an unforeseen error (a bug) is named by its type, so it can be reported."""
+    if isinstance(error, ImageError):
+        return error.reason
+    if isinstance(error, (OSError, ValueError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def output_size(width: int, height: int, factor: float) -> tuple[int, int]:
@@ -213,7 +223,8 @@ class MemoryBudget:
     (``ahead``, a ``data.DecodeAhead``: its limit).  Every image planned and
     not yet written holds its own estimate on top, so images in flight together
     cannot pass the cap between them.  An image that fits only if decoding
-    ahead pauses is planned counting what is reserved for it now, and pauses
+    ahead pauses is planned counting what is reserved now and the next file's
+    estimate (``DecodeAhead.pending_mb``), and pauses
     it until it is written (``Route.paused``).  ``decoded_mb``: images decoded
     before planning began (a callable), which RSS may not show above the model
     call's estimate yet.  An image refused, or sent band by band where alone it
@@ -244,7 +255,7 @@ class MemoryBudget:
 
         route = route_with(share, held, largest_call)
         if (route.refusal is not None or route.streamed) and share > pending:
-            pending = self.ahead.pause(key)  # what is reserved now, and nothing more but the next file
+            pending = self.ahead.pause(key)  # what is reserved now and the next file, which alone is admitted now
             paused = route_with(pending, held, largest_call)
             if route.refusal is not None or (paused.refusal is None and not paused.streamed):
                 route = dataclasses.replace(paused, paused=paused.refusal is None)

@@ -31,7 +31,7 @@ from batchsr.imageio import Image, atomic_write, decode_image, encode_image, rea
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
-    IMAGE_SUFFIXES, MemoryBudget, finish_image, output_name, process_rss_mb, target_format, upscale_images, write_streamed,
+    IMAGE_SUFFIXES, MemoryBudget, failure_reason, finish_image, output_name, process_rss_mb, target_format, upscale_images, write_streamed,
 )
 from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
@@ -261,7 +261,11 @@ def write_output(
         return Written(result, unscored)
     # Lossy formats are scored as written: the decoded file, not the pixels before encoding.
     delivered = replace(result, rgb=decode_image(data, name, max_pixels=None).rgb) if fmt in ("jpg", "webp") else result
-    metrics = score_against(delivered, reference, int(factor))
+    try:
+        metrics = score_against(delivered, reference, int(factor))
+    except ValueError as exc:  # too small to score: written all the same
+        logger.warning("{}: no metrics: {}", name, exc)
+        return Written(result, unscored)
     metrics.update(width=result.rgb.shape[1], height=result.rgb.shape[0], scale=int(factor), ms=round(ms, 1), **unscored)
     return Written(result, metrics, reference)
 
@@ -460,7 +464,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             summary.done += 1
             summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
         else:
-            fail(item, f"output not written: {error.reason if isinstance(error, ImageError) else error}")
+            fail(item, f"output not written: {failure_reason(error)}")
             if isinstance(error, OSError) and error.errno in (28, 30):  # ENOSPC, EROFS: nothing more can succeed
                 raise OutputError(f"cannot write to {output_dir}: {error.strerror}") from None
         item.image = None
@@ -472,7 +476,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             item, future = in_flight.pop(0)
             try:
                 metrics = future.result()
-            except (ImageError, OSError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 (one image's metadata or encoder bug fails it, not the run)
                 conclude(item, exc)
             else:
                 conclude(item, None, metrics)
@@ -504,10 +508,10 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
         try:
             write_streamed(get_engine(), item.image, output_dir / out_rel, written_as(item), settings.image.alpha)
-        except (ImageError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 (as in settle)
             conclude(item, exc)
-        else:
-            conclude(item, None)
+        else:  # not scored (too large to score whole), but recorded against the reference, as any unscored image
+            conclude(item, None, {"reference": references.identity(references.find(item.rel))} if references else None)
 
     # Windows of one shape share a model call, so images wait in a group per window shape until their
     # windows fill engine.batch_size: small images of two orientations then run full batches, not halves.
@@ -530,7 +534,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     present = set(paths)
     outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items() if input_dir / rel in present}
     try:
-        for item in prepared_files(paths, prepare, run.decode_workers, ahead=ahead):
+        for item in prepared_files(paths, prepare, run.decode_workers, ahead=ahead, max_pixels=settings.image.max_pixels):
             if item.skip:
                 summary.skipped += 1
                 progress.update()

@@ -2,7 +2,7 @@
 
 File events (watchdog) are only hints; the journal (``batchsr.journal``) is the
 truth.  A scan at start-up and every ``watch.rescan_interval_s`` catches what
-events missed.  A file is ready once its size and mtime have been stable for
+events missed.  A file is ready once its size and ctime (any write or replacement moves it) have been stable for
 ``watch.settle_s``, and it is processed if it decodes; ready files go through
 the same tf.data decode stage, engine and finishing steps (``batchsr.pipeline``)
 as ``batchsr run``, in batches.
@@ -52,7 +52,7 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries
+from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sync_folder
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_images, write_streamed
@@ -198,28 +198,36 @@ def _exit_now(signum: int, timeout_s: float) -> None:
 # -- files ----------------------------------------------------------------------------
 
 
-def move_file(source: Path, target: Path) -> None:
-    """Renames ``source`` onto ``target``; across filesystems, a synced copy under a temporary name, then an unlink."""
+def move_file(source: Path, target: Path) -> bool:
+    """Renames ``source`` onto ``target``; across filesystems, a synced copy under a temporary name, then an
+    unlink.  False: the copy is made, but ``source`` was replaced or rewritten meanwhile and stays (it is a new
+    version, not the one copied)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(source, target)
-        return
+        return True
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            copied = os.fstat(src.fileno())
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        shutil.copystat(source, tmp)
+            shutil.copystat(src.fileno(), tmp)
         os.replace(tmp, target)
+        sync_folder(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    now = os.stat(source)
+    if (now.st_dev, now.st_ino, now.st_size, now.st_ctime_ns) != (copied.st_dev, copied.st_ino, copied.st_size, copied.st_ctime_ns):
+        return False
     os.unlink(source)
+    return True
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
@@ -255,7 +263,7 @@ class _Read:
     entry: Entry
     sha256: str | None = None
     size: int = -1
-    mtime_ns: int = -1
+    ctime_ns: int = -1
     image: Image | None = None
     error: str | None = None
     digest: str | None = None
@@ -277,9 +285,9 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
     except OSError as exc:
         item.error, item.digest = f"cannot read: {exc.strerror or exc}", traceback_digest(exc)
         return item
-    item.size, item.mtime_ns = after.st_size, after.st_mtime_ns
-    signature = (after.st_size, after.st_mtime_ns)
-    if signature != (before.st_size, before.st_mtime_ns) or signature != (entry.size, entry.mtime_ns) or len(data) != after.st_size:
+    item.size, item.ctime_ns = after.st_size, after.st_ctime_ns
+    signature = (after.st_size, after.st_ctime_ns)
+    if signature != (before.st_size, before.st_ctime_ns) or signature != (entry.size, entry.ctime_ns) or len(data) != after.st_size:
         item.changed = True
         return item
     item.sha256 = hashlib.sha256(data).hexdigest()
@@ -481,7 +489,7 @@ class _Daemon:
                 except FileNotFoundError:
                     continue
                 if stat.S_ISREG(info.st_mode):
-                    yield rel, info.st_size, info.st_mtime_ns
+                    yield rel, info.st_size, info.st_ctime_ns
 
     def _scan(self, now: float) -> None:
         """The whole inbox: new and changed files, and queued files that are gone."""
@@ -512,7 +520,8 @@ class _Daemon:
             try:
                 info = os.stat(path)
             except FileNotFoundError:
-                gone.append(rel)
+                if _is_text(rel):  # the journal only ever held names that are text
+                    gone.append(rel)
                 continue
             except OSError as exc:
                 logger.warning("cannot stat {}: {}", path, exc.strerror or exc)
@@ -520,23 +529,21 @@ class _Daemon:
             if stat.S_ISDIR(info.st_mode):
                 files.extend(self._walk(path))
             elif stat.S_ISREG(info.st_mode):
-                files.append((rel, info.st_size, info.st_mtime_ns))
+                files.append((rel, info.st_size, info.st_ctime_ns))
         self._record(files, time.time())
         if gone:
             self.journal.vanish(gone)
 
     def _record(self, files: list[tuple[str, int, int]], now: float) -> None:
         usable = []
-        for rel, size, mtime_ns in files:
-            try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:
+        for rel, size, ctime_ns in files:
+            if not _is_text(rel):
                 if rel not in self.bad_names:
                     self.bad_names.add(rel)
                     logger.warning("{!r}: the file name is not valid UTF-8; rename it to have it processed", rel)
                 continue
-            usable.append((rel, size, mtime_ns))
-        signatures = {rel: (size, mtime_ns) for rel, size, mtime_ns in usable}
+            usable.append((rel, size, ctime_ns))
+        signatures = {rel: (size, ctime_ns) for rel, size, ctime_ns in usable}
         for rel, seen in self.journal.observe(usable, now):
             if seen is Seen.DONE_BEFORE:
                 self._dispose_input(rel, *signatures[rel])
@@ -557,10 +564,10 @@ class _Daemon:
             except OSError:
                 ready.append(entry.id)  # reading it will tell why, as a failed try
                 continue
-            if (info.st_size, info.st_mtime_ns) == (entry.size, entry.mtime_ns):
+            if (info.st_size, info.st_ctime_ns) == (entry.size, entry.ctime_ns):
                 ready.append(entry.id)
             else:
-                changed.append((entry.id, info.st_size, info.st_mtime_ns))
+                changed.append((entry.id, info.st_size, info.st_ctime_ns))
         if ready:
             self.journal.mark_ready(ready, now)
         if changed:
@@ -598,7 +605,7 @@ class _Daemon:
                 continue
             finally:
                 item.image = None
-            done = Completed(item.entry.id, item.sha256, item.size, item.mtime_ns, engine.model_id, out_rel.as_posix(), metrics)
+            done = Completed(item.entry.id, item.sha256, item.size, item.ctime_ns, engine.model_id, out_rel.as_posix(), metrics)
             completed.append((item, done, metrics))
         completed = self._append_metrics(completed, counts)
         finished = self.journal.complete([done for _, done, _ in completed], time.time())
@@ -606,7 +613,7 @@ class _Daemon:
             if done.entry_id in finished:
                 counts.done += 1
                 logger.debug("{} -> {}", item.entry.path, done.output)
-                self._dispose_input(item.entry.path, item.size, item.mtime_ns)
+                self._dispose_input(item.entry.path, item.size, item.ctime_ns)
             else:
                 logger.info("{} changed while it was processed; the new version is queued", item.entry.path)
         seconds = time.time() - started
@@ -633,7 +640,7 @@ class _Daemon:
         share = decode_ahead_mb(self.settings, self.loaded_mb)
         ahead = DecodeAhead(share, keep=True)
         reads = prepared_files(list(claimed), lambda path: read_claimed(path, claimed[path], max_pixels),
-                               self.run_settings.decode_workers, ahead=ahead)
+                               self.run_settings.decode_workers, ahead=ahead, max_pixels=max_pixels)
         usable = []
         held_mb = 0.0
         for taken, item in enumerate(reads, start=1):
@@ -641,11 +648,11 @@ class _Daemon:
             if item.missing:
                 self.journal.vanish([entry.path])
             elif item.changed:
-                self.journal.restart_settling([(entry.id, item.size, item.mtime_ns)], now)
+                self.journal.restart_settling([(entry.id, item.size, item.ctime_ns)], now)
             elif item.sha256 is not None and (done_id := self.journal.done_with_content(entry.path, item.sha256)) is not None:
-                self.journal.absorb_duplicate(entry.id, done_id, item.size, item.mtime_ns, now)
+                self.journal.absorb_duplicate(entry.id, done_id, item.size, item.ctime_ns, now)
                 logger.info("{}: same content as the version already done; not redone", entry.path)
-                self._dispose_input(entry.path, item.size, item.mtime_ns)
+                self._dispose_input(entry.path, item.size, item.ctime_ns)
                 counts.duplicates += 1
             elif item.error is not None:
                 self._try_failed(item, item.error, item.digest, counts)
@@ -818,7 +825,7 @@ class _Daemon:
                 logger.error("{}: {}; moved to {}", entry.path, reason, self.folders.failed)
                 self._set_aside(result)
 
-    def _dispose_input(self, rel: str, size: int, mtime_ns: int) -> None:
+    def _dispose_input(self, rel: str, size: int, ctime_ns: int) -> None:
         """Applies watch.done_policy to an input whose output is recorded done."""
         policy = self.watch.done_policy
         if policy == "keep":
@@ -828,12 +835,13 @@ class _Daemon:
             info = os.stat(source)
         except FileNotFoundError:
             return
-        if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+        if (info.st_size, info.st_ctime_ns) != (size, ctime_ns):
             logger.info("{} changed since it was read; the new version is queued", rel)
             return
         try:
             if policy == "move":
-                move_file(source, self.folders.done / rel)
+                if not move_file(source, self.folders.done / rel):
+                    logger.info("{} was replaced while it was moved to {}; the new version is queued", rel, self.folders.done)
             else:
                 source.unlink()
         except OSError as exc:
@@ -857,8 +865,9 @@ class _Daemon:
         try:
             atomic_write(target.with_name(target.name + ".error.json"), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
             info = os.stat(source)
-            if (info.st_size, info.st_mtime_ns) == (result.size, result.mtime_ns):
-                move_file(source, target)
+            if (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
+                if not move_file(source, target):
+                    logger.info("{} was replaced while it was moved to {}; the new version is queued", result.path, self.folders.failed)
                 self.journal.mark_set_aside(result.id)
             else:
                 logger.info("{} changed since it failed; the new version is queued", result.path)
@@ -866,6 +875,15 @@ class _Daemon:
             return
         except OSError as exc:
             logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, exc.strerror or exc)
+
+
+def _is_text(rel: str) -> bool:
+    """A name that is valid UTF-8 (the journal, the CSV and most tools need text names)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _free_name(path: Path, report: dict) -> Path:

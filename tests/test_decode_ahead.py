@@ -21,7 +21,7 @@ from tests.test_watch import drop, journal_rows, png, serving_here, states, wait
 def _stream(monkeypatch, sizes: list[float], limit: float | None, consume_s: float = 0.02, stop_after: int | None = None):
     """prepared_files over fake files of ``sizes`` MB; returns (results in order, most files decoded and not yet
     taken at once, the files that decoded, the gate)."""
-    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda index: sizes[index])
+    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda index, max_pixels: sizes[index])
     ahead = DecodeAhead(limit) if limit is not None else None
     lock = threading.Lock()
     state = {"decoded_not_taken": 0, "most": 0}
@@ -87,7 +87,7 @@ def test_run_holds_the_images_decoded_ahead_to_a_quarter_of_the_room_beside_the_
             return super().upscale(images)
 
     monkeypatch.setattr("batchsr.data.DecodeAhead", Recording)
-    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda path: 100.0)  # as if each were a big scan
+    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda path, max_pixels: 100.0)  # as if each were a big scan
     for where in ("batchsr.runner", "batchsr.pipeline"):
         monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
     _folder(tmp_path / "in", 10)
@@ -123,7 +123,7 @@ def test_watch_leaves_what_does_not_fit_decoded_beside_the_batch_for_the_next_on
     assert load_settings(config).run.memory_cap_mb == 800
     for where in ("batchsr.runner", "batchsr.pipeline"):
         monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 100.0)
-    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda path: 100.0)
+    monkeypatch.setattr("batchsr.data.probe_decoding_mb", lambda path, max_pixels: 100.0)
     monkeypatch.setattr("batchsr.watch.decoding_mb", lambda w, h, b: 100.0)
     names = [f"{k}.png" for k in range(5)]
     with serving_here(config) as messages:
@@ -182,3 +182,54 @@ def test_an_image_refused_even_with_decoding_ahead_paused_leaves_it_running_and_
     admitted.start()
     admitted.join(5)
     assert not admitted.is_alive() and ahead.pending_mb == 6.0
+
+
+def test_the_next_file_counts_from_its_header_before_it_is_admitted():
+    """It never waits, so a plan made before it is admitted must count it already."""
+    read = []
+
+    def estimate(index):
+        read.append(index)
+        return [5.0, 700.0][index]
+
+    ahead = DecodeAhead(10.0)
+    ahead.stream(estimate, 2)
+    assert ahead.pending_mb == 5.0  # file 0, not admitted yet
+    ahead.reserve(0, ahead.estimate_mb(0))
+    ahead.handed_over(0)
+    assert ahead.pause("a") == 700.0  # file 1 is next: it decodes even while paused
+    ahead.reserve(1, ahead.estimate_mb(1))
+    assert ahead.pending_mb == 700.0 and read == [0, 1]  # each header read once
+    ahead.handed_over(1)
+    assert ahead.pending_mb == 0.0  # no file after it
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels; its data is cut short."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
+
+
+def test_a_file_above_max_pixels_reserves_nothing_for_decoding_ahead(tmp_path, monkeypatch):
+    """Next in order, its header would claim far more than the cap, and refuse the image before it."""
+    from batchsr.imageio import decode_image, probe_decoding_mb
+    from batchsr.pipeline import whole_mb
+
+    _folder(tmp_path / "in", 1, size=(200, 240))
+    (tmp_path / "in" / "01.png").write_bytes(_huge_png_header(30000, 30000))
+    assert probe_decoding_mb(tmp_path / "in" / "01.png") == 7200.0
+    one = whole_mb(decode_image((tmp_path / "in" / "00.png").read_bytes()), 4, 4.0, reference=False)
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
+    settings = Settings.model_validate({"engine": {"tile": 256, "batch_size": 8}, "image": {"max_pixels": 100_000_000},
+                                        "run": {"progress": "none", "memory_mb": int(1000 + 1.1 * one)}})
+    summary = run_folder(tmp_path / "in", tmp_path / "out", settings, engine=Bicubic())
+    assert summary.done == 1, [f.reason for f in summary.failed]
+    [failure] = summary.failed
+    assert failure.path.name == "01.png" and "image.max_pixels" in failure.reason

@@ -76,3 +76,40 @@ def test_the_decoding_estimate_comes_from_the_header_and_covers_the_decoded_imag
     (tmp_path / "text.png").write_text("not an image")
     assert probe_decoding_mb(tmp_path / "cut.png") == probe_decoding_mb(tmp_path / "text.png") == 0.0
     assert probe_decoding_mb(tmp_path / "missing.png") == 0.0
+    # Decoding refuses a file above image.max_pixels from its header: it reserves nothing.
+    assert probe_decoding_mb(tmp_path / "a.png", max_pixels=50 * 30) == decoding_mb(50, 30, 1)
+    assert probe_decoding_mb(tmp_path / "a.png", max_pixels=50 * 30 - 1) == 0.0
+
+
+def _gray_png(values: np.ndarray, depth: int, key: int) -> bytes:
+    """A gray PNG (colour type 0) of ``depth`` bits whose level ``key`` is transparent (tRNS)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b""
+    for row in values:
+        if depth == 16:
+            packed = row.astype(">u2").tobytes()
+        else:
+            bits = "".join(format(int(v), f"0{depth}b") for v in row)
+            bits += "0" * (-len(bits) % 8)
+            packed = int(bits, 2).to_bytes(len(bits) // 8, "big")
+        rows += b"\x00" + packed
+    header = struct.pack(">IIBBBBB", values.shape[1], values.shape[0], depth, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", struct.pack(">H", key))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 8, 16])
+def test_a_gray_png_with_a_transparent_level_keeps_its_transparency_at_every_bit_depth(depth):
+    top = (1 << depth) - 1
+    values = np.array([[0, top, top // 2, top], [top, 0, top // 2, 0]], np.uint32)
+    image = decode_image(_gray_png(values, depth, key=top))
+    peak = 65535 if depth == 16 else 255
+    assert image.gray and image.alpha is not None and image.alpha.dtype == image.rgb.dtype
+    assert image.alpha.tolist() == np.where(values == top, 0, peak).tolist()
+    visible = values != top
+    assert image.rgb[..., 0][visible].tolist() == (values[visible] * (peak // top)).tolist()

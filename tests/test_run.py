@@ -428,3 +428,93 @@ def test_an_unexpected_error_exits_70_with_its_traceback(tmp_path, monkeypatch):
     assert result.output.splitlines()[-1] == line
     assert "Traceback" in result.output and "in broken" in result.output
     assert "in broken" in (tmp_path / "batchsr.log").read_text()  # the log file keeps it too
+
+
+def _bicubic_settings(**run) -> Settings:
+    return Settings.model_validate({"engine": {"tile": 32, "overlap": 8, "batch_size": 4}, "run": {"progress": "none", **run}})
+
+
+def test_odd_metadata_neither_stops_the_run_nor_fails_its_image(tmp_path, monkeypatch):
+    """A pHYs at its largest value (no 32-bit field holds it x4) and an EXIF resolution of 0/0, seen in real files."""
+    import struct
+    import zlib
+
+    import cv2
+    from PIL import Image as PILImage
+    from PIL import TiffImagePlugin
+
+    from tests.conftest import Bicubic
+
+    src, rng = tmp_path / "in", np.random.default_rng(0)
+    src.mkdir()
+    exif = PILImage.Exif()
+    exif[0x010F], exif[282], exif[283] = "Maker", TiffImagePlugin.IFDRational(0, 0), TiffImagePlugin.IFDRational(0, 0)
+    PILImage.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(src / "a.jpg", exif=exif, quality=95)
+    ok, png = cv2.imencode(".png", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    payload = struct.pack(">IIB", 0xFFFFFFFF, 0xFFFFFFFF, 1)
+    phys = struct.pack(">I", len(payload)) + b"pHYs" + payload + struct.pack(">I", zlib.crc32(b"pHYs" + payload))
+    (src / "b.png").write_bytes(png.tobytes()[:33] + phys + png.tobytes()[33:])
+    for k in range(3):
+        write_png(src / f"c{k}.png", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    summary = run_folder(src, tmp_path / "out", _bicubic_settings(), engine=Bicubic())
+    assert summary.done == 5 and not summary.failed, [f.reason for f in summary.failed]
+    with PILImage.open(tmp_path / "out" / "a.jpg") as written:
+        assert 282 not in written.getexif() and written.getexif()[0x010F] == "Maker"
+    with PILImage.open(tmp_path / "out" / "b.png") as written:
+        assert "dpi" not in written.info
+    # An error nobody foresaw in one image's encoding fails that image by name, and the run goes on.
+    import batchsr.runner
+
+    real = batchsr.runner.encode_image
+
+    def encode(result, fmt, *args, **kwargs):
+        if result.rgb.shape[:2] == (32, 32) and result.source.endswith("c1.png"):
+            raise KeyError("a bug")
+        return real(result, fmt, *args, **kwargs)
+
+    monkeypatch.setattr(batchsr.runner, "encode_image", encode)
+    summary = run_folder(src, tmp_path / "again", _bicubic_settings(), engine=Bicubic())
+    assert summary.done == 4 and [(f.path.name, f.reason) for f in summary.failed] == [("c1.png", "output not written: KeyError: 'a bug'")]
+
+
+def test_images_written_but_not_scored_are_up_to_date_on_the_next_run(tmp_path, monkeypatch):
+    """Too small for SSIM's window, or written band by band: no metrics, yet done, and not redone."""
+    import batchsr.pipeline
+    from tests.conftest import Bicubic
+
+    real_whole_mb = batchsr.pipeline.whole_mb
+    monkeypatch.setattr(batchsr.pipeline, "whole_mb", lambda image, *args, **kwargs: 5000.0 if image.size == (30, 40)
+                        else real_whole_mb(image, *args, **kwargs))  # big.png fits only band by band
+    for where in ("batchsr.runner", "batchsr.pipeline"):
+        monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
+
+    rng = np.random.default_rng(0)
+    src, ref = tmp_path / "in", tmp_path / "ref"
+    write_png(src / "tiny.png", rng.integers(0, 255, (4, 4, 3), dtype=np.uint8))
+    write_png(ref / "tiny.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    write_png(src / "big.png", rng.integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    write_png(ref / "big.png", rng.integers(0, 255, (160, 120, 3), dtype=np.uint8))
+    write_png(src / "ok.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    write_png(ref / "ok.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    settings = _bicubic_settings(memory_mb=2000)
+    first = run_folder(src, tmp_path / "out", settings, engine=Bicubic(), reference_dir=ref)
+    assert first.done == 3 and not first.failed, [f.reason for f in first.failed]
+    assert read_image(tmp_path / "out" / "tiny.png").rgb.shape == (16, 16, 3)
+    rows = list(csv.DictReader(open(first.metrics_csv)))
+    assert [r["image"] for r in rows if r["psnr_y"]] == ["ok.png", "MEAN"]
+    again = run_folder(src, tmp_path / "out", settings, engine=Bicubic(), reference_dir=ref)
+    assert again.done == 0 and again.skipped == 3 and not again.failed
+
+
+def test_a_text_file_starting_with_bm_is_not_taken_for_a_bmp(tmp_path):
+    import cv2
+
+    from tests.conftest import Bicubic
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bmi.csv").write_text("BMI,weight,height\n22.5,70,1.76\n")
+    ok, bmp = cv2.imencode(".bmp", np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    (src / "photo.dat").write_bytes(bmp.tobytes())  # detected by content, not by name
+    summary = run_folder(src, tmp_path / "out", _bicubic_settings(), engine=Bicubic())
+    assert summary.done == 1 and summary.ignored == 1 and not summary.failed, [f.reason for f in summary.failed]

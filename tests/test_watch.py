@@ -991,3 +991,87 @@ def test_the_systemd_units_fit_the_daemon():
     assert run["Type"] == "oneshot" and run["ExecStart"].split()[1] == "run" and "75" in run["SuccessExitStatus"].split()
     timer = _unit(REPO / "scripts" / "batchsr-run.timer")
     assert timer["Timer"]["OnCalendar"] and timer["Install"]["WantedBy"] == "timers.target"
+
+
+# -- replacements ------------------------------------------------------------------------------
+
+
+def _bmp(seed: int) -> bytes:
+    ok, data = cv2.imencode(".bmp", image(seed))
+    assert ok
+    return data.tobytes()
+
+
+def test_new_content_with_the_size_and_mtime_of_a_file_done_is_processed_not_deleted(tmp_path, tiny_model):
+    """BMPs of one size, delivered with their mtime kept (cp -p, rsync -a, archives): the ctime tells them apart."""
+    config = write_config(tmp_path, tiny_model, done_policy="delete")
+    first, second = _bmp(1), _bmp(2)
+    assert len(first) == len(second) and first != second
+    inbox, kept_ns = tmp_path / "inbox", 1_700_000_000_000_000_000
+
+    def deliver(data: bytes) -> None:
+        part = inbox / ".scan.bmp.part"
+        part.write_bytes(data)
+        os.utime(part, ns=(kept_ns, kept_ns))
+        os.replace(part, inbox / "scan.bmp")
+
+    def done_hashes() -> list[str]:
+        return [row["sha256"] for row in journal_rows(tmp_path) if row["state"] == "done"]
+
+    with serving_here(config):
+        deliver(first)
+        wait_for(lambda: done_hashes() == [sha(first)] and not files_under(inbox), 60, what="the first version done")
+        upscaled_first = (tmp_path / "output" / "scan.bmp").read_bytes()
+        deliver(second)
+        wait_for(lambda: sha(second) in done_hashes() and not files_under(inbox), 60, what="the second version done")
+    assert (tmp_path / "output" / "scan.bmp").read_bytes() != upscaled_first
+
+
+def test_a_version_dropped_again_after_another_is_upscaled_again(tmp_path, tiny_model):
+    """A, then B, then A again: the output is B's until A is redone, so A is not 'already done'."""
+    config = write_config(tmp_path, tiny_model)
+    inbox, output = tmp_path / "inbox", tmp_path / "output" / "a.png"
+    small, large = png(10, (8, 8)), png(11, (12, 10))
+    with serving_here(config) as messages:
+        for data, side in [(small, (32, 32)), (large, (48, 40)), (small, (32, 32))]:
+            drop(inbox, "a.png", data)
+            wait_for(lambda: not files_under(inbox) and output.exists() and read_image(output).rgb.shape[:2] == side,
+                     60, what=f"a.png upscaled to {side}")
+    assert not any("not redone" in m for m in messages)
+    assert (tmp_path / "done" / "a.png").read_bytes() == small
+
+
+def test_a_move_across_filesystems_leaves_a_version_that_arrived_during_the_copy(tmp_path, monkeypatch):
+    from batchsr.watch import move_file
+
+    source, target = tmp_path / "inbox" / "a.png", tmp_path / "done" / "a.png"
+    source.parent.mkdir()
+    source.write_bytes(b"old version")
+    real_replace, real_copy = os.replace, shutil.copyfileobj
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src) == source and Path(dst) == target:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_replace(src, dst, *args, **kwargs)
+
+    def copy(src, dst, length=0):
+        real_copy(src, dst, length)
+        drop(source.parent, "a.png", b"new version")  # the producer renames a new version into place meanwhile
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "copyfileobj", copy)
+    assert move_file(source, target) is False
+    assert target.read_bytes() == b"old version" and source.read_bytes() == b"new version"
+    monkeypatch.setattr(shutil, "copyfileobj", real_copy)
+    assert move_file(source, target) is True and not source.exists() and target.read_bytes() == b"new version"
+
+
+def test_a_file_whose_name_is_not_utf8_renamed_as_asked_is_processed(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model)
+    inbox = os.fsencode(tmp_path / "inbox")
+    with serving_here(config) as messages:
+        with open(os.path.join(inbox, b"caf\xe9.png"), "wb") as handle:  # a Latin-1 name from an old share or archive
+            handle.write(png(1))
+        wait_for(lambda: any("not valid UTF-8" in m for m in messages), 30, what="the warning")
+        os.rename(os.path.join(inbox, b"caf\xe9.png"), os.path.join(inbox, "café.png".encode()))
+        wait_for(lambda: states(tmp_path).get("done") == ["café.png"], 60, what="café.png done")
