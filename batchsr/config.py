@@ -175,7 +175,7 @@ class TrainSettings(_Section):
     rescale: list[float] = Field([1.0], min_length=1)
     val_interval: int = Field(1000, ge=1)  # steps between validation and resumable checkpoints
     precision: Precision = "float32"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs TensorFlow installed)
     pipeline: Literal["auto", "tfdata", "numpy"] = "auto"  # auto: tf.data when TensorFlow is installed

@@ -57,6 +57,7 @@ WRITTEN_AS = {"gif": "png"}  # 256 colours cannot hold an upscaled image
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "bmp": ".bmp", "tiff": ".tif"}
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
 MAX_SIDE = {"jpg": 65535, "webp": 16383}  # the formats' own limits on a side
+_JPEG_SEGMENT_LIMITS = {"exif": 65533, "xmp": 65504}  # bytes Pillow puts into one APP1 segment
 MIN_SIDE = 1
 DEFAULT_MAX_PIXELS = 200_000_000
 _UMASK = os.umask(0)
@@ -480,6 +481,10 @@ def encode_image(
         options["exif"] = b"Exif\x00\x00" + meta.exif
     if meta.xmp is not None:
         options["xmp"] = meta.xmp
+    for key, limit in _JPEG_SEGMENT_LIMITS.items():  # one JPEG segment each: a PNG or TIFF may carry more
+        if fmt == "jpg" and key in options and len(options[key]) > limit:
+            logger.warning("{}: its {} kB of {} do not fit a JPEG segment; dropped", name, len(options.pop(key)) // 1000,
+                           key.upper())
     if fmt == "jpg":
         if meta.dpi is not None:
             options["dpi"] = tuple(round(d) for d in meta.dpi)

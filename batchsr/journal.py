@@ -84,6 +84,7 @@ class Entry:
     attempts: int
     interrupted: int
     first_seen: float
+    alone: bool = False  # in flight when the daemon died: what it began may be on disk already
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def _entry(row) -> Entry:
     return Entry(*row)
 
 
-_ENTRY_COLUMNS = "id, path, size, ctime_ns, attempts, interrupted, first_seen"
+_ENTRY_COLUMNS = "id, path, size, ctime_ns, attempts, interrupted, first_seen, alone"
 _RESULT_COLUMNS = (
     "id, path, state, sha256, size, ctime_ns, attempts, interrupted, error, traceback_digest, model_id, output, finished, first_seen"
 )
@@ -317,9 +318,14 @@ class WatchJournal:
                 "UPDATE files SET state = 'ready', interrupted = interrupted + ?, alone = 1, not_before = 0, updated = ? "
                 "WHERE state = 'claimed'", (charge, now),
             )
-        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + charge, r[6]) for r in rows]
+        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + charge, r[6], True) for r in rows]
 
     # -- outcomes -----------------------------------------------------------------
+
+    def scored_before(self, path: str, sha256: str) -> bool:
+        """A version of this content was done with metrics: its row may be in the metrics CSV."""
+        return self.db.execute("SELECT 1 FROM files WHERE path = ? AND sha256 = ? AND state = 'done' AND metrics IS NOT NULL",
+                               (path, sha256)).fetchone() is not None
 
     def done_with_content(self, path: str, sha256: str) -> int | None:
         """The done row of this content whose output is still its own: no later version wrote over it."""
@@ -408,14 +414,24 @@ class WatchJournal:
 
     # -- reporting ------------------------------------------------------------------
 
+    def progress(self, now: float) -> tuple[int, int]:
+        """Files queued, and done in the last hour: read from the indexes in time that does not grow with history."""
+        queued = self.db.execute("SELECT COUNT(*) FROM files WHERE state IN ('seen', 'ready', 'claimed')").fetchone()[0]
+        return queued, _done_since(self.db, now - 3600)
+
     def status(self, now: float, errors: int = 10) -> Status:
         return _status(self.db, self.path, now, errors)
+
+
+def _done_since(db: sqlite3.Connection, since: float) -> int:
+    # "+state": through the index on finished, not every done row of the journal's history
+    return db.execute("SELECT COUNT(*) FROM files WHERE +state = 'done' AND finished >= ?", (since,)).fetchone()[0]
 
 
 def _status(db: sqlite3.Connection, path: Path, now: float, errors: int) -> Status:
     counts = dict.fromkeys(STATES, 0)
     counts.update(dict(db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall()))
-    done_last_hour = db.execute("SELECT COUNT(*) FROM files WHERE state = 'done' AND finished >= ?", (now - 3600,)).fetchone()[0]
+    done_last_hour = _done_since(db, now - 3600)
     oldest = db.execute("SELECT MIN(first_seen) FROM files WHERE state IN ('seen', 'ready', 'claimed')").fetchone()[0]
     rows = db.execute(
         "SELECT path, state, error, attempts, traceback_digest, updated FROM files WHERE error IS NOT NULL ORDER BY updated DESC, id DESC LIMIT ?",

@@ -411,18 +411,20 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             item.error = "the file name is not valid UTF-8; rename it to have it processed"
             return item
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                head = handle.read(16)
+                sniffed = sniff_format(head)
+                if sniffed is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES:
+                    item.not_image = True  # read no further: it may be a video of many gigabytes
+                    return item
+                data = head + handle.read() if sniffed is not None else head  # not an image: decoding says why
         except OSError as exc:
             item.error = f"cannot read: {exc.strerror or exc}"
             return item
         item.sha256 = hashlib.sha256(data).hexdigest()
         entry = known.get(item.rel.as_posix())
-        sniffed = sniff_format(data[:16])
         if not force and entry is not None and sniffed is not None and _up_to_date(entry, item, sniffed):
             item.skip = True
-            return item
-        if sniffed is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES:
-            item.not_image = True
             return item
         try:
             item.image = decode_image(data, path, max_pixels=settings.image.max_pixels)

@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from loguru import logger
 
 from batchsr.config import TrainModel, TrainSettings
 from batchsr.errors import ConfigError, ModelError, OutputError
-from batchsr.imageio import atomic_write, from_float, to_float
+from batchsr.imageio import atomic_write, from_float, sync_folder, to_float
 from batchsr.metrics import psnr, rgb_to_y
 from batchsr.resize import degrade
 
@@ -87,6 +88,11 @@ def _loss(kind: str):
     return charbonnier
 
 
+def _sync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 class _Checkpoints:
     """``out_dir/checkpoints/step-N/`` folders and a ``latest`` pointer written atomically."""
 
@@ -108,11 +114,16 @@ class _Checkpoints:
         model.save_weights(tmp / "model.weights.h5")
         np.savez(tmp / "optimizer.npz", *[np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in optimizer.variables])
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        for written in tmp.iterdir():  # on disk before the older checkpoints go: they are removed below
+            _sync_file(written)
+        sync_folder(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
         pointer_tmp = self.root / ".latest.tmp"
         pointer_tmp.write_text(folder.name)
+        _sync_file(pointer_tmp)
         os.replace(pointer_tmp, self.root / "latest")
+        sync_folder(self.root)
         for old in self.root.glob("step-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
@@ -341,8 +352,13 @@ def train(
         raise ConfigError(f"--resume: no checkpoint in {ckpts.root}")
     if not resume and latest is not None:
         raise ConfigError(f"{out_dir} already holds a training checkpoint; pass --resume to continue it or choose another out_dir")
+    if resume and init is not None:
+        raise ConfigError("--resume continues the run's own weights; --init is for a new run: pass one of them")
     if resume:
-        saved = json.loads((latest / "state.json").read_text())
+        try:
+            saved = json.loads((latest / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{latest / 'state.json'}: unreadable checkpoint state ({exc})") from None
         try:  # keys newer than the checkpoint take their defaults
             same_model = TrainModel.model_validate(saved["settings"]["model"]) == settings.model
         except ValueError:  # pydantic's ValidationError: a key or value this version does not know
@@ -377,9 +393,15 @@ def train(
         model.compile(optimizer=optimizer, loss=_loss(settings.loss), jit_compile=keras.backend.backend() == "jax")
         optimizer.build(model.trainable_variables)
     if resume:
-        model.load_weights(latest / "model.weights.h5")
-        saved_vars = np.load(latest / "optimizer.npz")
-        values = [saved_vars[f"arr_{i}"] for i in range(len(saved_vars.files))]
+        try:
+            model.load_weights(latest / "model.weights.h5")
+        except Exception as exc:  # h5py and Keras signal a damaged file with many exception types
+            raise ModelError(f"{latest / 'model.weights.h5'}: unreadable checkpoint weights ({exc})") from None
+        try:
+            with np.load(latest / "optimizer.npz") as saved_vars:
+                values = [saved_vars[f"arr_{i}"] for i in range(len(saved_vars.files))]
+        except Exception as exc:  # zipfile and NumPy signal a damaged file with many exception types
+            raise ModelError(f"{latest / 'optimizer.npz'}: unreadable optimizer state ({exc})") from None
         if len(values) != len(optimizer.variables):
             raise ModelError(f"{latest}: optimizer state does not match ({len(values)} vs {len(optimizer.variables)} variables)")
         for var, value in zip(optimizer.variables, values):
@@ -399,11 +421,12 @@ def train(
     log_path = out_dir / "log.csv"
     interval = settings.val_interval
     start = state["step"]
-    total_epochs = -(-settings.steps // interval)
-    # A finished run (steps need not be a multiple of the interval) has nothing left to train.
-    first_epoch = total_epochs if start >= settings.steps else start // interval
+    # Validation every interval from where this sitting starts: a resumed run may start between multiples of
+    # the interval (val_interval changed, or a finished run given more steps), and its patch stream goes on
+    # from its own step.
+    end = settings.steps if until is None else min(settings.steps, until)
+    chunks = max(0, -(-(end - start) // interval))
     _trim_log(log_path, start)  # rows past the checkpoint (a kill between the two), or of a run that never checkpointed
-    last_epoch = total_epochs if until is None else min(total_epochs, -(-until // interval))
 
     def metadata() -> dict:
         return {
@@ -450,7 +473,7 @@ def train(
             now = time.time()
             state["seconds"] += now - self.tick
             self.tick = now
-            state["step"] = min((epoch + 1) * interval, settings.steps)
+            state["step"] = min(start + (epoch + 1) * interval, settings.steps)
             ema = _ema_values(optimizer, model)
             for var, value in zip(eval_model.trainable_variables, ema):
                 var.assign(value)
@@ -481,25 +504,26 @@ def train(
             if self.bar is not None:
                 self.bar.close()
 
-    if first_epoch < last_epoch:
+    if chunks:
         args = (images, scale, settings.patch_size, settings.batch_size, settings.seed,
-                first_epoch * interval, settings.steps, settings.augment, settings.permute_channels)
+                start, settings.steps, settings.augment, settings.permute_channels)
         workers = settings.workers or os.cpu_count() or 2
         dataset = training_dataset(*args) if pipeline == "tfdata" else numpy_training_batches(*args, workers=workers)
         # Each patch thread's small NumPy products would start a BLAS pool of one thread per core: three
         # runs on 16 cores took 110 s for their first 100 steps, 30 s for 1,000 with one BLAS thread each.
-        with _one_blas_thread() if pipeline == "numpy" else contextlib.nullcontext():
+        with _one_blas_thread() if pipeline == "numpy" else contextlib.nullcontext(), warnings.catch_warnings():
+            # A last interval cut short by the steps (the patch stream ends there) is expected, not a mistake.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
             model.fit(
                 dataset,
-                epochs=last_epoch,
-                initial_epoch=first_epoch,
+                epochs=chunks,
                 steps_per_epoch=interval,
                 callbacks=[Progress()] + (
                     [keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), update_freq=100)] if settings.tensorboard else []
                 ),
                 verbose=0,
             )
-    if last_epoch < total_epochs:
+    if state["step"] < settings.steps:
         logger.info("stopped at step {} of {}; continue with --resume", state["step"], settings.steps)
         return TrainResult(state["step"], state["best_psnr"], final_path, best_path if best_path.exists() else None, state["seconds"])
     for var, value in zip(eval_model.trainable_variables, _ema_values(optimizer, model)):

@@ -52,7 +52,7 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sync_folder
+from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sniff_format, sync_folder
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_images, write_streamed
@@ -230,19 +230,51 @@ def move_file(source: Path, target: Path) -> bool:
     return True
 
 
-def append_metrics(path: Path, rows: list[dict]) -> None:
-    """Adds rows to the CSV by an atomic rewrite; a row for the same image and content replaces the old one."""
-    existing: list[dict] = []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as handle:
-            existing = list(csv.DictReader(handle))
-    keys = {(row["image"], row["input_sha256"]) for row in rows}
-    kept = [row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys]
+def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> None:
+    """Adds rows to the CSV, one row per image and content.
+
+    Appended and synced: a batch costs the same after months of history.  With
+    ``replace`` (a row for the same image and content may be there already: the
+    file was in flight when the daemon died, or an earlier version is redone),
+    the file is rewritten atomically without the old rows.  A row cut short by
+    a crash during an append is dropped first.
+    """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
-    writer.writeheader()
-    writer.writerows(kept + rows)
-    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    if replace or not path.exists():
+        existing: list[dict] = []
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+            existing = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
+        keys = {(row["image"], row["input_sha256"]) for row in rows}
+        writer.writeheader()
+        writer.writerows([row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys] + rows)
+        atomic_write(path, buffer.getvalue().encode("utf-8"))
+        return
+    writer.writerows(rows)
+    with open(path, "r+b", buffering=0) as handle:
+        end = _complete_lines_end(handle)
+        handle.truncate(end)
+        handle.seek(end)
+        data = memoryview(buffer.getvalue().encode("utf-8"))
+        while data:  # one system call in practice: a kill leaves all of it or none
+            data = data[handle.write(data):]
+        os.fsync(handle.fileno())
+
+
+def _complete_lines_end(handle) -> int:
+    """Where the file's last complete line ends."""
+    end = handle.seek(0, os.SEEK_END)
+    position = end
+    while position > 0:
+        start = max(0, position - 65536)
+        handle.seek(start)
+        chunk = handle.read(position - start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0
 
 
 def traceback_digest(exc: BaseException) -> str:
@@ -277,7 +309,14 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
     try:
         with open(path, "rb") as handle:
             before = os.fstat(handle.fileno())
-            data = handle.read()
+            data = handle.read(16)
+            content = hashlib.sha256(data)
+            if sniff_format(data) is None:  # not an image: hashed for the record, never held (it may be a video)
+                read = len(data) + sum(content.update(chunk) or len(chunk) for chunk in iter(lambda: handle.read(1 << 20), b""))
+            else:
+                data += handle.read()
+                content.update(data[16:])
+                read = len(data)
             after = os.fstat(handle.fileno())
     except FileNotFoundError:
         item.missing = True
@@ -287,10 +326,10 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
         return item
     item.size, item.ctime_ns = after.st_size, after.st_ctime_ns
     signature = (after.st_size, after.st_ctime_ns)
-    if signature != (before.st_size, before.st_ctime_ns) or signature != (entry.size, entry.ctime_ns) or len(data) != after.st_size:
+    if signature != (before.st_size, before.st_ctime_ns) or signature != (entry.size, entry.ctime_ns) or read != after.st_size:
         item.changed = True
         return item
-    item.sha256 = hashlib.sha256(data).hexdigest()
+    item.sha256 = content.hexdigest()
     try:
         item.image = decode_image(data, path, max_pixels=max_pixels)
     except ImageError as exc:
@@ -622,8 +661,8 @@ class _Daemon:
             counts.done, counts.failed, counts.retried, counts.deferred, counts.duplicates, seconds, counts.done / max(seconds, 1e-9),
         )
         if os.environ.get("NOTIFY_SOCKET"):
-            status = self.journal.status(time.time(), errors=0)
-            notify(f"STATUS=watching, {status.queue} queued, {status.done_last_hour} done in the last hour")
+            queued, done_last_hour = self.journal.progress(time.time())
+            notify(f"STATUS=watching, {queued} queued, {done_last_hour} done in the last hour")
         return counts
 
     def _read_batch(self, entries: list[Entry], counts: _BatchCounts) -> list[_Read]:
@@ -780,8 +819,10 @@ class _Daemon:
         rows = [metrics for _, _, metrics in completed if metrics is not None]
         if not rows:
             return completed
+        replace = any(item.entry.alone or self.journal.scored_before(item.entry.path, item.sha256)
+                      for item, _, metrics in completed if metrics is not None)
         try:
-            append_metrics(self.folders.output / METRICS_FILE, rows)
+            append_metrics(self.folders.output / METRICS_FILE, rows, replace=replace)
         except OSError as exc:
             # The outputs exist but their rows do not: redo those images rather than record them done without.
             for item, _, metrics in completed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 import pytest
@@ -113,3 +115,24 @@ def test_a_gray_png_with_a_transparent_level_keeps_its_transparency_at_every_bit
     assert image.alpha.tolist() == np.where(values == top, 0, peak).tolist()
     visible = values != top
     assert image.rgb[..., 0][visible].tolist() == (values[visible] * (peak // top)).tolist()
+
+
+def test_metadata_too_long_for_a_jpeg_segment_is_dropped_not_fatal():
+    """A PNG or TIFF may carry EXIF or XMP beyond the 64 kB a JPEG segment holds."""
+    from PIL import Image as PILImage
+
+    from batchsr.imageio import Image
+    from batchsr.metadata import Metadata
+
+    def exif(description: str) -> bytes:
+        block = PILImage.Exif()
+        block[0x010E] = description  # ImageDescription
+        return block.tobytes()[6:]  # without the "Exif\0\0" header, as Metadata holds it
+
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    fits = Metadata(exif=exif("x" * 60_000), xmp=b"<x/>" * 10)
+    long = Metadata(exif=exif("x" * 70_000), xmp=b"<x/>" * 20_000)
+    for meta, kept in [(fits, True), (long, False)]:
+        data = encode_image(Image(rgb, None, False, "png", meta=meta), "jpg")
+        with PILImage.open(io.BytesIO(data)) as written:
+            assert ("exif" in written.info) == kept and ("xmp" in written.info) == kept

@@ -518,3 +518,26 @@ def test_a_text_file_starting_with_bm_is_not_taken_for_a_bmp(tmp_path):
     (src / "photo.dat").write_bytes(bmp.tobytes())  # detected by content, not by name
     summary = run_folder(src, tmp_path / "out", _bicubic_settings(), engine=Bicubic())
     assert summary.done == 1 and summary.ignored == 1 and not summary.failed, [f.reason for f in summary.failed]
+
+
+def test_a_huge_file_that_is_no_image_is_never_read_into_memory(tmp_path):
+    """A video dropped among the images by mistake: its first bytes tell it is no image."""
+    import tracemalloc
+
+    from tests.conftest import Bicubic
+
+    src = tmp_path / "in"
+    write_png(src / "photo.png", np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    run_folder(src, tmp_path / "warm-up", _bicubic_settings(), engine=Bicubic())  # TensorFlow's first import is not counted
+    for name in ("movie.mp4", "misnamed.png"):
+        with open(src / name, "wb") as handle:
+            handle.truncate(200_000_000)  # sparse: 200 MB to read, no disk taken
+    tracemalloc.start()
+    try:
+        summary = run_folder(src, tmp_path / "out", _bicubic_settings(), engine=Bicubic())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary.done == 1 and summary.ignored == 1
+    assert [(f.path.name, "not a supported image" in f.reason) for f in summary.failed] == [("misnamed.png", True)]
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB allocated"

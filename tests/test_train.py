@@ -312,3 +312,55 @@ def test_resume_of_a_checkpoint_written_before_a_new_model_key(tmp_path):
     del state["settings"]["model"]["top_blocks"]
     state_path.write_text(json.dumps(state))
     assert train(settings, resume=True, progress=False).step == 4
+
+
+def _iterations(checkpoint) -> int:
+    """The optimizer's own step counter, saved with the checkpoint."""
+    with np.load(checkpoint / "optimizer.npz") as saved:
+        counters = [int(saved[name]) for name in saved.files if saved[name].ndim == 0 and saved[name].dtype.kind == "i"]
+    assert counters, "no step counter saved"
+    return counters[0]
+
+
+def test_a_resume_between_validation_points_continues_the_same_stream(tmp_path):
+    """A changed val_interval, or more steps for a finished run: the patch stream goes on from the step saved."""
+    straight = train(_settings(tmp_path / "straight"), progress=False)
+    split = tmp_path / "split"
+    train(_settings(split), progress=False, until=40)
+    resumed = train(_settings(split, val_interval=30), resume=True, progress=False)
+    assert resumed.step == 60 and [int(r["step"]) for r in _log(split)] == [20, 40, 60]
+    assert _iterations(split / "checkpoints" / "step-00000060") == 60
+    a, _ = load_model(straight.final_weights)
+    b, _ = load_model(resumed.final_weights)
+    for x, y in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+    extended = tmp_path / "extended"
+    train(_settings(extended, steps=50), progress=False)
+    more = train(_settings(extended, steps=70), resume=True, progress=False)
+    assert more.step == 70 and [int(r["step"]) for r in _log(extended)] == [20, 40, 50, 70]
+    assert _iterations(extended / "checkpoints" / "step-00000070") == 70
+
+
+def test_a_damaged_checkpoint_or_a_resume_with_init_is_refused_by_name(tmp_path, tiny_model):
+    from batchsr.errors import ModelError
+
+    out = tmp_path / "run"
+    train(_settings(out), progress=False, until=20)
+    with pytest.raises(ConfigError, match="--init"):
+        train(_settings(out), resume=True, init=tiny_model, progress=False)
+    checkpoint = out / "checkpoints" / "step-00000020"
+    for name in ("optimizer.npz", "model.weights.h5", "state.json"):
+        data = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ModelError, match=name.replace(".", r"\.")):
+            train(_settings(out), resume=True, progress=False)
+        (checkpoint / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_out_of_range_is_a_configuration_error(tmp_path, seed):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="seed"):
+        _settings(tmp_path, seed=seed)

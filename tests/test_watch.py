@@ -1075,3 +1075,92 @@ def test_a_file_whose_name_is_not_utf8_renamed_as_asked_is_processed(tmp_path, t
         wait_for(lambda: any("not valid UTF-8" in m for m in messages), 30, what="the warning")
         os.rename(os.path.join(inbox, b"caf\xe9.png"), os.path.join(inbox, "café.png".encode()))
         wait_for(lambda: states(tmp_path).get("done") == ["café.png"], 60, what="café.png done")
+
+
+def test_a_huge_file_that_is_no_image_is_hashed_without_being_held(tmp_path):
+    import tracemalloc
+
+    from batchsr.journal import Entry
+    from batchsr.watch import read_claimed
+
+    path = tmp_path / "movie.mp4"
+    with open(path, "wb") as handle:
+        handle.truncate(200_000_000)  # sparse: 200 MB to read, no disk taken
+    info = path.stat()
+    entry = Entry(id=1, path="movie.mp4", size=info.st_size, ctime_ns=info.st_ctime_ns, attempts=0, interrupted=0, first_seen=0.0)
+    tracemalloc.start()
+    try:
+        item = read_claimed(path, entry, max_pixels=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    expected = hashlib.sha256()
+    for _ in range(200):
+        expected.update(bytes(1_000_000))
+    assert item.sha256 == expected.hexdigest() and "not a supported image" in item.error and not item.changed
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB allocated"
+
+
+def test_metrics_rows_are_appended_and_rewritten_only_to_replace_one(tmp_path):
+    """Months of history cost a batch nothing: the CSV grows in place; a row cut by a crash is dropped."""
+    from batchsr.watch import append_metrics
+
+    path = tmp_path / METRICS_FILE
+
+    def row(name: str, content: str, psnr: float) -> dict:
+        return {"image": name, "input_sha256": content, "psnr_y": psnr, "finished": "t", "model_id": "m"}
+
+    def rows() -> list[tuple[str, str, str]]:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [(r["image"], r["input_sha256"], r["psnr_y"]) for r in csv.DictReader(handle)]
+
+    append_metrics(path, [row("a.png", "1", 30.0)])
+    inode = path.stat().st_ino
+    append_metrics(path, [row("b.png", "2", 31.0), row("c.png", "3", 32.0)])
+    assert path.stat().st_ino == inode and rows() == [("a.png", "1", "30.0"), ("b.png", "2", "31.0"), ("c.png", "3", "32.0")]
+    with open(path, "ab") as handle:
+        handle.write(b"d.png,4,29.")  # a crash in the middle of an append
+    append_metrics(path, [row("e.png", "5", 33.0)])
+    assert path.stat().st_ino == inode and [r[0] for r in rows()] == ["a.png", "b.png", "c.png", "e.png"]
+    append_metrics(path, [row("b.png", "2", 31.5)], replace=True)  # redone: its old row goes
+    assert rows() == [("a.png", "1", "30.0"), ("c.png", "3", "32.0"), ("e.png", "5", "33.0"), ("b.png", "2", "31.5")]
+
+
+def test_a_version_redone_keeps_one_metrics_row_per_content(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model, reference="hr")
+    inbox, first, second = tmp_path / "inbox", degrade(image(30, (32, 32)), 4), degrade(image(31, (32, 32)), 4)
+    write_png(tmp_path / "hr" / "a.png", image(30, (32, 32)))
+    versions = [cv2.imencode(".png", lr)[1].tobytes() for lr in (first, second, first)]
+    with serving_here(config):
+        for count, data in enumerate(versions, start=1):
+            drop(inbox, "a.png", data)
+            wait_for(lambda: not files_under(inbox) and len([r for r in journal_rows(tmp_path) if r["state"] == "done"]) == min(count, 2)
+                     and (tmp_path / "done" / "a.png").read_bytes() == data, 60, what=f"version {count} done")
+    with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
+        keys = [(r["image"], r["input_sha256"]) for r in csv.DictReader(handle)]
+    assert sorted(keys) == sorted([("a.png", sha(versions[0])), ("a.png", sha(versions[1]))])
+
+
+def test_an_image_redone_after_a_crash_between_its_metrics_and_the_journal_keeps_one_row(tmp_path, tiny_model, monkeypatch):
+    from batchsr.journal import WatchJournal
+
+    config = write_config(tmp_path, tiny_model, reference="hr")
+    write_png(tmp_path / "hr" / "a.png", image(40, (32, 32)))
+    data = cv2.imencode(".png", degrade(image(40, (32, 32)), 4))[1].tobytes()
+    real_complete = WatchJournal.complete
+
+    def crash(self, results, now):
+        raise RuntimeError("the daemon dies here")
+
+    monkeypatch.setattr(WatchJournal, "complete", crash)
+    with pytest.raises(RuntimeError, match="dies here"):
+        with serving_here(config):
+            drop(tmp_path / "inbox", "a.png", data)
+            wait_for(lambda: (tmp_path / "output" / METRICS_FILE).exists(), 60, what="the metrics row")
+            time.sleep(1.0)  # the daemon's thread ends with the error
+    assert states(tmp_path) == {"claimed": ["a.png"]}
+    monkeypatch.setattr(WatchJournal, "complete", real_complete)
+    with serving_here(config):
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
+    with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
+        assert [(r["image"], r["input_sha256"]) for r in csv.DictReader(handle)] == [("a.png", sha(data))]
