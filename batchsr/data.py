@@ -259,7 +259,7 @@ class DecodeAhead:
         self._estimates: dict[int, float] = {}  # read from headers, not yet reserved
 
     def stream(self, estimate: Callable[[int], float], count: int) -> None:
-        """The files to admit, ``count`` of them: ``estimate(index)`` reads one's header, once."""
+        """The files to admit, ``count`` of them: ``estimate(index)`` reads one's header."""
         with self._changed:
             self._estimate, self._count = estimate, count
 
@@ -270,6 +270,8 @@ class DecodeAhead:
             estimate = self._estimate
         mb = estimate(index)  # a header read: not under the lock
         with self._changed:
+            if index in self._reserved:  # admitted meanwhile: nothing left to keep for it
+                return mb
             return self._estimates.setdefault(index, mb)
 
     @property

@@ -180,8 +180,9 @@ def decoding_mb(width: int, height: int, sample_bytes: int) -> float:
 
 
 def probe_decoding_mb(path: Path | str, max_pixels: int | None = None) -> float:
-    """``decoding_mb`` from the file's header alone (nothing decoded); 0 for a file that is no image, whose
-    header cannot be read, or above ``max_pixels``: decoding it will say why, before decoding any pixel."""
+    """``decoding_mb`` from the file's header alone (nothing decoded); 0 for a file that is no image or whose
+    header cannot be read: decoding it will say why.  Above ``max_pixels``, the file's own size: it is read,
+    then refused from its header before any pixel is decoded."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(32)
@@ -205,7 +206,7 @@ def probe_decoding_mb(path: Path | str, max_pixels: int | None = None) -> float:
     except Exception:  # noqa: BLE001 (an unreadable header is decoding's to report, with the reason)
         return 0.0
     if max_pixels is not None and width * height > max_pixels:
-        return 0.0
+        return os.path.getsize(path) / 1e6
     return decoding_mb(width, height, 2 if sixteen else 1)
 
 

@@ -60,6 +60,9 @@ CREATE INDEX IF NOT EXISTS by_state ON files(state, ready_since);
 CREATE INDEX IF NOT EXISTS by_path ON files(path, id);
 CREATE INDEX IF NOT EXISTS by_finished ON files(finished) WHERE finished IS NOT NULL;
 CREATE INDEX IF NOT EXISTS by_output ON files(output) WHERE state = 'done';
+-- (image, content) of the rows in watch-metrics.csv, recorded before they are appended: a row to write
+-- again (after a crash, a failed write, a version redone) makes the CSV be rewritten without the old one
+CREATE TABLE IF NOT EXISTS metrics_rows (image TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (image, sha256)) WITHOUT ROWID;
 """
 
 
@@ -84,7 +87,6 @@ class Entry:
     attempts: int
     interrupted: int
     first_seen: float
-    alone: bool = False  # in flight when the daemon died: what it began may be on disk already
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def _entry(row) -> Entry:
     return Entry(*row)
 
 
-_ENTRY_COLUMNS = "id, path, size, ctime_ns, attempts, interrupted, first_seen, alone"
+_ENTRY_COLUMNS = "id, path, size, ctime_ns, attempts, interrupted, first_seen"
 _RESULT_COLUMNS = (
     "id, path, state, sha256, size, ctime_ns, attempts, interrupted, error, traceback_digest, model_id, output, finished, first_seen"
 )
@@ -178,8 +180,8 @@ class WatchJournal:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
-            if "mtime_ns" in columns:  # a journal from before ctime: no observation matches its times, so each
-                db.execute("ALTER TABLE files RENAME COLUMN mtime_ns TO ctime_ns")  # file is hashed once again
+            if "mtime_ns" in columns:  # a journal from before ctime: a file whose ctime passed its mtime is
+                db.execute("ALTER TABLE files RENAME COLUMN mtime_ns TO ctime_ns")  # hashed once again
             for column in ("alone", "set_aside"):  # a journal from before them
                 if column not in columns:
                     db.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
@@ -318,14 +320,20 @@ class WatchJournal:
                 "UPDATE files SET state = 'ready', interrupted = interrupted + ?, alone = 1, not_before = 0, updated = ? "
                 "WHERE state = 'claimed'", (charge, now),
             )
-        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + charge, r[6], True) for r in rows]
+        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + charge, r[6]) for r in rows]
 
     # -- outcomes -----------------------------------------------------------------
 
-    def scored_before(self, path: str, sha256: str) -> bool:
-        """A version of this content was done with metrics: its row may be in the metrics CSV."""
-        return self.db.execute("SELECT 1 FROM files WHERE path = ? AND sha256 = ? AND state = 'done' AND metrics IS NOT NULL",
-                               (path, sha256)).fetchone() is not None
+    def note_metrics_rows(self, keys: list[tuple[str, str]]) -> bool:
+        """Records that the metrics CSV holds (or is about to hold) rows of these (image, content) keys,
+        before they are written; True when one was recorded before: its row may be there already."""
+        with self._transaction() as db:
+            before = any(db.execute("SELECT 1 FROM metrics_rows WHERE image = ? AND sha256 = ?", key).fetchone() for key in keys)
+            db.executemany("INSERT OR IGNORE INTO metrics_rows (image, sha256) VALUES (?, ?)", keys)
+        return before
+
+    def has_metrics_rows(self) -> bool:
+        return self.db.execute("SELECT 1 FROM metrics_rows LIMIT 1").fetchone() is not None
 
     def done_with_content(self, path: str, sha256: str) -> int | None:
         """The done row of this content whose output is still its own: no later version wrote over it."""

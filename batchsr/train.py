@@ -426,6 +426,7 @@ def train(
     # from its own step.
     end = settings.steps if until is None else min(settings.steps, until)
     chunks = max(0, -(-(end - start) // interval))
+    first = start // interval  # numbers the chunks on from the run's earlier ones (TensorBoard's epochs)
     _trim_log(log_path, start)  # rows past the checkpoint (a kill between the two), or of a run that never checkpointed
 
     def metadata() -> dict:
@@ -473,7 +474,7 @@ def train(
             now = time.time()
             state["seconds"] += now - self.tick
             self.tick = now
-            state["step"] = min(start + (epoch + 1) * interval, settings.steps)
+            state["step"] = min(start + (epoch - first + 1) * interval, settings.steps)
             ema = _ema_values(optimizer, model)
             for var, value in zip(eval_model.trainable_variables, ema):
                 var.assign(value)
@@ -516,7 +517,8 @@ def train(
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             model.fit(
                 dataset,
-                epochs=chunks,
+                epochs=first + chunks,
+                initial_epoch=first,
                 steps_per_epoch=interval,
                 callbacks=[Progress()] + (
                     [keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), update_freq=100)] if settings.tensorboard else []

@@ -230,36 +230,46 @@ def move_file(source: Path, target: Path) -> bool:
     return True
 
 
-def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> None:
+def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> list[tuple[str, str]] | None:
     """Adds rows to the CSV, one row per image and content.
 
-    Appended and synced: a batch costs the same after months of history.  With
-    ``replace`` (a row for the same image and content may be there already: the
-    file was in flight when the daemon died, or an earlier version is redone),
-    the file is rewritten atomically without the old rows.  A row cut short by
-    a crash during an append is dropped first.
+    Appended and synced: a batch costs the same after months of history; a
+    row cut short by a crash is dropped first, and a failed append is undone.
+    With ``replace`` (a row of the same image and content may be there), or a
+    file with no header, the file is rewritten atomically without the old
+    rows; then the (image, content) keys of every row it holds are returned.
     """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
-    if replace or not path.exists():
-        existing: list[dict] = []
-        if path.exists():
-            text = path.read_text(encoding="utf-8")
-            existing = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
-        keys = {(row["image"], row["input_sha256"]) for row in rows}
-        writer.writeheader()
-        writer.writerows([row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys] + rows)
-        atomic_write(path, buffer.getvalue().encode("utf-8"))
-        return
-    writer.writerows(rows)
-    with open(path, "r+b", buffering=0) as handle:
-        end = _complete_lines_end(handle)
-        handle.truncate(end)
-        handle.seek(end)
-        data = memoryview(buffer.getvalue().encode("utf-8"))
-        while data:  # one system call in practice: a kill leaves all of it or none
-            data = data[handle.write(data):]
-        os.fsync(handle.fileno())
+    if not replace and path.exists():
+        writer.writerows(rows)
+        with open(path, "r+b", buffering=0) as handle:
+            end = _complete_lines_end(handle)
+            if end:  # the header at least
+                handle.truncate(end)
+                handle.seek(end)
+                data = memoryview(buffer.getvalue().encode("utf-8"))
+                try:
+                    while data:  # one system call in practice: a kill leaves all of it or none
+                        data = data[handle.write(data):]
+                    os.fsync(handle.fileno())
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        handle.truncate(end)
+                    raise
+                return None
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
+    existing: list[dict] = []
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        existing = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
+    keys = {(row["image"], row["input_sha256"]) for row in rows}
+    kept = [row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys] + rows
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    return [(row["image"], row["input_sha256"]) for row in kept if row.get("image") and row.get("input_sha256")]
 
 
 def _complete_lines_end(handle) -> int:
@@ -429,6 +439,7 @@ class _Daemon:
         self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
         self.prefix = str(folders.inbox) + os.sep
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
+        self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
 
     # -- the loop --
 
@@ -819,10 +830,14 @@ class _Daemon:
         rows = [metrics for _, _, metrics in completed if metrics is not None]
         if not rows:
             return completed
-        replace = any(item.entry.alone or self.journal.scored_before(item.entry.path, item.sha256)
-                      for item, _, metrics in completed if metrics is not None)
+        if self.metrics_rows_known is None:  # a CSV from before the journal recorded its rows is rewritten once
+            self.metrics_rows_known = self.journal.has_metrics_rows()
         try:
-            append_metrics(self.folders.output / METRICS_FILE, rows, replace=replace)
+            again = self.journal.note_metrics_rows([(row["image"], row["input_sha256"]) for row in rows])
+            held = append_metrics(self.folders.output / METRICS_FILE, rows, replace=again or not self.metrics_rows_known)
+            if held is not None:
+                self.journal.note_metrics_rows(held)
+                self.metrics_rows_known = True
         except OSError as exc:
             # The outputs exist but their rows do not: redo those images rather than record them done without.
             for item, _, metrics in completed:

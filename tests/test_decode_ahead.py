@@ -216,7 +216,7 @@ def _huge_png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
 
 
-def test_a_file_above_max_pixels_reserves_nothing_for_decoding_ahead(tmp_path, monkeypatch):
+def test_a_file_above_max_pixels_reserves_only_its_bytes_for_decoding_ahead(tmp_path, monkeypatch):
     """Next in order, its header would claim far more than the cap, and refuse the image before it."""
     from batchsr.imageio import decode_image, probe_decoding_mb
     from batchsr.pipeline import whole_mb

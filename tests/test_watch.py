@@ -1164,3 +1164,43 @@ def test_an_image_redone_after_a_crash_between_its_metrics_and_the_journal_keeps
         wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
     with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
         assert [(r["image"], r["input_sha256"]) for r in csv.DictReader(handle)] == [("a.png", sha(data))]
+
+
+def test_a_failed_metrics_append_is_undone_and_a_headerless_csv_rewritten(tmp_path, monkeypatch):
+    import batchsr.watch
+    from batchsr.watch import append_metrics
+
+    path = tmp_path / METRICS_FILE
+    first = {"image": "a.png", "input_sha256": "1", "psnr_y": 30.0}
+    assert append_metrics(path, [first]) == [("a.png", "1")]
+    before = path.read_bytes()
+    real_fsync = os.fsync
+
+    def refuse(fd):
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(batchsr.watch.os, "fsync", refuse)
+    with pytest.raises(OSError):
+        append_metrics(path, [{"image": "b.png", "input_sha256": "2", "psnr_y": 31.0}])
+    monkeypatch.setattr(batchsr.watch.os, "fsync", real_fsync)
+    assert path.read_bytes() == before
+    path.write_bytes(b"")  # emptied by hand
+    assert append_metrics(path, [first]) == [("a.png", "1")]
+    with open(path, newline="", encoding="utf-8") as handle:
+        assert [(r["image"], r["psnr_y"]) for r in csv.DictReader(handle)] == [("a.png", "30.0")]
+
+
+def test_a_metrics_csv_the_journal_has_no_record_of_is_rewritten_without_duplicates(tmp_path, tiny_model):
+    """A new state folder beside an old CSV (or a CSV from a version before the record): one rewrite, no duplicates."""
+    config = write_config(tmp_path, tiny_model, reference="hr")
+    write_png(tmp_path / "hr" / "a.png", image(50, (32, 32)))
+    data = cv2.imencode(".png", degrade(image(50, (32, 32)), 4))[1].tobytes()
+    with serving_here(config):
+        drop(tmp_path / "inbox", "a.png", data)
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"] and not files_under(tmp_path / "inbox"), 60, what="a.png done")
+    shutil.rmtree(tmp_path / "state")
+    with serving_here(config):
+        drop(tmp_path / "inbox", "a.png", data)
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"] and not files_under(tmp_path / "inbox"), 60, what="a.png again")
+    with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
+        assert [(r["image"], r["input_sha256"]) for r in csv.DictReader(handle)] == [("a.png", sha(data))]
