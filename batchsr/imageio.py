@@ -135,12 +135,6 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         if min(width, height) < MIN_SIDE:
             raise ImageError(path, f"image of {width}x{height} pixels is empty")
         _check_pixel_limit(path, width, height, max_pixels)
-        frames = getattr(pil, "n_frames", 1)
-        if frames > 1:
-            what = ("multi-page", "page") if fmt == "tiff" else ("animated", "frame")
-            logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), frames, what[1], what[1])
-        meta, orientation = read_metadata(pil, path)
-        orientation = stored_orientation or orientation  # a TIFF's own, read before it was cleared
         gray_key = _png_gray_key(data) if fmt == "png" else None
         if gray_key is not None:
             pil.info.pop("transparency", None)  # Pillow compares it unscaled with 1-, 2- and 4-bit levels
@@ -152,6 +146,13 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
                 rgb = unpremultiply(rgb, alpha)
         else:
             rgb, alpha, gray = _decode_with_pillow(pil, fmt, path)
+        # Only once the pixels decoded: a broken file gets one line, its reason, not warnings about its parts too.
+        frames = getattr(pil, "n_frames", 1)
+        if frames > 1:
+            what = ("multi-page", "page") if fmt == "tiff" else ("animated", "frame")
+            logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), frames, what[1], what[1])
+        meta, orientation = read_metadata(pil, path)
+        orientation = stored_orientation or orientation  # a TIFF's own, read before it was cleared
     if gray_key is not None and alpha is None:
         level = gray_key * (np.iinfo(rgb.dtype).max // ((1 << data[24]) - 1))  # the key at the decoded depth
         alpha = np.where(rgb[:, :, 0] == level, 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)

@@ -136,3 +136,26 @@ def test_metadata_too_long_for_a_jpeg_segment_is_dropped_not_fatal():
         data = encode_image(Image(rgb, None, False, "png", meta=meta), "jpg")
         with PILImage.open(io.BytesIO(data)) as written:
             assert ("exif" in written.info) == kept and ("xmp" in written.info) == kept
+
+
+def test_a_truncated_image_gets_one_line_its_reason():
+    """Nothing is said about its metadata or frames first: the file is broken, that is all."""
+    from loguru import logger
+    from PIL import Image as PILImage
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    plain = cv2.imencode(".png", rgb)[1].tobytes()  # no eXIf before its pixels: Pillow looks for one after them
+    exif = PILImage.Exif()
+    exif[0x010F] = "Maker"
+    buffer = io.BytesIO()
+    PILImage.fromarray(rgb).save(buffer, "PNG", exif=exif)
+    said = []
+    sink = logger.add(lambda message: said.append(str(message)), level="DEBUG")
+    try:
+        for data in (plain, cv2.imencode(".png", rgb.astype(np.uint16) * 257)[1].tobytes()):
+            with pytest.raises(ImageError, match="corrupt or truncated PNG"):
+                decode_image(data[: len(data) // 2], "cut.png")
+        assert decode_image(buffer.getvalue(), "whole.png").meta.exif is not None
+    finally:
+        logger.remove(sink)
+    assert said == []
