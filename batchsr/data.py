@@ -344,9 +344,10 @@ def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers
     and keeps ``prefetch`` results ready, overlapping file I/O with inference.
     With ``ahead``, a first stage admits files to it one at a time, in order,
     within ``ahead``'s memory limit; only that stage ever waits, so decoding
-    always goes on for the files admitted.  A file above ``max_pixels``
-    reserves nothing: decoding refuses it from its header.  ``prepare`` must return errors as
-    values: one bad file never stops the stream.
+    always goes on for the files admitted (a file above ``max_pixels``
+    reserves its size on disk: decoding refuses it from its header).
+    ``prepare`` must return errors as values: one bad file never stops the
+    stream.
     """
     import tensorflow as tf
 

@@ -417,7 +417,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 if sniffed is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES:
                     item.not_image = True  # read no further: it may be a video of many gigabytes
                     return item
-                data = head + handle.read() if sniffed is not None else head  # not an image: decoding says why
+                if sniffed is None:
+                    data = head  # not an image by its content: decoding says why
+                else:
+                    handle.seek(0)
+                    data = handle.read()
         except OSError as exc:
             item.error = f"cannot read: {exc.strerror or exc}"
             return item

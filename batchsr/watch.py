@@ -2,14 +2,17 @@
 
 File events (watchdog) are only hints; the journal (``batchsr.journal``) is the
 truth.  A scan at start-up and every ``watch.rescan_interval_s`` catches what
-events missed.  A file is ready once its size and ctime (any write or replacement moves it) have been stable for
-``watch.settle_s``, and it is processed if it decodes; ready files go through
-the same tf.data decode stage, engine and finishing steps (``batchsr.pipeline``)
-as ``batchsr run``, in batches.
+events missed.  A file is ready once its size and ctime (which any write or
+replacement moves) have been stable for ``watch.settle_s``, and it is
+processed if it decodes; ready files go through the same tf.data decode stage,
+engine and finishing steps (``batchsr.pipeline``) as ``batchsr run``, in
+batches.
 
 Order of effects, so that a kill at any instant leaves a state the next start
 completes: output written to a temporary file, fsynced and renamed; metrics
-row appended (atomically); journal row marked done; input moved (or deleted).
+row recorded in the journal, then appended and synced (a row written again
+rewrites the CSV atomically without the old one); journal row marked done;
+input moved (or deleted).
 At start-up, temporary files are removed, claimed rows go back to the queue
 and inputs whose row is finished but which are still in the inbox are moved.
 """
@@ -239,16 +242,13 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
     file with no header, the file is rewritten atomically without the old
     rows; then the (image, content) keys of every row it holds are returned.
     """
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
     if not replace and path.exists():
-        writer.writerows(rows)
         with open(path, "r+b", buffering=0) as handle:
             end = _complete_lines_end(handle)
             if end:  # the header at least
                 handle.truncate(end)
                 handle.seek(end)
-                data = memoryview(buffer.getvalue().encode("utf-8"))
+                data = memoryview(_csv_text(rows, header=False).encode("utf-8"))
                 try:
                     while data:  # one system call in practice: a kill leaves all of it or none
                         data = data[handle.write(data):]
@@ -258,18 +258,23 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
                         handle.truncate(end)
                     raise
                 return None
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
     existing: list[dict] = []
     if path.exists():
         text = path.read_text(encoding="utf-8")
         existing = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
     keys = {(row["image"], row["input_sha256"]) for row in rows}
     kept = [row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys] + rows
-    writer.writeheader()
-    writer.writerows(kept)
-    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    atomic_write(path, _csv_text(kept, header=True).encode("utf-8"))
     return [(row["image"], row["input_sha256"]) for row in kept if row.get("image") and row.get("input_sha256")]
+
+
+def _csv_text(rows: list[dict], header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _complete_lines_end(handle) -> int:
@@ -324,8 +329,9 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
             if sniff_format(data) is None:  # not an image: hashed for the record, never held (it may be a video)
                 read = len(data) + sum(content.update(chunk) or len(chunk) for chunk in iter(lambda: handle.read(1 << 20), b""))
             else:
-                data += handle.read()
-                content.update(data[16:])
+                handle.seek(0)
+                data = handle.read()
+                content = hashlib.sha256(data)
                 read = len(data)
             after = os.fstat(handle.fileno())
     except FileNotFoundError:
