@@ -30,7 +30,9 @@ from PIL import Image as PILImage
 
 from batchsr.alpha import bleed, flatten, unpremultiply
 from batchsr.errors import ImageError
-from batchsr.metadata import Metadata, orient, png_metadata_chunks, png_with_metadata, read_metadata, tiff_tags, tiff_with_exif
+from batchsr.metadata import (
+    Metadata, orient, png_metadata_chunks, png_with_metadata, read_metadata, tiff_tags, tiff_with_exif, transposed,
+)
 
 # batchsr applies its own limit (image.max_pixels) from the header, with a
 # message naming the image; Pillow's global one would refuse 100-megapixel scans.
@@ -224,6 +226,8 @@ def _upright(rgb, alpha, gray: bool, meta: Metadata, fmt: str, orientation: int,
     rgb, alpha = orient(rgb, orientation), (orient(alpha, orientation) if alpha is not None else None)
     if alpha is not None:
         rgb = bleed(rgb, alpha)
+    if orientation in (5, 6, 7, 8):  # a quarter turn: the stored width's resolution is the upright height's
+        meta = transposed(meta)
     return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, neutral=not gray and _channels_equal(rgb), meta=meta, source=str(path))
 
 

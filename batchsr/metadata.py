@@ -148,6 +148,18 @@ def scaled(meta: Metadata, size: tuple[int, int], factor: float) -> Metadata:
     return replace(meta, dpi=dpi, exif=exif)
 
 
+def transposed(meta: Metadata) -> Metadata:
+    """Metadata of the image turned a quarter: horizontal and vertical resolution trade places."""
+    dpi = (meta.dpi[1], meta.dpi[0]) if meta.dpi else None
+    exif = meta.exif
+    if exif is not None:
+        loaded = _load_exif(exif)
+        if X_RESOLUTION in loaded and Y_RESOLUTION in loaded:
+            loaded[X_RESOLUTION], loaded[Y_RESOLUTION] = loaded[Y_RESOLUTION], loaded[X_RESOLUTION]
+            exif = _strip_header(loaded.tobytes())
+    return replace(meta, dpi=dpi, exif=exif)
+
+
 # -- orientation ---------------------------------------------------------------------------
 
 

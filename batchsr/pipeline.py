@@ -38,7 +38,9 @@ from batchsr.imageio import (
 from batchsr.metadata import append_tiff_exif, png_metadata_chunks, scaled
 from batchsr.resize import imresize, imresize_rows
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+SUFFIX_FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff",
+                  ".gif": "gif"}  # the format an image's name says it holds
+IMAGE_SUFFIXES = set(SUFFIX_FORMATS)
 _SAME_FORMAT_SUFFIXES = {"jpg": {".jpg", ".jpeg"}, "tiff": {".tif", ".tiff"}}
 STREAMED_FORMATS = ("png", "tiff")
 _TIFF_TILE = 256

@@ -31,7 +31,8 @@ from batchsr.imageio import Image, atomic_write, decode_image, encode_image, rea
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
-    IMAGE_SUFFIXES, MemoryBudget, failure_reason, finish_image, output_name, process_rss_mb, target_format, upscale_images, write_streamed,
+    IMAGE_SUFFIXES, SUFFIX_FORMATS, MemoryBudget, failure_reason, finish_image, output_name, process_rss_mb, target_format,
+    upscale_images, write_streamed,
 )
 from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
@@ -538,7 +539,23 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     # An output belongs to the input the journal has for it while that input exists, whatever
     # the name order: a new input whose name maps onto it fails instead of overwriting it.
     present = set(paths)
-    outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items() if input_dir / rel in present}
+
+    def still_writes(rel: str, recorded: str) -> bool:
+        """Whether the input's output under the current settings is still ``recorded``: a changed
+        run.output_format or name template frees the old name.  Its first bytes are read only where its
+        name does not tell its format."""
+        named = SUFFIX_FORMATS.get(Path(rel).suffix.lower())
+        if named is not None and output_name(Path(rel), named, run.output_format, run.name_template, factor).as_posix() == recorded:
+            return True
+        try:
+            with open(input_dir / rel, "rb") as handle:
+                fmt = sniff_format(handle.read(16))
+        except OSError:
+            return True  # reading it will say why; meanwhile it keeps its output
+        return fmt is not None and output_name(Path(rel), fmt, run.output_format, run.name_template, factor).as_posix() == recorded
+
+    outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items()
+                                       if input_dir / rel in present and still_writes(rel, entry[2])}
     try:
         for item in prepared_files(paths, prepare, run.decode_workers, ahead=ahead, max_pixels=settings.image.max_pixels):
             if item.skip:

@@ -144,6 +144,9 @@ def _check_resumed_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
 
     changed = sorted(k for k in current if k not in ("out_dir", "model") and value(saved, k) != value(current, k))
     stream = [k for k in changed if k in _STREAM_KEYS]
+    if (value(saved, "ema") is None) != (value(current, "ema") is None):
+        raise ConfigError(f"--resume: ema ({value(saved, 'ema')!r} -> {value(current, 'ema')!r}) changed since {checkpoint}; "
+                          "the optimizer keeps an average only while ema is set. Restore it, or start a new run with --init")
     if stream:
         raise ConfigError(f"--resume: {', '.join(f'{k} ({value(saved, k)!r} -> {value(current, k)!r})' for k in stream)} "
                           f"changed since {checkpoint}; the run would not continue its patch stream. Restore them, "
@@ -372,6 +375,9 @@ def train(
             )
         _check_resumed_recipe(saved["settings"], state["settings"], latest)
         state.update({k: saved[k] for k in ("step", "best_psnr", "seconds")})
+        if saved["settings"].get("val_dir") != state["settings"]["val_dir"] and state["best_psnr"] is not None:
+            logger.warning("--resume: another validation folder; the best weights are chosen afresh on it")
+            state["best_psnr"] = None
     if state["step"] >= settings.steps:
         logger.info("training already complete at step {}", state["step"])
 

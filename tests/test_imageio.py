@@ -159,3 +159,21 @@ def test_a_truncated_image_gets_one_line_its_reason():
     finally:
         logger.remove(sink)
     assert said == []
+
+
+@pytest.mark.parametrize("orientation, expected", [(6, (150.0, 300.0)), (8, (150.0, 300.0)), (3, (300.0, 150.0))])
+def test_a_quarter_turn_on_reading_trades_the_horizontal_and_vertical_resolution(orientation, expected):
+    """A fax-like 300 x 150 dpi scan stored on its side keeps its physical size once upright."""
+    from PIL import Image as PILImage
+    from PIL import TiffImagePlugin
+
+    from batchsr.metadata import X_RESOLUTION, Y_RESOLUTION, _load_exif
+
+    exif = PILImage.Exif()
+    exif[0x0112] = orientation
+    exif[X_RESOLUTION], exif[Y_RESOLUTION] = TiffImagePlugin.IFDRational(300), TiffImagePlugin.IFDRational(150)
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.zeros((10, 20, 3), np.uint8)).save(buffer, "JPEG", exif=exif, dpi=(300, 150))
+    image = decode_image(buffer.getvalue(), "scan.jpg")
+    carried = _load_exif(image.meta.exif)
+    assert image.meta.dpi == expected and (float(carried[X_RESOLUTION]), float(carried[Y_RESOLUTION])) == expected

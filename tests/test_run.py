@@ -541,3 +541,19 @@ def test_a_huge_file_that_is_no_image_is_never_read_into_memory(tmp_path):
     assert summary.done == 1 and summary.ignored == 1
     assert [(f.path.name, "not a supported image" in f.reason) for f in summary.failed] == [("misnamed.png", True)]
     assert peak < 50e6, f"{peak / 1e6:.0f} MB allocated"
+
+
+def test_an_output_name_freed_by_a_new_output_format_is_taken_at_once(tmp_path):
+    """a.jpg wrote a.png under output_format png; under same it writes a.jpg, and a.png may have a.png."""
+    import cv2
+
+    from tests.conftest import Bicubic
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "a.png", np.full((12, 10, 3), 30, np.uint8))
+    (src / "a.jpg").write_bytes(cv2.imencode(".jpg", np.full((12, 10, 3), 220, np.uint8))[1].tobytes())
+    first = run_folder(src, out, _bicubic_settings(output_format="png"), engine=Bicubic())
+    assert first.done == 1 and [f.path.name for f in first.failed] == ["a.png"]
+    second = run_folder(src, out, _bicubic_settings(), engine=Bicubic())
+    assert second.done == 2 and not second.failed, [f.reason for f in second.failed]
+    assert read_image(out / "a.png").rgb.mean() < 80 and read_image(out / "a.jpg").rgb.mean() > 150

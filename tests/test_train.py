@@ -364,3 +364,14 @@ def test_a_seed_out_of_range_is_a_configuration_error(tmp_path, seed):
 
     with pytest.raises(ValidationError, match="seed"):
         _settings(tmp_path, seed=seed)
+
+
+def test_a_resume_on_another_validation_folder_chooses_the_best_afresh_and_ema_cannot_be_switched(tmp_path):
+    out = tmp_path / "run"
+    train(_settings(out), progress=False, until=20)
+    with pytest.raises(ConfigError, match=r"ema \(0.9 -> None\)"):
+        train(_settings(out, ema=None), resume=True, progress=False)
+    result = train(_settings(out, val_dir=str(data_dir("Set14", "HR"))), resume=True, progress=False, until=40)
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == [20, 40] and float(rows[1]["val_psnr_y"]) < float(rows[0]["val_psnr_y"])
+    assert result.best_psnr == pytest.approx(float(rows[1]["val_psnr_y"]), abs=1e-3)  # Set5's score is no longer the mark
