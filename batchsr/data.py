@@ -15,15 +15,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from batchsr.errors import ConfigError
-from batchsr.imageio import probe_decoding_mb, read_image, sniff_format, to_uint8
+from batchsr.imageio import probe_decoding_mb, read_image, sniff_file, to_uint8
 from batchsr.resize import imresize, resize_matrix
 
 
 def is_image_file(path: Path) -> bool:
     """True when the file's first bytes are those of a supported image format."""
     try:
-        with open(path, "rb") as handle:
-            return sniff_format(handle.read(16)) is not None
+        return sniff_file(path) is not None
     except OSError:
         return False
 

@@ -101,6 +101,12 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+def sniff_file(path: Path | str) -> str | None:
+    """``sniff_format`` of a file's first bytes (OSError when it cannot be read)."""
+    with open(path, "rb") as handle:
+        return sniff_format(handle.read(16))
+
+
 def written_format(fmt: str) -> str:
     """The format an image read as ``fmt`` is written in when the output format is ``same``."""
     return WRITTEN_AS.get(fmt, fmt)

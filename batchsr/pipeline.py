@@ -41,7 +41,6 @@ from batchsr.resize import imresize, imresize_rows
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff",
                   ".gif": "gif"}  # the format an image's name says it holds
 IMAGE_SUFFIXES = set(SUFFIX_FORMATS)
-_SAME_FORMAT_SUFFIXES = {"jpg": {".jpg", ".jpeg"}, "tiff": {".tif", ".tiff"}}
 STREAMED_FORMATS = ("png", "tiff")
 _TIFF_TILE = 256
 _CHUNK_ROWS = 64
@@ -80,7 +79,7 @@ def output_name(rel: Path, fmt: str, output_format: str, template: str = "{stem}
     """
     target = target_format(fmt, output_format)
     suffix = rel.suffix.lower()
-    ext = rel.suffix if suffix in _SAME_FORMAT_SUFFIXES.get(target, {EXTENSIONS[target]}) else EXTENSIONS[target]
+    ext = rel.suffix if SUFFIX_FORMATS.get(suffix) == target else EXTENSIONS[target]
     stem = rel.stem if suffix in IMAGE_SUFFIXES or not rel.suffix else rel.name
     scale = factor_text(factor) if factor is not None else ""
     return rel.with_name(template.format(stem=stem, ext=ext, scale=scale, format=target))

@@ -27,7 +27,9 @@ from loguru import logger
 from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, encode_image, read_image, remove_temporaries, sniff_format, to_uint8
+from batchsr.imageio import (
+    Image, atomic_write, decode_image, encode_image, read_image, remove_temporaries, sniff_file, sniff_format, to_uint8,
+)
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
@@ -544,15 +546,15 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         """Whether the input's output under the current settings is still ``recorded``: a changed
         run.output_format or name template frees the old name.  Its first bytes are read only where its
         name does not tell its format."""
-        named = SUFFIX_FORMATS.get(Path(rel).suffix.lower())
-        if named is not None and output_name(Path(rel), named, run.output_format, run.name_template, factor).as_posix() == recorded:
+        def writes(fmt: str | None) -> bool:
+            return fmt is not None and output_name(Path(rel), fmt, run.output_format, run.name_template, factor).as_posix() == recorded
+
+        if writes(SUFFIX_FORMATS.get(Path(rel).suffix.lower())):
             return True
         try:
-            with open(input_dir / rel, "rb") as handle:
-                fmt = sniff_format(handle.read(16))
+            return writes(sniff_file(input_dir / rel))
         except OSError:
             return True  # reading it will say why; meanwhile it keeps its output
-        return fmt is not None and output_name(Path(rel), fmt, run.output_format, run.name_template, factor).as_posix() == recorded
 
     outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items()
                                        if input_dir / rel in present and still_writes(rel, entry[2])}

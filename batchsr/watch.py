@@ -325,14 +325,13 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
         with open(path, "rb") as handle:
             before = os.fstat(handle.fileno())
             data = handle.read(16)
-            content = hashlib.sha256(data)
             if sniff_format(data) is None:  # not an image: hashed for the record, never held (it may be a video)
+                content = hashlib.sha256(data)
                 read = len(data) + sum(content.update(chunk) or len(chunk) for chunk in iter(lambda: handle.read(1 << 20), b""))
             else:
                 handle.seek(0)
                 data = handle.read()
-                content = hashlib.sha256(data)
-                read = len(data)
+                content, read = hashlib.sha256(data), len(data)
             after = os.fstat(handle.fileno())
     except FileNotFoundError:
         item.missing = True
