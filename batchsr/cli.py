@@ -299,10 +299,10 @@ def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap,
         _check_writable_file(csv_path, "--csv")
     engine = None
     scale = settings.model.scale
-    if bicubic_only and settings.model.weights is not None:
-        from batchsr.checkpoint import read_info
+    if bicubic_only and settings.model.weights is not None:  # the weights' scale, checked against --scale as with a model
+        from batchsr.checkpoint import model_weights, read_info
 
-        scale = read_info(settings.model.weights).scale if scale is None else scale
+        scale = read_info(model_weights(settings.model)).scale
     if not bicubic_only:
         from batchsr.checkpoint import model_weights
         from batchsr.engine import Engine
@@ -341,10 +341,11 @@ def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap,
 @click.pass_context
 def train(ctx, train_config, resume, init, steps, out_dir, until):
     """Train a model from a training YAML (see configs/)."""
-    from batchsr.config import load_train_settings
+    from batchsr.config import load_settings, load_train_settings
 
     settings = load_train_settings(train_config, {"steps": steps, "out_dir": str(out_dir) if out_dir else None})
-    _setup_logging(ctx.obj["log_level"] or "INFO")
+    logging = load_settings(ctx.obj["config"]).logging  # the one logging set-up every command follows
+    _setup_logging(ctx.obj["log_level"] or logging.level, logging.file)
     _import_tensorflow()
     from batchsr.train import train as run_training
 

@@ -190,6 +190,13 @@ class TrainSettings(_Section):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if not all(0.25 <= f <= 1.0 for f in self.rescale) or len(set(self.rescale)) != len(self.rescale):
             raise ValueError(f"rescale ({self.rescale}) must hold distinct factors in 0.25..1.0")
+        if self.schedule == "cosine":  # silently ignored keys would train another schedule than the file reads
+            given = sorted({"step_milestones", "step_gamma"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"{' and '.join(given)} apply only to schedule: step (schedule is cosine)")
+        milestones = self.step_milestones
+        if milestones and (milestones != sorted(set(milestones)) or not 0 < milestones[0] or milestones[-1] >= self.steps):
+            raise ValueError(f"step_milestones ({milestones}) must increase strictly within 1..steps-1 (steps: {self.steps})")
         return self
 
 

@@ -178,6 +178,7 @@ class Route:
     note: str | None = None
     mb: float = 0.0  # the estimate the route was planned with, held until the image is written
     paused: bool = False  # it fits only while decoding ahead pauses, which it does until the image is written
+    final: bool = False  # refused for the image and settings alone, whatever else is held: a retry fails alike
 
 
 def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference: bool, in_use_mb: float) -> Route:
@@ -191,7 +192,7 @@ def plan_route(image: Image, fmt: str, scale: int, run, tile: int, *, reference:
     out_w, out_h = output_size(image.rgb.shape[1], image.rgb.shape[0], factor)
     target = written_format(fmt)
     if target in MAX_SIDE and max(out_w, out_h) > MAX_SIDE[target]:  # known before the model runs
-        return Route(refusal=too_large(target, out_w, out_h))
+        return Route(refusal=too_large(target, out_w, out_h), final=True)
     can_stream = written_format(fmt) in STREAMED_FORMATS and factor == scale
     whole_est, band_est = whole_mb(image, scale, factor, reference=reference), band_mb(image, scale, tile)
     whole, band = in_use_mb + whole_est, in_use_mb + band_est

@@ -2,7 +2,7 @@
 
 The loop is Keras ``fit`` (backend-agnostic); only the input pipeline uses
 TensorFlow.  A resumable checkpoint is written after every validation
-interval: model weights, every optimizer variable (moments, EMA, step) and the
+interval: model weights, every optimizer variable (moments, EMA, step, loss scale) and the
 state, so ``--resume`` continues exactly — the patch stream is indexed by step.
 ``devices: all`` trains data-parallel with TensorFlow's MirroredStrategy: the
 model and optimizer are built in its scope and each device takes a slice of
@@ -397,7 +397,9 @@ def train(
         # JAX steps must be compiled (XLA) to train at any speed; TensorFlow runs
         # its graph kernels, as the bundled model was trained.
         model.compile(optimizer=optimizer, loss=_loss(settings.loss), jit_compile=keras.backend.backend() == "jax")
-        optimizer.build(model.trainable_variables)
+        # mixed_float16 wraps the optimizer in a loss scaler: its scale and step count are state a resume must keep.
+        stepper = model.optimizer
+        stepper.build(model.trainable_variables)
     if resume:
         try:
             model.load_weights(latest / "model.weights.h5")
@@ -408,9 +410,13 @@ def train(
                 values = [saved_vars[f"arr_{i}"] for i in range(len(saved_vars.files))]
         except Exception as exc:  # zipfile and NumPy signal a damaged file with many exception types
             raise ModelError(f"{latest / 'optimizer.npz'}: unreadable optimizer state ({exc})") from None
-        if len(values) != len(optimizer.variables):
-            raise ModelError(f"{latest}: optimizer state does not match ({len(values)} vs {len(optimizer.variables)} variables)")
-        for var, value in zip(optimizer.variables, values):
+        variables = stepper.variables
+        if stepper is not optimizer and len(values) == len(optimizer.variables):  # written before the scale was saved
+            logger.warning("--resume: {} holds no loss scale (mixed_float16); it starts again from its initial value", latest)
+            variables = optimizer.variables
+        if len(values) != len(variables):
+            raise ModelError(f"{latest}: optimizer state does not match ({len(values)} vs {len(variables)} variables)")
+        for var, value in zip(variables, values):
             var.assign(value)
         logger.info("resumed from {} at step {}", latest, state["step"])
     elif init is not None:
@@ -498,7 +504,7 @@ def train(
                     writer.writerow(["step", "loss", "val_psnr_y", "lr", "seconds"])
                 lr_now = float(np.asarray(optimizer.learning_rate))
                 writer.writerow([state["step"], f"{loss:.6f}", "" if val is None else f"{val:.4f}", f"{lr_now:.3e}", f"{state['seconds']:.1f}"])
-            ckpts.save(state["step"], model, optimizer, state)
+            ckpts.save(state["step"], model, stepper, state)
             message = "step {} loss {:.5f} val Y-PSNR {} (best {}) {:.0f}s"
             best = "-" if state["best_psnr"] is None else f"{state['best_psnr']:.3f}"
             shown = "-" if val is None else f"{val:.3f}"

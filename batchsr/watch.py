@@ -770,7 +770,7 @@ class _Daemon:
             out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
             owner = taken.get(out_rel) or self.journal.output_owner(out_rel.as_posix())
             if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
-                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts)
+                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts, final=True)
                 item.image = None
                 continue
             taken[out_rel] = item.entry.path
@@ -787,7 +787,7 @@ class _Daemon:
                 route = budget.plan(item.entry.id, item.image, fmt, engine.scale, run, self.settings.engine.tile, reference=reference,
                                     call_mb=call_mb)
             if route.refusal is not None:
-                self._try_failed(item, route.refusal, None, counts)
+                self._try_failed(item, route.refusal, None, counts, final=route.final)
                 item.image = None
                 continue
             if route.note:
@@ -853,18 +853,21 @@ class _Daemon:
 
     # -- outcomes --
 
-    def _try_failed(self, item: _Read, reason: str, digest: str | None, counts: _BatchCounts) -> None:
+    def _try_failed(self, item: _Read, reason: str, digest: str | None, counts: _BatchCounts, *, final: bool = False) -> None:
+        """A failed try: retried after a delay up to max_attempts (a half-written file fails to decode until the
+        rest arrives), unless ``final``: decided by the complete image and the settings, another try fails alike."""
         entry, now = item.entry, time.time()
         attempts = entry.attempts + 1
         tries = attempts + entry.interrupted
-        if tries < self.watch.max_attempts:
+        if not final and tries < self.watch.max_attempts:
             self.journal.retry_later(entry.id, attempts=attempts, error=reason, digest=digest, not_before=now + self.watch.retry_delay_s, now=now)
             logger.warning("{}: {} (try {} of {}); retrying in {:g}s", entry.path, reason, tries, self.watch.max_attempts, self.watch.retry_delay_s)
             counts.retried += 1
             return
         result = self.journal.fail(entry.id, sha256=item.sha256, attempts=attempts, error=reason, digest=digest, now=now)
         if result is not None:
-            logger.error("{}: {} (try {} of {}); moved to {}", entry.path, reason, tries, self.watch.max_attempts, self.folders.failed)
+            tried = "not retried: another try would fail alike" if final else f"try {tries} of {self.watch.max_attempts}"
+            logger.error("{}: {} ({}); moved to {}", entry.path, reason, tried, self.folders.failed)
             self._set_aside(result)
             counts.failed += 1
 

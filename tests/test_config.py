@@ -116,6 +116,23 @@ def test_training_config_checks_consistency(tmp_path):
     assert str(error.value).splitlines()[1:] == ["  warmup_steps (100) must be below steps (100)"]
 
 
+def test_step_schedule_keys_are_refused_under_cosine_and_checked_under_step(tmp_path):
+    """Milestones given with the cosine schedule used to be ignored without a word."""
+    path = tmp_path / "t.yaml"
+    path.write_text("train_dirs: [a]\nsteps: 1000\nstep_milestones: [500]\n")
+    with pytest.raises(ConfigError, match=r"step_milestones apply only to schedule: step \(schedule is cosine\)"):
+        load_train_settings(path)
+    path.write_text("train_dirs: [a]\nsteps: 1000\nschedule: cosine\nstep_gamma: 0.1\n")
+    with pytest.raises(ConfigError, match="step_gamma apply only to schedule: step"):
+        load_train_settings(path)
+    for bad in ("[600, 300]", "[0, 500]", "[500, 1000]", "[300, 300]"):
+        path.write_text(f"train_dirs: [a]\nsteps: 1000\nschedule: step\nstep_milestones: {bad}\n")
+        with pytest.raises(ConfigError, match=r"step_milestones \(\[.*\]\) must increase strictly within 1..steps-1"):
+            load_train_settings(path)
+    path.write_text("train_dirs: [a]\nsteps: 1000\nschedule: step\nstep_milestones: [300, 600]\nstep_gamma: 0.1\n")
+    assert load_train_settings(path).step_milestones == [300, 600]
+
+
 def test_training_model_top_width_names_the_key_and_value(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("train_dirs: [a]\nmodel: {top_width: 2}\n")

@@ -282,6 +282,17 @@ def test_unwritable_outputs_of_eval_and_logging_fail_up_front(tmp_path):
     assert bad_log.returncode == 78 and "logging.file" in bad_log.stderr
 
 
+def test_bicubic_only_eval_checks_the_scale_against_the_weights(tmp_path):
+    """--bicubic-only with an x4 model and --scale 2 scored x2 without a word; with a model the clash is refused."""
+    x4 = str(REPO / "batchsr" / "weights" / "unet_x4.weights.h5")
+    hr = tmp_path / "hr"
+    write_png(hr / "a.png", read_image(data_dir("Set5", "HR") / "bird.png").rgb[:96, :96])
+    clash = _cli("eval", "--hr", str(hr), "--bicubic-only", "--model", x4, "--scale", "2")
+    assert clash.returncode == 78 and "is an x4 model, but scale 2 was asked for" in clash.stderr
+    own = _cli("eval", "--hr", str(hr), "--bicubic-only", "--model", x4)
+    assert own.returncode == 0 and "| 4 |" in own.stdout
+
+
 def test_a_memory_cap_below_the_loaded_model_is_a_configuration_error(tmp_path, tiny_model):
     from batchsr.errors import ConfigError
 

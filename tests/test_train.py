@@ -375,3 +375,46 @@ def test_a_resume_on_another_validation_folder_chooses_the_best_afresh_and_ema_c
     rows = _log(out)
     assert [int(r["step"]) for r in rows] == [20, 40] and float(rows[1]["val_psnr_y"]) < float(rows[0]["val_psnr_y"])
     assert result.best_psnr == pytest.approx(float(rows[1]["val_psnr_y"]), abs=1e-3)  # Set5's score is no longer the mark
+
+
+def test_step_schedule_warms_up_then_drops_by_gamma_at_each_milestone(tmp_path):
+    from batchsr.train import _schedule
+
+    settings = _settings(tmp_path, steps=100, lr=1e-3, lr_min=1e-5, warmup_steps=10, schedule="step",
+                         step_milestones=[40, 70], step_gamma=0.1)
+    rate = _schedule(settings)
+    got = [float(rate(step)) for step in (0, 9, 10, 39, 40, 69, 70, 99)]
+    np.testing.assert_allclose(got, [1e-4, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-5)
+
+
+def test_train_command_follows_the_logging_settings(tmp_path):
+    """`train` logged to stderr at INFO whatever config.yaml said; a service's log file stayed empty."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text(f"logging:\n  level: DEBUG\n  file: {tmp_path / 'batchsr.log'}\n")
+    (tmp_path / "t.yaml").write_text(
+        f"train_dirs: [{data_dir('Set5', 'HR')}]\nout_dir: {tmp_path / 'run'}\nname: tiny\n"
+        "model: {width: 8, depth: 1, blocks: 0}\npatch_size: 16\nbatch_size: 2\nsteps: 2\nwarmup_steps: 0\nval_interval: 2\n")
+    result = subprocess.run([sys.executable, "-m", "batchsr.cli", "--config", str(tmp_path / "config.yaml"), "train",
+                             str(tmp_path / "t.yaml")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr
+    logged = (tmp_path / "batchsr.log").read_text()
+    assert "saved " in logged and "tiny.weights.h5" in logged
+
+
+def test_mixed_float16_checkpoints_keep_the_loss_scale(tmp_path):
+    """The loss scaler's scale and step count were left out of checkpoints: a resume restarted them."""
+    out = tmp_path / "run"
+    train(_settings(out, precision="mixed_float16", steps=40), progress=False, until=20)
+    with np.load(out / "checkpoints" / "step-00000020" / "optimizer.npz") as saved:
+        values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    counter, scale = int(values[2]), float(values[3])  # the scaler's own iteration, rate, step count, scale; then Adam's
+    # 20 steps, none overflowing at the initial scale of 2**15 (a halving would restart the count).
+    assert (counter, scale) == (20, 2.0**15)
+    result = train(_settings(out, precision="mixed_float16", steps=40), resume=True, progress=False)
+    assert result.step == 40
+    with np.load(out / "checkpoints" / "step-00000040" / "optimizer.npz") as saved:
+        assert int(saved["arr_2"]) == 40

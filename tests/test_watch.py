@@ -775,8 +775,9 @@ def test_same_name_new_content_is_redone_identical_content_is_not(tmp_path, tiny
 
 
 def test_an_input_never_replaces_the_output_of_another_input(tmp_path, tiny_model, start):
-    """a.jpg and a.png both become a.png with output_format png: the later one fails, as in run."""
-    config = write_config(tmp_path, tiny_model, max_attempts=1)
+    """a.jpg and a.png both become a.png with output_format png: the later one fails, as in run, at once
+    (another try would fail alike: it used to wait out max_attempts x retry_delay_s)."""
+    config = write_config(tmp_path, tiny_model, max_attempts=3, retry_delay_s=600)
     settings = yaml.safe_load(config.read_text(encoding="utf-8"))
     settings["run"]["output_format"] = "png"
     config.write_text(yaml.safe_dump(settings), encoding="utf-8")
@@ -791,7 +792,26 @@ def test_an_input_never_replaces_the_output_of_another_input(tmp_path, tiny_mode
     assert daemon.stop() == 0
     assert (output / "a.png").read_bytes() == first
     report = json.loads((tmp_path / "failed" / "a.png.error.json").read_text())
-    assert "would overwrite the output of a.jpg" in report["reason"]
+    assert "would overwrite the output of a.jpg" in report["reason"] and report["attempts"] == 1
+    assert "not retried: another try would fail alike" in daemon.log()
+
+
+def test_an_output_too_large_for_its_format_fails_at_once_and_the_next_image_goes_on(tmp_path, tiny_model, start):
+    """A JPEG side is limited to 65,535 pixels: a refusal no retry can change, so no waiting out the retries."""
+    config = write_config(tmp_path, tiny_model, max_attempts=3, retry_delay_s=600)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["run"]["output_format"] = "jpg"
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(tmp_path / "inbox", "strip.png", png(5, (16400, 4)))
+    drop(tmp_path / "inbox", "fine.png", png(6))
+    wait_for(lambda: (tmp_path / "failed" / "strip.png").exists() and (tmp_path / "done" / "fine.png").exists(), 60, daemon,
+             "strip.png set aside, fine.png done")
+    assert daemon.stop() == 0
+    report = json.loads((tmp_path / "failed" / "strip.png.error.json").read_text())
+    assert "JPG" in report["reason"].upper() and "65535" in report["reason"].replace(",", "") and report["attempts"] == 1
+    assert (tmp_path / "output" / "fine.jpg").exists() and not (tmp_path / "output" / "strip.jpg").exists()
 
 
 def test_a_replacement_model_of_another_scale_is_refused_when_the_scale_is_set(tmp_path, tiny_model):
