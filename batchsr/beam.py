@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import json
-import operator
 import os
 import shutil
 import sys
@@ -56,7 +56,7 @@ from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, sniff_format
 from batchsr.lock import FolderLock
 from batchsr.pipeline import (
-    IMAGE_SUFFIXES, failure_reason, output_name, plan_route, process_rss_mb, target_format, upscale_images, write_streamed,
+    IMAGE_SUFFIXES, failure_reason, output_name, plan_route, process_rss_mb, target_format, upscale_each, write_streamed,
 )
 from batchsr.runner import (
     METRICS_FILE, STATE_DIR, Failure, Journal, ReferenceFolder, RunSummary, _write_metrics, check_folders_apart, check_output_dir,
@@ -190,6 +190,20 @@ def _failure(path: str, reason: str) -> dict:
 
 # Pipeline steps: plain functions, so that Beam pickles them by reference.
 
+def _text_path(match):
+    """The matched file's path, unless its name is no valid UTF-8, which no step could pass on (as in run)."""
+    from apache_beam import pvalue
+
+    path = match.path
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        yield pvalue.TaggedOutput(_FAILED, _failure(shown, "the file name is not valid UTF-8; rename it to have it processed"))
+        return
+    yield path
+
+
 def _name(path: str, job: _Job):
     """Sorts a matched file from its first bytes: ignored, failed, or keyed by its output name.
 
@@ -275,9 +289,10 @@ def _infer(job: _Job, batch: list[_Work], engine) -> list:
     with _MODEL_LOCK:
         if together:
             t0 = time.time()
-            outputs = upscale_images(engine, [work.image for work in together], job.settings.image.alpha)
+            outputs = upscale_each(engine, [work.image for work in together], job.settings.image.alpha)
             ms = (time.time() - t0) * 1000.0 / len(together)
-            results += [PredictionResult(work, _Upscaled(colour, alpha, ms)) for work, (colour, alpha) in zip(together, outputs)]
+            results += [PredictionResult(work, _Upscaled(error=failure_reason(result)) if isinstance(result, Exception)
+                                         else _Upscaled(*result, ms)) for work, result in zip(together, outputs)]
         for work in batch:
             if work.stream:
                 results.append(PredictionResult(work, _stream(job, engine, work)))
@@ -310,14 +325,19 @@ def _finish(result, job: _Job):
 
     work, upscaled = result.example, result.inference
     image, metrics = work.image, None
+    if upscaled.error is not None:  # the reasons run gives
+        stage = "output not written" if upscaled.streamed else "not upscaled"
+        yield pvalue.TaggedOutput(_FAILED, _failure(work.path, f"{stage}: {upscaled.error}"))
+        return
     try:
-        if upscaled.error is not None:
-            raise ValueError(upscaled.error)
         if not upscaled.streamed:
             written = write_output(image, upscaled.colour, upscaled.alpha, functools.partial(_write, job.output(work.out_rel)),
                                    job.settings, job.scale, name=work.path, rel=PurePosixPath(work.rel),
                                    references=_references(job.reference), ms=upscaled.ms)
             metrics = written.metrics
+        elif job.reference is not None:  # recorded against its reference, as run records an image it streamed
+            references = _references(job.reference)
+            metrics = {"reference": references.identity(references.find(PurePosixPath(work.rel)))}
     except Exception as exc:  # noqa: BLE001 (one image's failure, as in run)
         yield pvalue.TaggedOutput(_FAILED, _failure(work.path, f"output not written: {failure_reason(exc)}"))
         return
@@ -444,13 +464,14 @@ def build_pipeline(pipeline, job: _Job, info, run_dir: str) -> None:
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.ml.inference.base import RunInference
 
-    pattern = FileSystems.join(job.source, "**" if job.settings.run.recursive else "*")
-    named = (
+    # The folder is taken literally: "photos [2019]" is no character class.
+    pattern = FileSystems.join(glob.escape(job.source), "**" if job.settings.run.recursive else "*")
+    paths = (
         pipeline
         | "Match" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-        | "Paths" >> beam.Map(operator.attrgetter("path"))
-        | "Name" >> beam.FlatMap(_name, job).with_outputs(_FAILED, _RESULTS, main="named")
+        | "Paths" >> beam.FlatMap(_text_path).with_outputs(_FAILED, main="paths")
     )
+    named = paths.paths | "Name" >> beam.FlatMap(_name, job).with_outputs(_FAILED, _RESULTS, main="named")
     claimed = (
         named.named
         | "GroupByOutput" >> beam.GroupByKey()
@@ -464,7 +485,7 @@ def build_pipeline(pipeline, job: _Job, info, run_dir: str) -> None:
     written = upscaled | "Write" >> beam.FlatMap(_finish, job).with_outputs(_FAILED, main="done")
     not_upscaled = dead.failed_inferences | "Unbatch" >> beam.FlatMap(_inference_failures)
     failed = (
-        (named[_FAILED], claimed[_FAILED], decoded[_FAILED], written[_FAILED], not_upscaled)
+        (paths[_FAILED], named[_FAILED], claimed[_FAILED], decoded[_FAILED], written[_FAILED], not_upscaled)
         | "Failures" >> beam.Flatten()
         | "FailureLines" >> beam.Map(json.dumps, ensure_ascii=False)
     )
@@ -504,6 +525,8 @@ def run_beam(
         raise InputError(f"input folder {input_dir} does not exist or is not a folder")
     if reference is not None and is_local(reference) and not Path(reference).is_dir():
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
+    if any(c in target for c in "[]*?"):  # Beam's writers match their own files under it as patterns
+        raise OutputError(f"output {output_dir}: --engine beam cannot write under a path holding [, ], * or ?; choose another")
     if is_local(source) and is_local(target):
         check_folders_apart(Path(source), Path(target))
     elif source.rstrip("/") == target.rstrip("/") or source.startswith(target.rstrip("/") + "/"):
@@ -570,7 +593,7 @@ def _summarise(job: _Job, info, run_dir: str) -> RunSummary:
         try:
             for row in done:
                 journal.record(row["input"], row["sha256"], info.model_id, row["output"], row["metrics"], row["options"])
-            if job.reference is not None:
+            if job.reference is not None or (Path(job.target) / METRICS_FILE).exists():  # drops rows of outputs redone unscored
                 summary.metrics_csv = _write_metrics(Path(job.target), journal, inputs, job.scale, info.model_id)
         finally:
             journal.close()

@@ -23,6 +23,7 @@ EXIT_CANT_CREATE = 73  # EX_CANTCREAT: output not writable
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another instance holds the folder
 EXIT_CONFIG = 78  # EX_CONFIG: bad configuration or model
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job stopped by Ctrl-C
 
 _EXIT_CODES = [
     (ConfigError, EXIT_CONFIG),
@@ -122,6 +123,9 @@ class _Command(click.Command):
             code = next(c for kind, c in _EXIT_CODES if isinstance(exc, kind))
             click.echo(f"batchsr: error: {exc}", err=True)
             ctx.exit(code)
+        except KeyboardInterrupt:  # Ctrl-C: the shell's code for SIGINT, not click's "Aborted!" and 1
+            click.echo("batchsr: interrupted (a later start resumes: finished outputs are recorded)", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click's own ways out (usage errors, ctx.exit), not bugs
         except Exception as exc:
@@ -423,11 +427,11 @@ def status(ctx, state_dir, as_json, errors):
 @main.command()
 @click.pass_context
 def config(ctx):
-    """Print the effective configuration (file plus defaults) as YAML."""
+    """Print the effective configuration (file plus defaults, --log-level applied) as YAML."""
     from batchsr.config import dump_settings, load_settings
 
     source = ctx.obj["config"]
-    settings = load_settings(source)
+    settings = load_settings(source, {"logging.level": ctx.obj["log_level"]})
     click.echo(f"# from {source if source else 'built-in defaults'}")
     click.echo(dump_settings(settings), nl=False)
 

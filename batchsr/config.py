@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from batchsr.errors import ConfigError
 
 Precision = Literal["float32", "mixed_float16", "mixed_bfloat16"]
-FilePath = Annotated[Path, Strict(False)]  # paths alone are taken from text
+def _non_empty_path(value):
+    if isinstance(value, str) and not value.strip():  # "" would become the config file's own folder without a word
+        raise ValueError("must name a file or folder, not be empty")
+    return value
+
+
+FilePath = Annotated[Path, Strict(False), BeforeValidator(_non_empty_path)]  # paths alone are taken from text
 
 
 class _Section(BaseModel):
@@ -80,6 +86,8 @@ class RunSettings(_Section):
             raise ValueError(f"bad field {exc}; allowed fields: {{stem}}, {{ext}}, {{scale}}, {{format}}") from None
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ValueError("must give a file name (no folders)")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a NUL fails every image only once the run writes
+            raise ValueError("must not hold control characters")
         return value
 
 
@@ -191,7 +199,8 @@ class TrainSettings(_Section):
         if not all(0.25 <= f <= 1.0 for f in self.rescale) or len(set(self.rescale)) != len(self.rescale):
             raise ValueError(f"rescale ({self.rescale}) must hold distinct factors in 0.25..1.0")
         if self.schedule == "cosine":  # silently ignored keys would train another schedule than the file reads
-            given = sorted({"step_milestones", "step_gamma"} & self.model_fields_set)
+            fields = type(self).model_fields
+            given = sorted(k for k in ("step_milestones", "step_gamma") if getattr(self, k) != fields[k].get_default())
             if given:
                 raise ValueError(f"{' and '.join(given)} apply only to schedule: step (schedule is cosine)")
         milestones = self.step_milestones

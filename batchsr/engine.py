@@ -24,7 +24,7 @@ from batchsr.config import EngineSettings
 from batchsr.errors import ConfigError
 from batchsr.flatguard import guard
 from batchsr.imageio import to_float
-from batchsr.tiling import Tile, place, plan_tiles, window
+from batchsr.tiling import Tile, place, plan_tiles, window, window_side
 
 
 def _configure_devices(device: str) -> list[str | None]:
@@ -183,7 +183,7 @@ class Engine:
         odd-sized images compiles a few graphs, not one per call.
         """
         batch_size = self.settings.batch_size
-        full = (self.settings.tile + 2 * self.settings.overlap,) * 2
+        full = (window_side(self.settings.tile, self.settings.overlap, self.multiple),) * 2  # as plan_tiles rounds them
 
         def batches():
             for start in range(0, len(work), batch_size):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from loguru import logger
 
 from batchsr.errors import ImageError, InputError
 from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, read_image, to_float, to_uint8
@@ -75,8 +76,9 @@ def hr_files(folder: Path) -> list[Path]:
 
 def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = False, *,
                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> SetResult:
+    folder = Path(folder)
     paths = hr_files(folder)
-    name = set_name(Path(folder))
+    name = set_name(folder)
     rows, kept = [], []
     traced: set[tuple[tuple[int, int], int]] = set()
     for path in paths:
@@ -87,12 +89,16 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
             raise ImageError(
                 path, f"{image.rgb.shape[1]}x{image.rgb.shape[0]} is too small to evaluate at x{scale} (needs {need} px a side)"
             )
+        if image.alpha is not None and int(image.alpha.min()) == 0:
+            logger.warning("{}: transparent pixels; scored on the colour as read, extended under them from visible "
+                           "neighbours (the alpha plane is not scored)", path)
         gray = image.gray or (name, path.stem) in SINGLE_CHANNEL_SOURCES
+        label = path.relative_to(folder).with_suffix("").as_posix()  # the folder is searched recursively: x.png in two subfolders
         lr = degrade(hr, scale)
         peak = 255.0 / np.iinfo(hr.dtype).max
         ref = hr.astype(np.float64) * peak
         bicubic = imresize(lr, size=hr.shape[:2])
-        row = {"set": name, "image": path.stem, "width": hr.shape[1], "height": hr.shape[0], "scale": scale}
+        row = {"set": name, "image": label, "width": hr.shape[1], "height": hr.shape[0], "scale": scale}
         row.update({f"bicubic_{k}": v for k, v in score(bicubic.astype(np.float64) * peak, ref, scale, gray).items()})
         if engine is not None:
             plan = plan_tiles(lr.shape[0], lr.shape[1], engine.settings.tile, engine.settings.overlap, engine.multiple)
@@ -110,7 +116,7 @@ def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = F
             row["gain_psnr_y"] = row["psnr_y"] - row["bicubic_psnr_y"]
             row["model_id"] = engine.model_id
             if keep_images:
-                kept.append(ReportImage(f"{name}/{path.stem}", to_uint8(lr), to_uint8(bicubic), to_uint8(out), to_uint8(hr), row))
+                kept.append(ReportImage(f"{name}/{label}", to_uint8(lr), to_uint8(bicubic), to_uint8(out), to_uint8(hr), row))
         rows.append(row)
     return SetResult(name, rows, kept)
 

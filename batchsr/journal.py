@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS files (
     traceback_digest TEXT,
     model_id TEXT,
     output TEXT,                       -- relative to the output folder
+    output_identity TEXT,              -- device:inode:size:mtime of the output as written: another write replaces it
     metrics TEXT,                      -- JSON, when a reference was found
     finished REAL,
     updated REAL NOT NULL
@@ -120,6 +121,16 @@ class Completed:
     model_id: str
     output: str
     metrics: dict | None
+    output_identity: str | None = None
+
+
+@dataclass(frozen=True)
+class DoneVersion:
+    """A done row of some content, with what its output was when written (None: not recorded)."""
+
+    id: int
+    output: str
+    output_identity: str | None
 
 
 @dataclass
@@ -185,6 +196,8 @@ class WatchJournal:
             for column in ("alone", "set_aside"):  # a journal from before them
                 if column not in columns:
                     db.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+            if "output_identity" not in columns:
+                db.execute("ALTER TABLE files ADD COLUMN output_identity TEXT")
 
     @contextmanager
     def _transaction(self):
@@ -335,15 +348,19 @@ class WatchJournal:
     def has_metrics_rows(self) -> bool:
         return self.db.execute("SELECT 1 FROM metrics_rows LIMIT 1").fetchone() is not None
 
-    def done_with_content(self, path: str, sha256: str) -> int | None:
-        """The done row of this content whose output is still its own: no later version wrote over it."""
+    def done_with_content(self, path: str, sha256: str) -> DoneVersion | None:
+        """The done row of this content, unless a later version is recorded done over its output.
+
+        A version that wrote the output without reaching done is not recorded: the caller compares the
+        output on disk with ``output_identity``.
+        """
         row = self.db.execute(
-            "SELECT id FROM files AS d WHERE path = ? AND sha256 = ? AND state = 'done' AND NOT EXISTS ("
+            "SELECT id, output, output_identity FROM files AS d WHERE path = ? AND sha256 = ? AND state = 'done' AND NOT EXISTS ("
             "SELECT 1 FROM files AS later WHERE later.state = 'done' AND later.output = d.output AND later.id != d.id "
             "AND (later.finished > d.finished OR (later.finished = d.finished AND later.id > d.id)))",
             (path, sha256),
         ).fetchone()
-        return row[0] if row else None
+        return DoneVersion(*row) if row else None
 
     def absorb_duplicate(self, entry_id: int, done_id: int, size: int, ctime_ns: int, now: float) -> None:
         """The file is identical to a version already done: no new row, the old one now describes it."""
@@ -361,9 +378,10 @@ class WatchJournal:
                     (r.entry_id, r.sha256, r.entry_id),
                 )
                 cursor = db.execute(
-                    "UPDATE files SET state = 'done', sha256 = ?, size = ?, ctime_ns = ?, model_id = ?, output = ?, metrics = ?, "
-                    "error = NULL, traceback_digest = NULL, finished = ?, updated = ? WHERE id = ? AND state = 'claimed'",
-                    (r.sha256, r.size, r.ctime_ns, r.model_id, r.output, json.dumps(r.metrics) if r.metrics else None, now, now, r.entry_id),
+                    "UPDATE files SET state = 'done', sha256 = ?, size = ?, ctime_ns = ?, model_id = ?, output = ?, output_identity = ?, "
+                    "metrics = ?, error = NULL, traceback_digest = NULL, finished = ?, updated = ? WHERE id = ? AND state = 'claimed'",
+                    (r.sha256, r.size, r.ctime_ns, r.model_id, r.output, r.output_identity, json.dumps(r.metrics) if r.metrics else None,
+                     now, now, r.entry_id),
                 )
                 if cursor.rowcount:
                     completed.add(r.entry_id)

@@ -37,12 +37,15 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
 
 
+MAX_PSNR = 100.0  # identical images: a finite score keeps every mean (and gain) a number
+
+
 def psnr(a: np.ndarray, b: np.ndarray, border: int = 0, peak: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB over all pixels and channels (inf when identical)."""
+    """Peak signal-to-noise ratio in dB over all pixels and channels, at most ``MAX_PSNR``."""
     _check_pair(a, b)
     diff = _crop(a.astype(np.float64), border) - _crop(b.astype(np.float64), border)
     mse = float(np.mean(diff * diff))
-    return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
+    return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10.0 * np.log10(peak * peak / mse))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, border: int = 0, peak: float = 255.0) -> float:

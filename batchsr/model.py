@@ -64,23 +64,27 @@ class ModelConfig:
         return cls(**data)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, 4.0 equals 4
+
+
 def validate_config(config: ModelConfig) -> None:
     if config.arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
-    if config.scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {config.scale!r}")
-    if not (isinstance(config.width, int) and 4 <= config.width <= 256):
+    if not (_is_int(config.scale) and config.scale in SCALES):
+        raise ValueError(f"scale must be one of the integers {SCALES}, got {config.scale!r}")
+    if not (_is_int(config.width) and 4 <= config.width <= 256):
         raise ValueError(f"width must be an integer in 4..256, got {config.width!r}")
-    if not (isinstance(config.top_width, int) and (config.top_width == 0 or 4 <= config.top_width <= 256)):
+    if not (_is_int(config.top_width) and (config.top_width == 0 or 4 <= config.top_width <= 256)):
         raise ValueError(f"top_width must be 0 or an integer in 4..256, got {config.top_width!r}")
-    if not (isinstance(config.depth, int) and 0 <= config.depth <= 4):
+    if not (_is_int(config.depth) and 0 <= config.depth <= 4):
         raise ValueError(f"depth must be an integer in 0..4, got {config.depth!r}")
-    if not (isinstance(config.blocks, int) and 0 <= config.blocks <= 16):
+    if not (_is_int(config.blocks) and 0 <= config.blocks <= 16):
         raise ValueError(f"blocks must be an integer in 0..16, got {config.blocks!r}")
-    if not (config.top_blocks is None or (isinstance(config.top_blocks, int) and 0 <= config.top_blocks <= 16)):
+    if not (config.top_blocks is None or (_is_int(config.top_blocks) and 0 <= config.top_blocks <= 16)):
         raise ValueError(f"top_blocks must be None or an integer in 0..16, got {config.top_blocks!r}")
-    if not 0.0 <= config.slope < 1.0:
-        raise ValueError(f"slope must be in [0, 1), got {config.slope!r}")
+    if not (isinstance(config.slope, (int, float)) and not isinstance(config.slope, bool) and 0.0 <= config.slope < 1.0):
+        raise ValueError(f"slope must be a number in [0, 1), got {config.slope!r}")
 
 
 class PadToMultiple(layers.Layer):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from loguru import logger
 
 from batchsr.errors import ImageError
 from batchsr.imageio import (
@@ -97,6 +98,24 @@ def upscale_images(engine, images: list[Image], alpha: str = "model") -> list[tu
     outputs = engine.upscale(inputs)
     alphas = {i: np.clip(outputs[len(images) + k].mean(axis=2), 0.0, 1.0) for k, i in enumerate(planes)}
     return [(outputs[i], alphas.get(i)) for i in range(len(images))]
+
+
+def upscale_each(engine, images: list[Image], alpha: str = "model") -> list:
+    """``upscale_images``, with each image's exception in its place: a failing call is tried again one
+    image at a time, so that the model failing on one image (or a batch too large for the GPU) fails no other."""
+    try:
+        return upscale_images(engine, images, alpha)
+    except Exception as exc:  # noqa: BLE001 (recorded as the image's failure by the caller)
+        if len(images) == 1:
+            return [exc]
+        logger.warning("a model call of {} images failed ({}); trying them one by one", len(images), failure_reason(exc))
+    results = []
+    for image in images:
+        try:
+            results.append(upscale_images(engine, [image], alpha)[0])
+        except Exception as exc:  # noqa: BLE001 (as above)
+            results.append(exc)
+    return results
 
 
 def finish_image(image: Image, upscaled: np.ndarray, scale: int, *, alpha: np.ndarray | None = None,

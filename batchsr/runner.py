@@ -34,7 +34,7 @@ from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
     IMAGE_SUFFIXES, SUFFIX_FORMATS, MemoryBudget, failure_reason, finish_image, output_name, process_rss_mb, target_format,
-    upscale_images, write_streamed,
+    upscale_each, write_streamed,
 )
 from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
@@ -121,10 +121,16 @@ def output_options(settings: Settings, fmt: str, factor: float) -> str:
     at the output ``factor``.
 
     A re-run redoes an image when this changes (a journal entry without it,
-    from an older version, counts as matching).
+    from an older version, counts as matching). Engine settings that change
+    pixels are recorded only away from their defaults, so that entries from
+    before they were recorded still match outputs made with the defaults.
     """
-    run, image = settings.run, settings.image
+    run, image, engine = settings.run, settings.image, settings.engine
     options = {"factor": float(factor), "alpha": image.alpha, "background": image.background}
+    defaults = type(engine)()
+    for key in ("self_ensemble", "flat_guard", "precision"):
+        if getattr(engine, key) != getattr(defaults, key):
+            options[key] = getattr(engine, key)
     if fmt == "jpg":
         options["quality"] = run.jpeg_quality
     elif fmt == "webp":
@@ -370,17 +376,18 @@ def run_folder(
     if reference_dir is not None and not Path(reference_dir).is_dir():
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
     check_folders_apart(input_dir, output_dir)
+    # A bad model file is refused before the output folder is made: a mistyped --model leaves nothing behind.
+    info: ModelInfo = engine.info if engine is not None else read_info(model_weights(settings.model))
     check_output_dir(output_dir)
     with FolderLock(output_dir / STATE_DIR / "lock"):
         removed = remove_temporaries(output_dir)
         if removed:
             logger.info("removed {} temporary files left by an interrupted run", removed)
-        return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine)
+        return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine, info)
 
 
-def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir, report_dir, engine) -> RunSummary:
+def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir, report_dir, engine, info: ModelInfo) -> RunSummary:
     started = time.time()
-    info: ModelInfo = engine.info if engine is not None else read_info(model_weights(settings.model))
     model_id, scale = info.model_id, info.scale
     summary = RunSummary(model_id=model_id)
     journal = Journal(output_dir / STATE_DIR / "journal.sqlite")
@@ -465,7 +472,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                                              to_uint8(written.image.rgb), to_uint8(reference.rgb), written.metrics))
         return written.metrics
 
-    def conclude(item: _Item, error: Exception | None, metrics: dict | None = None) -> None:
+    def conclude(item: _Item, error: Exception | None, metrics: dict | None = None, *, stage: str = "output not written") -> None:
         """One image's end: journal and counts once its output is on disk, else a failure line."""
         if error is None:
             options = output_options(settings, written_as(item), factor)
@@ -473,7 +480,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             summary.done += 1
             summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
         else:
-            fail(item, f"output not written: {failure_reason(error)}")
+            fail(item, f"{stage}: {failure_reason(error)}")
             if isinstance(error, OSError) and error.errno in (28, 30):  # ENOSPC, EROFS: nothing more can succeed
                 raise OutputError(f"cannot write to {output_dir}: {error.strerror}") from None
         item.image = None
@@ -506,9 +513,13 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             return
         engine = get_engine()
         t0 = time.time()
-        outputs = upscale_images(engine, [item.image for item in batch], settings.image.alpha)
+        outputs = upscale_each(engine, [item.image for item in batch], settings.image.alpha)
         ms = (time.time() - t0) * 1000.0 / len(batch)
-        for item, (upscaled, alpha) in zip(batch, outputs):
+        for item, result in zip(batch, outputs):
+            if isinstance(result, Exception):
+                conclude(item, result, stage="not upscaled")
+                continue
+            upscaled, alpha = result
             in_flight.append((item, writers.submit(write_one, item, claimed[item.path], upscaled, alpha, ms)))
         settle(block=False)
 
@@ -615,8 +626,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale, model_id)
     journal.close()
     if report_dir is not None and len(report_images) < summary.done + summary.skipped:
-        logger.warning("report: {} of {} images were scored in this run; up-to-date images are not in it (--force redoes them)",
-                       len(report_images), summary.done + summary.skipped)
+        why = [f"{summary.skipped} up to date (--force redoes them)"] if summary.skipped else []
+        if summary.done > len(report_images):
+            why.append(f"{summary.done - len(report_images)} upscaled without a usable reference (see the lines above)")
+        logger.warning("report: {} of {} images were scored in this run; not in it: {}", len(report_images),
+                       summary.done + summary.skipped, "; ".join(why))
     if report_dir is not None and report_images:
         report_images.sort(key=lambda im: im.name)
         rows = [{"images": len(report_images), "scale": scale, "model": model_id,

@@ -38,6 +38,11 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def window_side(tile: int, overlap: int, multiple: int) -> int:
+    """The side of a full window: ``tile`` and ``overlap`` rounded up to ``multiple``, context on both sides."""
+    return _round_up(tile, multiple) + 2 * (_round_up(overlap, multiple) if overlap else 0)
+
+
 def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) -> TilePlan:
     """Covers an ``height x width`` image with equal windows of ``tile + 2 * overlap`` pixels.
 
@@ -50,9 +55,9 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) 
         raise ValueError(f"image size must be positive, got {height}x{width}")
     if tile < 1 or overlap < 0 or multiple < 1:
         raise ValueError(f"bad tiling: tile={tile}, overlap={overlap}, multiple={multiple}")
+    window = window_side(tile, overlap, multiple)
     tile = _round_up(tile, multiple)
     overlap = _round_up(overlap, multiple) if overlap else 0
-    window = tile + 2 * overlap
     padded_h, padded_w = _round_up(height, multiple), _round_up(width, multiple)
     window_h, window_w = min(window, padded_h), min(window, padded_w)
 

@@ -58,7 +58,7 @@ from batchsr.errors import ConfigError, ImageError, InputError, ModelError, Outp
 from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sniff_format, sync_folder
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
 from batchsr.lock import FolderLock, InboxLock
-from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_images, write_streamed
+from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
 from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ahead_mb, memory_budget, write_output
 
 METRICS_FILE = "watch-metrics.csv"
@@ -660,7 +660,8 @@ class _Daemon:
                 continue
             finally:
                 item.image = None
-            done = Completed(item.entry.id, item.sha256, item.size, item.ctime_ns, engine.model_id, out_rel.as_posix(), metrics)
+            done = Completed(item.entry.id, item.sha256, item.size, item.ctime_ns, engine.model_id, out_rel.as_posix(), metrics,
+                             _file_identity(self.folders.output / out_rel))
             completed.append((item, done, metrics))
         completed = self._append_metrics(completed, counts)
         finished = self.journal.complete([done for _, done, _ in completed], time.time())
@@ -704,8 +705,8 @@ class _Daemon:
                 self.journal.vanish([entry.path])
             elif item.changed:
                 self.journal.restart_settling([(entry.id, item.size, item.ctime_ns)], now)
-            elif item.sha256 is not None and (done_id := self.journal.done_with_content(entry.path, item.sha256)) is not None:
-                self.journal.absorb_duplicate(entry.id, done_id, item.size, item.ctime_ns, now)
+            elif item.sha256 is not None and (done := self._still_done(entry.path, item.sha256)) is not None:
+                self.journal.absorb_duplicate(entry.id, done, item.size, item.ctime_ns, now)
                 logger.info("{}: same content as the version already done; not redone", entry.path)
                 self._dispose_input(entry.path, item.size, item.ctime_ns)
                 counts.duplicates += 1
@@ -727,6 +728,16 @@ class _Daemon:
                 break
         return usable
 
+    def _still_done(self, path: str, sha256: str) -> int | None:
+        """The done row of this content whose output is on disk as it wrote it: not written over by another
+        version since (one that never reached done included), nor removed."""
+        done = self.journal.done_with_content(path, sha256)
+        if done is None:
+            return None
+        if done.output_identity is not None and _file_identity(self.folders.output / done.output) != done.output_identity:
+            return None
+        return done.id
+
     def _produce(self, engine, items: list[_Read], counts: _BatchCounts) -> list[tuple[_Read, Path, Future]]:
         """Model and writes as in ``run`` (``batchsr.pipeline``): batched, or band by band for huge images.
 
@@ -742,7 +753,7 @@ class _Daemon:
 
         def model_and_write() -> None:
             t0 = time.time()
-            upscaled = self._upscale(engine, [item.image for item, _, _ in batched], image_settings.alpha)
+            upscaled = upscale_each(engine, [item.image for item, _, _ in batched], image_settings.alpha)
             ms = (time.time() - t0) * 1000.0 / max(len(batched), 1)
             for (item, out_rel, fmt), result in zip(batched, upscaled):
                 if isinstance(result, Exception):
@@ -800,25 +811,6 @@ class _Daemon:
                 batched.append((item, out_rel, fmt))
         model_and_write()
         return writes
-
-    @staticmethod
-    def _upscale(engine, images: list[Image], alpha: str) -> list:
-        """``(colour, alpha)`` per image, or the exception: a failing batch is retried one image at a time."""
-        if not images:
-            return []
-        try:
-            return upscale_images(engine, images, alpha)
-        except Exception as exc:  # the model failing on one image must not fail its neighbours
-            if len(images) == 1:
-                return [exc]
-            logger.warning("the batch failed in the model ({}: {}); retrying its images one by one", type(exc).__name__, exc)
-        results = []
-        for image in images:
-            try:
-                results.append(upscale_images(engine, [image], alpha)[0])
-            except Exception as exc:  # recorded as this image's failure by the caller
-                results.append(exc)
-        return results
 
     def _write_output(self, item: _Read, colour: np.ndarray, alpha: np.ndarray | None, out_rel: Path, engine, factor: float,
                       ms: float) -> dict | None:
@@ -970,6 +962,15 @@ def _free_name(path: Path, report: dict) -> Path:
 def _watching(observer) -> bool:
     """The observer and each of its emitters (an emitter ends when its folder is deleted) still run."""
     return observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters)
+
+
+def _file_identity(path: Path) -> str | None:
+    """Which file is at ``path``: an atomic replace gives another inode, an edit another size or mtime."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

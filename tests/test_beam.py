@@ -141,6 +141,76 @@ def test_beam_streams_big_images_and_clashing_names_fail(tmp_path, tiny_model):
         assert (tmp_path / "beam" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
+def test_beam_takes_folder_names_literally_and_fails_only_a_name_that_is_not_utf8(tmp_path, tiny_model):
+    """"photos [2019]" matched nothing (a character class) and one Latin-1 name failed the whole job."""
+    pytest.importorskip("apache_beam")
+    from batchsr.beam import run_beam
+    from batchsr.errors import OutputError
+
+    src = tmp_path / "photos [2019]"
+    rng = np.random.default_rng(4)
+    write_png(src / "a.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    write_png(src / "sub*" / "b?.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    latin1 = os.fsdecode(os.fsencode(str(src)) + b"/caf\xe9.png")
+    Path(latin1).write_bytes((src / "a.png").read_bytes())
+    beam = run_beam(src, tmp_path / "out", _settings(tiny_model))
+    assert beam.done == 2 and _outputs(tmp_path / "out") == ["a.png", "sub*/b?.png"]
+    assert [(f.path.name, f.reason) for f in beam.failed] == [
+        ("caf\\xe9.png", "the file name is not valid UTF-8; rename it to have it processed")]
+    with pytest.raises(OutputError, match=r"cannot write under a path holding \[, \], \* or \?"):
+        run_beam(src, tmp_path / "out [v2]", _settings(tiny_model))
+
+
+def test_beam_records_streamed_images_against_their_reference_and_drops_a_stale_metrics_csv(tmp_path, tiny_model, monkeypatch):
+    """As run: a streamed image is up to date for a later run --reference, and an unscored redo removes metrics.csv."""
+    pytest.importorskip("apache_beam")
+    import batchsr.pipeline
+    from batchsr.beam import run_beam
+    from batchsr.runner import run_folder
+
+    rng = np.random.default_rng(5)
+    hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    write_png(tmp_path / "hr" / "a.png", hr)
+    write_png(tmp_path / "in" / "a.png", degrade(hr, 4))
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(batchsr.pipeline, "whole_mb", lambda *args, **kwargs: 1e7)  # too large to score whole: streamed
+        assert run_beam(tmp_path / "in", out, _settings(tiny_model), reference_dir=tmp_path / "hr").done == 1
+        again = run_folder(tmp_path / "in", out, _settings(tiny_model), reference_dir=tmp_path / "hr")
+    assert (again.done, again.skipped) == (0, 1)
+    scored = tmp_path / "scored"
+    assert run_beam(tmp_path / "in", scored, _settings(tiny_model), reference_dir=tmp_path / "hr").done == 1
+    assert (scored / "metrics.csv").exists()
+    assert run_beam(tmp_path / "in", scored, _settings(tiny_model, output_format="jpg")).done == 1
+    assert not (scored / "metrics.csv").exists() and (scored / "a.jpg").exists()
+
+
+def test_beam_fails_only_the_image_the_model_fails_on(tmp_path, tiny_model, monkeypatch):
+    """Its batch-mate was dead-lettered with it, under a Python repr for a reason."""
+    pytest.importorskip("apache_beam")
+    from batchsr.beam import run_beam
+    from batchsr.engine import Engine
+
+    rng = np.random.default_rng(7)
+    marked = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    marked[0, 0] = (0, 255, 0)
+    write_png(tmp_path / "in" / "a.png", marked)  # one size: both share a model call
+    write_png(tmp_path / "in" / "b.png", rng.integers(1, 255, (20, 24, 3), dtype=np.uint8))
+    real, calls = Engine.upscale, []
+
+    def upscale(self, images):
+        calls.append(len(images))
+        if any(list(image[0, 0]) == [0.0, 1.0, 0.0] for image in images):
+            raise ValueError("simulated failure on a marked image")
+        return real(self, images)
+
+    monkeypatch.setattr(Engine, "upscale", upscale)
+    beam = run_beam(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    assert beam.done == 1 and _outputs(tmp_path / "out") == ["b.png"]
+    assert [(f.path.name, f.reason) for f in beam.failed] == [("a.png", "not upscaled: simulated failure on a marked image")]
+    assert calls[0] == 2  # the call of both failed; each image was then tried on its own
+
+
 @pytest.fixture()
 def bucket(tmp_path):
     """``bucket://`` URIs kept in a local folder: a Beam filesystem other than the local one, as gs:// is, with no network."""

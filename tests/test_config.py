@@ -90,6 +90,18 @@ def test_overrides_win_and_relative_weights_follow_the_file(tmp_path):
         load_settings(path, {"engine.overlap": -1})
 
 
+def test_empty_paths_and_control_characters_in_names_are_refused_by_key(tmp_path):
+    """An empty inbox became the config file's folder; a NUL in name_template failed every image at write time."""
+    path = tmp_path / "c.yaml"
+    for text, key in [('watch:\n  inbox: ""\n', "watch.inbox"), ('model:\n  weights: " "\n', "model.weights"),
+                      ('run:\n  name_template: "{stem}{ext}\\u0000"\n', "run.name_template")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"{key} = .*(not be empty|control characters)"):
+            load_settings(path)
+    path.write_text("watch:\n  inbox: .\n")  # the config file's own folder, said so
+    assert load_settings(path).watch.inbox == tmp_path
+
+
 def test_training_configs_in_the_repository_are_valid():
     for path in sorted((REPO / "configs").glob("train_*.yaml")):
         settings = load_train_settings(path)
@@ -131,6 +143,9 @@ def test_step_schedule_keys_are_refused_under_cosine_and_checked_under_step(tmp_
             load_train_settings(path)
     path.write_text("train_dirs: [a]\nsteps: 1000\nschedule: step\nstep_milestones: [300, 600]\nstep_gamma: 0.1\n")
     assert load_train_settings(path).step_milestones == [300, 600]
+    # Settings written out whole (every key, defaults included) read back: the defaults are no request.
+    path.write_text("train_dirs: [a]\nsteps: 1000\nstep_milestones: []\nstep_gamma: 0.5\n")
+    assert load_train_settings(path).schedule == "cosine"
 
 
 def test_training_model_top_width_names_the_key_and_value(tmp_path):

@@ -27,6 +27,18 @@ def test_batching_across_images_equals_one_at_a_time(tiny_model):
         assert np.array_equal(out, alone)
 
 
+def test_full_windows_keep_one_batch_shape_when_tile_and_overlap_are_rounded_up(tiny_model):
+    """A tile or overlap off the model's multiple made full windows look partial: each short call a new graph."""
+    engine = Engine(tiny_model, EngineSettings(device="cpu", tile=29, overlap=7, batch_size=5))
+    assert engine.multiple > 1 and 29 % engine.multiple and 7 % engine.multiple
+    shapes = []
+    predict = engine._predict
+    engine._predict = lambda batch, copy=0: shapes.append(batch.shape) or predict(batch, copy)
+    image = np.random.default_rng(2).random((100, 100, 3), dtype=np.float32)  # 16 windows: batches of 5, 5, 5 and 1
+    engine.upscale([image])
+    assert len(shapes) > 1 and len(set(shapes)) == 1 and shapes[0][0] == 5
+
+
 def test_mixed_bfloat16_stays_close_to_float32(tiny_model):
     image = np.random.default_rng(1).random((24, 24, 3), dtype=np.float32)
     exact = Engine(tiny_model, EngineSettings(device="cpu")).upscale([image])[0]

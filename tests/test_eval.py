@@ -10,6 +10,7 @@ import pytest
 
 from batchsr.errors import ImageError, InputError
 from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
+from batchsr.imageio import read_image
 from tests.conftest import data_dir, write_png
 
 PUBLISHED = {  # (set, scale): (PSNR-Y, SSIM-Y) of bicubic
@@ -79,6 +80,21 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     write_png(tiny / "t.png", np.zeros((12, 12, 3), np.uint8))
     with pytest.raises(ImageError, match="too small to evaluate at x4"):
         evaluate_folder(tiny, 4)
+
+
+def test_a_perfect_score_keeps_the_means_finite_and_rows_are_named_by_their_path(tmp_path):
+    """A flat image upscales exactly (PSNR inf), which made every mean inf and the mean gain nan;
+    x.png in two subfolders gave two rows named alike."""
+    folder = tmp_path / "mixed"
+    write_png(folder / "flat.png", np.full((48, 48, 3), 128, np.uint8))
+    photo = read_image(data_dir("Set5", "HR") / "bird.png").rgb[:96, :96]
+    write_png(folder / "a" / "x.png", photo)
+    write_png(folder / "b" / "x.png", photo[::-1])
+    result = evaluate_folder(folder, 4)
+    rows = {row["image"]: row for row in result.rows}
+    assert sorted(rows) == ["a/x", "b/x", "flat"]
+    assert rows["flat"]["bicubic_psnr_y"] == 100.0 and rows["flat"]["bicubic_ssim_y"] == pytest.approx(1.0)
+    assert np.isfinite(result.mean("bicubic_psnr_y")) and 25 < rows["a/x"]["bicubic_psnr_y"] < 40
 
 
 CARD_SET5 = {2: 37.6907, 3: 33.7036, 4: 31.2900}  # Set5 Y-PSNR in the model card and README

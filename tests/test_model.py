@@ -75,6 +75,9 @@ def test_mixed_precision_rounds_only_the_learned_detail():
         ({"width": 2}, "width must be"),
         ({"depth": 9}, "depth must be"),
         ({"top_blocks": 17}, "top_blocks must be"),
+        ({"scale": 4.0}, "scale must be one of"),  # passed before, then failed deep in Keras without the key
+        ({"depth": True}, "depth must be"),
+        ({"slope": "0.2"}, "slope must be a number"),  # a TypeError that named nothing
     ],
 )
 def test_bad_config_names_the_value(kwargs, message):

@@ -99,6 +99,16 @@ def test_changed_output_options_redo_only_the_images_they_change(tree, tmp_path,
     assert outscale.done == first.done and read_image(out / "bird_x2.png").rgb.shape[0] == read_image(tree / "bird.png").rgb.shape[0] * 2
 
 
+def test_engine_settings_that_change_pixels_redo_the_outputs(tree, tmp_path, tiny_model):
+    """--self-ensemble (or another flat_guard, or precision) on a folder done before kept the old outputs."""
+    out = tmp_path / "out"
+    first = run_folder(tree, out, _settings(tiny_model))
+    for engine in ({"self_ensemble": True}, {"flat_guard": 0.0}, {"precision": "mixed_bfloat16"}, {}):
+        redone = run_folder(tree, out, _settings(tiny_model, **engine))
+        assert (redone.done, redone.skipped) == (first.done, 0), engine
+    assert run_folder(tree, out, _settings(tiny_model, tile=48, overlap=12)).skipped == first.done  # same pixels
+
+
 def test_a_journal_from_before_output_options_still_skips(tree, tmp_path, tiny_model):
     import sqlite3
 
@@ -257,6 +267,7 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
     assert flag_error.returncode == 78 and "engine.tile (from the command line) = 8" in flag_error.stderr
     bad_model = _cli("run", str(good), str(tmp_path / "o5"), "--model", str(tmp_path / "none.weights.h5"))
     assert bad_model.returncode == 78 and "not found" in bad_model.stderr
+    assert not (tmp_path / "o5").exists()  # refused before the output folder is made
     wrong_scale = _cli("run", str(good), str(tmp_path / "o6"), "--model", str(tiny_model), "--scale", "2")
     assert wrong_scale.returncode == 78 and "is an x4 model, but scale 2 was asked for" in wrong_scale.stderr
     assert not (tmp_path / "o6" / "a.png").exists()
@@ -291,6 +302,30 @@ def test_bicubic_only_eval_checks_the_scale_against_the_weights(tmp_path):
     assert clash.returncode == 78 and "is an x4 model, but scale 2 was asked for" in clash.stderr
     own = _cli("eval", "--hr", str(hr), "--bicubic-only", "--model", x4)
     assert own.returncode == 0 and "| 4 |" in own.stdout
+
+
+def test_the_model_failing_on_one_image_fails_that_image_only(tmp_path, tiny_model, monkeypatch):
+    """A model call that raised (say the GPU out of memory, or a backend bug on one shape) ended the whole run."""
+    from batchsr.engine import Engine
+
+    rng = np.random.default_rng(6)
+    marked = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    marked[0, 0] = (0, 255, 0)
+    write_png(tmp_path / "in" / "a.png", marked)  # one size: both share a model call
+    write_png(tmp_path / "in" / "b.png", rng.integers(1, 255, (20, 24, 3), dtype=np.uint8))
+    real, calls = Engine.upscale, []
+
+    def upscale(self, images):
+        calls.append(len(images))
+        if any(list(image[0, 0]) == [0.0, 1.0, 0.0] for image in images):
+            raise ValueError("simulated failure on a marked image")
+        return real(self, images)
+
+    monkeypatch.setattr(Engine, "upscale", upscale)
+    summary = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    assert summary.done == 1 and (tmp_path / "out" / "b.png").exists() and not (tmp_path / "out" / "a.png").exists()
+    assert [(f.path.name, f.reason) for f in summary.failed] == [("a.png", "not upscaled: simulated failure on a marked image")]
+    assert calls[0] == 2  # the call of both failed; each image was then tried on its own
 
 
 def test_a_memory_cap_below_the_loaded_model_is_a_configuration_error(tmp_path, tiny_model):
@@ -409,6 +444,31 @@ def test_config_command_prints_effective_settings(tmp_path):
     path.write_text("engine:\n  tile: 64\n")
     result = _cli("--config", str(path), "config")
     assert result.returncode == 0 and "tile: 64" in result.stdout and "batch_size: 8" in result.stdout
+    assert "level: INFO" in result.stdout
+    flagged = _cli("--config", str(path), "--log-level", "DEBUG", "config")  # it printed the file's INFO
+    assert flagged.returncode == 0 and "level: DEBUG" in flagged.stdout
+
+
+def test_ctrl_c_exits_130_not_1(tmp_path, monkeypatch):
+    """Click's "Aborted!" and exit 1 read as a failure to cron and systemd; a shell says 130 for SIGINT."""
+    from click.testing import CliRunner
+    from loguru import logger
+
+    import batchsr.runner
+    from batchsr.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batchsr.runner, "run_folder", interrupted)
+    write_png(tmp_path / "in" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    try:
+        result = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--progress", "none"])
+    finally:
+        logger.remove()  # the CLI pointed loguru at CliRunner's stream
+        logger.add(sys.stderr)
+    assert result.exit_code == 130, result.output
+    assert result.output.splitlines()[-1].startswith("batchsr: interrupted")
 
 
 def test_an_unexpected_error_exits_70_with_its_traceback(tmp_path, monkeypatch):

@@ -704,7 +704,7 @@ def test_the_periodic_rescan_catches_what_events_missed(tmp_path, tiny_model, mo
 
 def test_an_image_the_model_fails_on_holds_no_memory_from_its_neighbours(tmp_path, tiny_model, monkeypatch):
     """Under a cap that fits one image at a time, a model failure must not keep its share: the others are done."""
-    import batchsr.watch
+    import batchsr.pipeline
     from batchsr.engine import Engine
     from batchsr.pipeline import whole_mb
 
@@ -717,14 +717,14 @@ def test_an_image_the_model_fails_on_holds_no_memory_from_its_neighbours(tmp_pat
     config.write_text(yaml.safe_dump(raw))
     for where in ("batchsr.runner", "batchsr.pipeline"):
         monkeypatch.setattr(f"{where}.process_rss_mb", lambda: 1000.0)
-    real = batchsr.watch.upscale_images
+    real = batchsr.pipeline.upscale_images
 
     def poisoned(engine, images, alpha):
         if any(im.rgb.shape[1] == 124 for im in images):
             raise RuntimeError("out of device memory")
         return real(engine, images, alpha)
 
-    monkeypatch.setattr(batchsr.watch, "upscale_images", poisoned)
+    monkeypatch.setattr(batchsr.pipeline, "upscale_images", poisoned)  # under upscale_each, which watch calls
     good = {f"b{k}.png": png(k, (120, 120)) for k in range(3)}
     with serving_here(config) as messages:
         drop(tmp_path / "inbox", "aaa.png", png(9, (120, 124)))  # first in name order
@@ -1059,6 +1059,40 @@ def test_a_version_dropped_again_after_another_is_upscaled_again(tmp_path, tiny_
                      60, what=f"a.png upscaled to {side}")
     assert not any("not redone" in m for m in messages)
     assert (tmp_path / "done" / "a.png").read_bytes() == small
+
+
+def test_a_version_dropped_again_after_one_written_but_not_done_is_upscaled_again(tmp_path, tiny_model, monkeypatch):
+    """A done; B written over A's output, then held back (its metrics row failed); A dropped again over B.
+    A used to be taken for 'already done' and moved away, leaving B's output under its name."""
+    import batchsr.watch
+
+    config = write_config(tmp_path, tiny_model, reference="hr")
+    write_png(tmp_path / "hr" / "a.png", image(40, (32, 32)))
+    inbox, output = tmp_path / "inbox", tmp_path / "output" / "a.png"
+    a, b = png(10, (8, 8)), png(11, (8, 8))
+    real_append, failing = batchsr.watch.append_metrics, threading.Event()
+
+    def append(path, rows, **kwargs):
+        if failing.is_set():
+            raise OSError(errno.EIO, "input/output error")
+        return real_append(path, rows, **kwargs)
+
+    monkeypatch.setattr(batchsr.watch, "append_metrics", append)
+    with serving_here(config) as messages:
+        drop(inbox, "a.png", a)
+        wait_for(lambda: not files_under(inbox) and output.exists(), 60, what="A done")
+        upscaled_a = read_image(output).rgb
+        failing.set()
+        drop(inbox, "a.png", b)
+        wait_for(lambda: sum("input/output error" in m for m in messages) >= 2, 60, what="B written, its row refused")
+        assert not np.array_equal(read_image(output).rgb, upscaled_a)
+        drop(inbox, "a.png", a)
+        time.sleep(1.5)
+        failing.clear()
+        wait_for(lambda: not files_under(inbox) and states(tmp_path).get("done") == ["a.png"], 60, what="A done again")
+    assert not any("not redone" in m for m in messages)
+    assert np.array_equal(read_image(output).rgb, upscaled_a)
+    assert (tmp_path / "done" / "a.png").read_bytes() == a
 
 
 def test_a_move_across_filesystems_leaves_a_version_that_arrived_during_the_copy(tmp_path, monkeypatch):
