@@ -342,7 +342,7 @@ def _finish(result, job: _Job):
         yield pvalue.TaggedOutput(_FAILED, _failure(work.path, f"output not written: {failure_reason(exc)}"))
         return
     height, width = image.rgb.shape[:2]
-    options = output_options(job.settings, job.target_format(image), job.factor)
+    options = output_options(job.settings, job.target_format(image), job.factor, transparent=image.alpha is not None)
     yield {"status": "done", "file": work.path, "input": work.rel, "output": work.out_rel, "sha256": work.sha256,
            "metrics": metrics, "options": options, "megapixels": height * width * job.factor * job.factor / 1e6}
 

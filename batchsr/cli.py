@@ -390,7 +390,7 @@ def watch(ctx, weights, scale, device, precision, tile, overlap, batch_size, sel
     from batchsr.watch import serve, stop_on_signals
 
     stop = threading.Event()
-    stop_on_signals(stop, settings.watch.stop_timeout_s)
+    stop_on_signals(stop, settings.watch.stop_timeout_s, settings.watch.state)
     summary = serve(settings, stop)
     logger.info("stopped after {:.0f}s: {} done, {} failed (model {})", summary.seconds, summary.done, summary.failed, summary.model_id)
 

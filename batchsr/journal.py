@@ -320,15 +320,16 @@ class WatchJournal:
             db.executemany("UPDATE files SET state = 'claimed', updated = ? WHERE id = ?", [(now, r[0]) for r in rows])
         return [_entry(r) for r in rows]
 
-    def recover_claims(self, now: float) -> list[Entry]:
+    def recover_claims(self, now: float, *, blame: bool = True) -> list[Entry]:
         """After a crash: claimed rows go back to the queue, to be processed one at a time.
 
         Only a file that was processed alone when the daemon died is charged an
-        interrupted try: the batch-mates of a crashing file are not at fault.
+        interrupted try: the batch-mates of a crashing file are not at fault;
+        with ``blame`` off (the daemon was stopped on purpose) none is.
         """
         with self._transaction() as db:
             rows = db.execute(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'claimed'").fetchall()
-            charge = 1 if len(rows) == 1 else 0
+            charge = 1 if blame and len(rows) == 1 else 0
             db.execute(
                 "UPDATE files SET state = 'ready', interrupted = interrupted + ?, alone = 1, not_before = 0, updated = ? "
                 "WHERE state = 'claimed'", (charge, now),

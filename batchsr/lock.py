@@ -10,9 +10,13 @@ from pathlib import Path
 from batchsr.errors import LockedError
 
 
+DAEMON = "(watch daemon)"  # in the line a daemon's lock holds: what another process waits for, or not
+
+
 class FolderLock:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, role: str = ""):
         self.path = Path(path)
+        self.role = role  # written after the pid: DAEMON for the watch daemon
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
@@ -26,9 +30,18 @@ class FolderLock:
             raise LockedError(f"{self.path.parent} is in use by another batchsr process ({holder})") from None
         os.ftruncate(fd, 0)
         command = " ".join(sys.argv)  # whole: with --config first, the subcommand comes after it
-        os.pwrite(fd, f"pid {os.getpid()}: {command[:300]}\n".encode("utf-8", "backslashreplace"), 0)
+        role = f" {self.role}" if self.role else ""
+        os.pwrite(fd, f"pid {os.getpid()}{role}: {command[:300]}\n".encode("utf-8", "backslashreplace"), 0)
         self._fd = fd
         return self
+
+    def holder(self) -> str | None:
+        """The line the process holding the lock wrote ("pid N: command"), if any."""
+        try:
+            with open(self.path, "rb") as handle:
+                return handle.read(4096).decode("utf-8", "replace").strip() or None
+        except OSError:
+            return None
 
     def release(self) -> None:
         if self._fd is not None:

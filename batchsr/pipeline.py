@@ -275,6 +275,8 @@ class MemoryBudget:
             return plan_route(image, fmt, scale, run, tile, reference=reference, in_use_mb=in_use)
 
         route = route_with(share, held, largest_call)
+        if route.final:  # refused whatever else is held: no waiting, and memory is no part of the reason
+            return route
         if (route.refusal is not None or route.streamed) and share > pending:
             pending = self.ahead.pause(key)  # what is reserved now and the next file, which alone is admitted now
             paused = route_with(pending, held, largest_call)

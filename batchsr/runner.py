@@ -116,14 +116,18 @@ class Journal:
         self.db.close()
 
 
-def output_options(settings: Settings, fmt: str, factor: float) -> str:
-    """What besides the input and the model decides an output's pixels, for the written format ``fmt``
-    at the output ``factor``.
+_FLATTENED = ("jpg", "bmp")  # no transparency: an image with alpha is flattened on image.background
 
-    A re-run redoes an image when this changes (a journal entry without it,
-    from an older version, counts as matching). Engine settings that change
-    pixels are recorded only away from their defaults, so that entries from
-    before they were recorded still match outputs made with the defaults.
+
+def output_options(settings: Settings, fmt: str, factor: float, *, transparent: bool | None = None) -> str:
+    """What besides the input and the model decides an output's pixels, for the written format ``fmt``
+    at the output ``factor``; ``transparent``: whether the input has an alpha plane, once known.
+
+    A re-run redoes an image when this changes (``options_match``; a journal
+    entry without it, from an older version, counts as matching). Engine
+    settings that change pixels are recorded only away from their defaults,
+    so that entries from before they were recorded still match outputs made
+    with the defaults.
     """
     run, image, engine = settings.run, settings.image, settings.engine
     options = {"factor": float(factor), "alpha": image.alpha, "background": image.background}
@@ -135,7 +139,28 @@ def output_options(settings: Settings, fmt: str, factor: float) -> str:
         options["quality"] = run.jpeg_quality
     elif fmt == "webp":
         options["quality"] = run.webp_quality
+    if transparent is not None:
+        options["transparent"] = transparent
     return json.dumps(options, sort_keys=True)
+
+
+def options_match(recorded: str | None, current: str, fmt: str) -> bool:
+    """Whether the output recorded with ``recorded`` options is the one ``current`` options make in ``fmt``.
+
+    The alpha mode and the background decide only an image with transparency, and the background only
+    one flattened (JPEG, BMP): where the entry records that its input had none, they are not compared.
+    """
+    if recorded is None:  # an entry from before options were recorded
+        return True
+    old, new = json.loads(recorded), json.loads(current)
+    transparent = old.pop("transparent", None)
+    new.pop("transparent", None)
+    ignored = set()
+    if transparent is False:
+        ignored = {"alpha", "background"}
+    elif transparent and fmt not in _FLATTENED:
+        ignored = {"background"}
+    return {k: v for k, v in old.items() if k not in ignored} == {k: v for k, v in new.items() if k not in ignored}
 
 
 def reference_candidates(rel: PurePath) -> list[PurePath]:
@@ -409,7 +434,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         target = target_format(fmt, run.output_format)
         expected = output_name(item.rel, fmt, run.output_format, run.name_template, factor).as_posix()
         return (sha256 == item.sha256 and model == model_id and output == expected and (output_dir / output).is_file()
-                and (options is None or options == output_options(settings, target, factor))
+                and options_match(options, output_options(settings, target, factor), target)
                 and (references is None or (metrics is not None and "reference" in metrics
                                             and metrics["reference"] == references.identity(references.find(item.rel)))))
 
@@ -475,7 +500,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def conclude(item: _Item, error: Exception | None, metrics: dict | None = None, *, stage: str = "output not written") -> None:
         """One image's end: journal and counts once its output is on disk, else a failure line."""
         if error is None:
-            options = output_options(settings, written_as(item), factor)
+            options = output_options(settings, written_as(item), factor, transparent=item.image.alpha is not None)
             journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics, options)
             summary.done += 1
             summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
@@ -619,6 +644,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 flush_groups()
         flush_groups()
         settle(block=True)
+    except KeyboardInterrupt:  # Ctrl-C: what is written by now is recorded, so the next run skips it
+        settle(block=True)
+        raise
     finally:
         writers.shutdown(wait=True)
         progress.close()

@@ -54,10 +54,10 @@ from watchdog.events import (
 
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
-from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
+from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sniff_format, sync_folder
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
-from batchsr.lock import FolderLock, InboxLock
+from batchsr.lock import DAEMON, FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
 from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ahead_mb, memory_budget, write_output
 
@@ -175,26 +175,37 @@ def _watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
-def stop_on_signals(stop: threading.Event, timeout_s: float) -> None:
+STOPPED_FILE = "stopped"  # in the state folder: the daemon was cut off on purpose, so no file in flight is at fault
+
+
+def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None = None) -> None:
     """First SIGTERM/SIGINT: take no new files, finish the current batch, return.
-    A second one terminates at once (the default action); so does ``timeout_s`` passing."""
+    A second one exits at once; so does ``timeout_s`` passing. Either way the exit leaves
+    ``STOPPED_FILE`` in ``state``, so that the next start charges no file in flight with it."""
 
     def first(signum, frame) -> None:
         for other in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(other, signal.SIG_DFL)
+            signal.signal(other, second)
         logger.info("{}: finishing the current batch, then stopping (a second signal stops at once)", signal.Signals(signum).name)
         notify("STOPPING=1")
         stop.set()
-        timer = threading.Timer(timeout_s, _exit_now, args=(signum, timeout_s))
+        why = f"the current batch did not finish within watch.stop_timeout_s = {timeout_s}s"
+        timer = threading.Timer(timeout_s, _exit_now, args=(signum, why, state))
         timer.daemon = True
         timer.start()
+
+    def second(signum, frame) -> None:
+        _exit_now(signum, f"a second {signal.Signals(signum).name}", state)
 
     signal.signal(signal.SIGTERM, first)
     signal.signal(signal.SIGINT, first)
 
 
-def _exit_now(signum: int, timeout_s: float) -> None:
-    logger.error("the current batch did not finish within watch.stop_timeout_s = {}s; exiting now (the next start resumes)", timeout_s)
+def _exit_now(signum: int, why: str, state: Path | None) -> None:
+    logger.error("{}; exiting now (the next start resumes)", why)
+    if state is not None:
+        with contextlib.suppress(OSError):  # at worst a file in flight is charged a try
+            atomic_write(state / STOPPED_FILE, f"pid {os.getpid()}: {why}\n".encode("utf-8"))
     os._exit(128 + signum)
 
 
@@ -991,15 +1002,51 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
     """
     folders = WatchFolders.from_settings(settings.watch)
     folders.create()
-    with FolderLock(folders.state / LOCK_FILE), FolderLock(folders.output / STATE_DIR / "lock"), InboxLock(folders.inbox):
+    with FolderLock(folders.state / LOCK_FILE, DAEMON):
+        if not _wait_for_runs(FolderLock(folders.output / STATE_DIR / "lock", DAEMON), stop):
+            return WatchSummary()
+        return _serve_locked(settings, folders, stop)
+
+
+def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float = 5.0) -> bool:
+    """Waits while a ``batchsr run`` holds the output folder (a cron job into it is no reason to fail the
+    service), telling systemd that start-up goes on; False when stopped meanwhile. Another daemon is refused."""
+    waiting = False
+    while not stop.is_set():
+        try:
+            output_lock.acquire()
+        except LockedError as exc:
+            holder = output_lock.holder() or ""
+            if DAEMON in holder:  # another daemon on this output: a configuration to fix, not to wait out
+                raise
+            if not waiting:
+                logger.warning("{}; waiting for it to finish", exc)
+                notify(f"STATUS=waiting for the output folder: {holder}")
+                waiting = True
+            notify(f"EXTEND_TIMEOUT_USEC={int(3 * poll_s * 1e6)}")
+            stop.wait(poll_s)
+            continue
+        output_lock.release()  # taken again for the daemon's run (a run starting between the two is refused: 75)
+        if waiting:
+            logger.info("the output folder is free: starting")
+        return True
+    return False
+
+
+def _serve_locked(settings: Settings, folders: WatchFolders, stop: threading.Event) -> WatchSummary:
+    with FolderLock(folders.output / STATE_DIR / "lock", DAEMON), InboxLock(folders.inbox):
         removed = sum(remove_temporaries(folder) for folder in (folders.output, folders.done, folders.failed))
         if removed:
             logger.info("removed {} temporary files left by an interrupted run", removed)
         journal = WatchJournal(folders.state / JOURNAL_FILE)
         try:
-            interrupted = journal.recover_claims(time.time())
+            stopped = folders.state / STOPPED_FILE
+            deliberate = stopped.exists()  # cut off by a stop signal: not the fault of a file in flight
+            interrupted = journal.recover_claims(time.time(), blame=not deliberate)
             if interrupted:
-                logger.warning("{} files were in flight when the daemon last stopped; they are queued again", len(interrupted))
+                logger.warning("{} files were in flight when the daemon last stopped{}; they are queued again", len(interrupted),
+                               " (cut off by a stop signal)" if deliberate else "")
+            stopped.unlink(missing_ok=True)
             model = _Model(model_weights(settings.model), settings.engine, settings.model.scale)
             loaded_mb = memory_budget(settings).loaded_mb
             with ThreadPoolExecutor(max_workers=settings.run.write_workers, thread_name_prefix="batchsr-write") as writers:

@@ -3,6 +3,7 @@
 
     python scripts/model_cost.py                                  # the bundled x4 shape, unet (also top_width 48, blocks 3), seed
     python scripts/model_cost.py --arch unet --scale 2 --blocks 3
+    python scripts/model_cost.py --edsr --scale 4                   # the EDSR-baseline-shaped reference of bench_cpu.py
 
 Counts the trainable convolutions (the fixed bicubic branch adds about 0.001 M)
 by running the model once on a 64x64 input.
@@ -17,14 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def cost(config, side: int = 64) -> tuple[int, float]:
-    """(parameters, multiply-adds per input pixel) of the model ``config`` describes."""
+def cost(model, side: int = 64) -> tuple[int, float]:
+    """(parameters, multiply-adds per input pixel) of a Keras ``model``, from its convolutions."""
     import keras
     import numpy as np
 
-    from batchsr.model import build_model
-
-    model = build_model(config)
     convs = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
     probe = keras.Model(model.input, [layer.output for layer in convs])
     outputs = probe.predict_on_batch(np.zeros((1, side, side, 3), "float32"))
@@ -52,7 +50,16 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--top-width", type=int, default=0, help="channels of the full-resolution stages (0: width)")
     parser.add_argument("--top-blocks", type=int, help="residual blocks of the full-resolution stages (default: blocks)")
+    parser.add_argument("--edsr", action="store_true", help="count the EDSR-baseline-shaped network of bench_cpu.py instead")
     args = parser.parse_args()
+    print("| model | parameters | M multiply-adds per input pixel |\n|---|---|---|")
+    if args.edsr:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_cpu import edsr_baseline
+
+        params, macs = cost(edsr_baseline(args.scale))
+        print(f"| EDSR-baseline shape x{args.scale} | {params:,} | {macs / 1e6:.3f} |")
+        return
     if args.arch:
         configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks, args.top_width,
                                top_blocks=args.top_blocks)]
@@ -60,9 +67,10 @@ def main() -> None:
         configs = [ModelConfig("unet", 4, 32, 2, 1, top_width=48, top_blocks=2), ModelConfig("unet", 4, 32, 2, 2),
                    ModelConfig("unet", 4, 32, 2, 2, top_width=48), ModelConfig("unet", 4, 32, 2, 3),
                    ModelConfig("seed", 4, 32, 2, 2)]
-    print("| model | parameters | M multiply-adds per input pixel |\n|---|---|---|")
+    from batchsr.model import build_model
+
     for config in configs:
-        params, macs = cost(config)
+        params, macs = cost(build_model(config))
         print(f"| {config.arch} x{config.scale} width {config.width} depth {config.depth} blocks {config.blocks}"
               f"{f' top_width {config.top_width}' if config.top_width else ''}"
               f"{f' top_blocks {config.top_blocks}' if config.top_blocks is not None else ''} "

@@ -25,6 +25,28 @@ def data_dir(*parts: str) -> Path:
     return path
 
 
+def model_fails_on_a_png(folder: Path, monkeypatch) -> list[int]:
+    """``a.png`` and ``b.png`` of one size in ``folder``; ``Engine.upscale`` raises on any call holding a.png
+    (marked by a green corner). Returns the number of images of each call made."""
+    from batchsr.engine import Engine
+
+    rng = np.random.default_rng(6)
+    marked = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    marked[0, 0] = (0, 255, 0)
+    write_png(folder / "a.png", marked)  # one size: both share a model call
+    write_png(folder / "b.png", rng.integers(1, 255, (20, 24, 3), dtype=np.uint8))
+    real, calls = Engine.upscale, []
+
+    def upscale(self, images):
+        calls.append(len(images))
+        if any(list(image[0, 0]) == [0.0, 1.0, 0.0] for image in images):
+            raise ValueError("simulated failure on a marked image")
+        return real(self, images)
+
+    monkeypatch.setattr(Engine, "upscale", upscale)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small random x4 U-Net saved as a self-describing checkpoint."""

@@ -21,7 +21,7 @@ import pytest
 from batchsr.config import Settings
 from batchsr.imageio import read_image
 from batchsr.resize import degrade
-from tests.conftest import REPO, data_dir, write_png
+from tests.conftest import REPO, data_dir, model_fails_on_a_png, write_png
 
 TIMING_COLUMNS = {"ms"}
 
@@ -189,22 +189,8 @@ def test_beam_fails_only_the_image_the_model_fails_on(tmp_path, tiny_model, monk
     """Its batch-mate was dead-lettered with it, under a Python repr for a reason."""
     pytest.importorskip("apache_beam")
     from batchsr.beam import run_beam
-    from batchsr.engine import Engine
 
-    rng = np.random.default_rng(7)
-    marked = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    marked[0, 0] = (0, 255, 0)
-    write_png(tmp_path / "in" / "a.png", marked)  # one size: both share a model call
-    write_png(tmp_path / "in" / "b.png", rng.integers(1, 255, (20, 24, 3), dtype=np.uint8))
-    real, calls = Engine.upscale, []
-
-    def upscale(self, images):
-        calls.append(len(images))
-        if any(list(image[0, 0]) == [0.0, 1.0, 0.0] for image in images):
-            raise ValueError("simulated failure on a marked image")
-        return real(self, images)
-
-    monkeypatch.setattr(Engine, "upscale", upscale)
+    calls = model_fails_on_a_png(tmp_path / "in", monkeypatch)
     beam = run_beam(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
     assert beam.done == 1 and _outputs(tmp_path / "out") == ["b.png"]
     assert [(f.path.name, f.reason) for f in beam.failed] == [("a.png", "not upscaled: simulated failure on a marked image")]

@@ -390,6 +390,15 @@ def test_a_jpeg_or_webp_output_too_large_is_refused_before_the_model(tmp_path):
     route = plan_route(image, "webp", 2, Settings().run, 128, reference=False, in_use_mb=0.0)
     assert route.refusal == "18000x16 is too large for WEBP (at most 16383 pixels a side); choose png or tiff"
     assert plan_route(image, "png", 2, Settings().run, 128, reference=False, in_use_mb=0.0).refusal is None
+    # With images in flight, as run plans it: refused at once, memory named nowhere in the reason.
+    from batchsr.pipeline import MemoryBudget
+
+    budget = MemoryBudget(1000.0)
+    assert budget.plan("held", Image(np.zeros((8, 8, 3), np.uint8), None, False, "png"), "png", 2, Settings().run, 128,
+                       reference=False, call_mb=50.0).refusal is None
+    route = budget.plan("big", image, "webp", 2, Settings().run, 128, reference=False, call_mb=50.0)
+    assert route is not None and route.final
+    assert route.refusal == "18000x16 is too large for WEBP (at most 16383 pixels a side); choose png or tiff"
 
 
 def test_sixteen_bit_white_is_zero_tiff_is_not_a_negative(tmp_path):

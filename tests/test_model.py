@@ -101,12 +101,21 @@ def test_model_cost_script_counts_the_card_figures():
     spec = importlib.util.spec_from_file_location("model_cost", Path(__file__).parents[1] / "scripts" / "model_cost.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    params, macs = module.cost(ModelConfig("unet", 4, 32, 2, 2))
+    params, macs = module.cost(build_model(ModelConfig("unet", 4, 32, 2, 2)))
     assert params == 1_200_176 and round(macs / 1e6, 3) == 0.249
-    params, macs = module.cost(ModelConfig("unet", 4, 32, 2, 1, top_width=48, top_blocks=2))  # the bundled x4 shape
+    params, macs = module.cost(build_model(ModelConfig("unet", 4, 32, 2, 1, top_width=48, top_blocks=2)))  # the bundled x4 shape
     assert params == 893_328 and round(macs / 1e6, 3) == 0.320
     # By hand for a one-stage net: 3x3 convs 3->4 and 4->4 (in + one block), then the x2 head 4->12.
-    params, macs = module.cost(ModelConfig("unet", 2, 4, 0, 1))
+    params, macs = module.cost(build_model(ModelConfig("unet", 2, 4, 0, 1)))
     assert macs == 9 * (3 * 4 + 4 * 4 + 4 * 4 + 4 * 12)
-    _, seed = module.cost(ModelConfig("seed", 4, 32, 2, 2))
+    _, seed = module.cost(build_model(ModelConfig("seed", 4, 32, 2, 2)))
     assert round(seed / 1e6, 2) == 3.78
+    # The reference the speed bound is measured against (bench_cpu.py): 16 blocks of 64 channels, x4 sub-pixel upsampler.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from bench_cpu import edsr_baseline
+
+    _, edsr = module.cost(edsr_baseline(4))
+    # Per input pixel, 3x3 kernels: head 3->64, 33 convs 64->64, 64->256 at 1x and at 2x (4 pixels), 64->3 at 4x (16).
+    assert round(edsr / 1e6, 2) == 1.98 and edsr == 9 * 64 * (3 + 33 * 64 + 256 + 4 * 256 + 16 * 3)

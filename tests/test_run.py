@@ -17,7 +17,7 @@ from batchsr.imageio import read_image
 from batchsr.metrics import score
 from batchsr.resize import degrade, imresize
 from batchsr.runner import run_folder
-from tests.conftest import REPO, data_dir, write_png
+from tests.conftest import REPO, data_dir, model_fails_on_a_png, write_png
 
 
 def _settings(model: Path, **engine) -> Settings:
@@ -107,6 +107,56 @@ def test_engine_settings_that_change_pixels_redo_the_outputs(tree, tmp_path, tin
         redone = run_folder(tree, out, _settings(tiny_model, **engine))
         assert (redone.done, redone.skipped) == (first.done, 0), engine
     assert run_folder(tree, out, _settings(tiny_model, tile=48, overlap=12)).skipped == first.done  # same pixels
+
+
+def test_alpha_and_background_settings_redo_only_images_they_change(tmp_path, tiny_model):
+    """image.background (or image.alpha) changed redid every image, transparent or not."""
+    rng = np.random.default_rng(8)
+    write_png(tmp_path / "in" / "opaque.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    import cv2
+
+    (tmp_path / "in" / "clear.png").write_bytes(cv2.imencode(".png", rng.integers(0, 256, (20, 24, 4), dtype=np.uint8))[1].tobytes())
+    out = tmp_path / "out"
+
+    def again(**image):
+        settings = _settings(tiny_model)
+        return run_folder(tmp_path / "in", out, settings.model_copy(update={"image": settings.image.model_copy(update=image)}))
+
+    assert again().done == 2
+    assert (again(background="#000000").done, again(background="#000000").skipped) == (0, 2)  # PNG keeps the alpha
+    alpha = again(background="#000000", alpha="bicubic")
+    assert (alpha.done, alpha.skipped) == (1, 1) and read_image(out / "clear.png").alpha is not None
+    jpeg = run_folder(tmp_path / "in", tmp_path / "jpg", _settings(tiny_model).model_copy(
+        update={"run": _settings(tiny_model).run.model_copy(update={"output_format": "jpg"})}))
+    assert jpeg.done == 2
+    flat = _settings(tiny_model)
+    flat = flat.model_copy(update={"run": flat.run.model_copy(update={"output_format": "jpg"}),
+                                   "image": flat.image.model_copy(update={"background": "#000000"})})
+    black = run_folder(tmp_path / "in", tmp_path / "jpg", flat)
+    assert (black.done, black.skipped) == (1, 1)  # flattened on another colour: only the transparent one
+
+
+def test_outputs_written_before_ctrl_c_are_recorded(tmp_path, tiny_model, monkeypatch):
+    """Interrupted runs left finished outputs unrecorded: the next run made them again."""
+    import batchsr.runner
+
+    rng = np.random.default_rng(9)
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / "in" / name, rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    real = batchsr.runner.output_name
+
+    def interrupt_at_b(rel, *args, **kwargs):
+        if rel.name == "b.png":
+            raise KeyboardInterrupt
+        return real(rel, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batchsr.runner, "output_name", interrupt_at_b)
+        with pytest.raises(KeyboardInterrupt):
+            run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model, batch_size=1))
+    assert (tmp_path / "out" / "a.png").exists()
+    again = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    assert (again.done, again.skipped) == (1, 1)
 
 
 def test_a_journal_from_before_output_options_still_skips(tree, tmp_path, tiny_model):
@@ -306,22 +356,7 @@ def test_bicubic_only_eval_checks_the_scale_against_the_weights(tmp_path):
 
 def test_the_model_failing_on_one_image_fails_that_image_only(tmp_path, tiny_model, monkeypatch):
     """A model call that raised (say the GPU out of memory, or a backend bug on one shape) ended the whole run."""
-    from batchsr.engine import Engine
-
-    rng = np.random.default_rng(6)
-    marked = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    marked[0, 0] = (0, 255, 0)
-    write_png(tmp_path / "in" / "a.png", marked)  # one size: both share a model call
-    write_png(tmp_path / "in" / "b.png", rng.integers(1, 255, (20, 24, 3), dtype=np.uint8))
-    real, calls = Engine.upscale, []
-
-    def upscale(self, images):
-        calls.append(len(images))
-        if any(list(image[0, 0]) == [0.0, 1.0, 0.0] for image in images):
-            raise ValueError("simulated failure on a marked image")
-        return real(self, images)
-
-    monkeypatch.setattr(Engine, "upscale", upscale)
+    calls = model_fails_on_a_png(tmp_path / "in", monkeypatch)
     summary = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
     assert summary.done == 1 and (tmp_path / "out" / "b.png").exists() and not (tmp_path / "out" / "a.png").exists()
     assert [(f.path.name, f.reason) for f in summary.failed] == [("a.png", "not upscaled: simulated failure on a marked image")]

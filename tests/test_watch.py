@@ -389,7 +389,8 @@ def test_an_abrupt_stop_inside_a_batch_is_resumed_by_the_next_start(tmp_path, ti
     daemon.wait_message("STOPPING=1", 30)
     if how == "second signal":
         daemon.signal(signal.SIGTERM)
-        assert daemon.wait(5) == -signal.SIGTERM  # at once, by the default action
+        assert daemon.wait(5) == 128 + signal.SIGTERM  # at once
+        assert "a second SIGTERM; exiting now" in daemon.log()
     else:
         assert daemon.wait(10) == 128 + signal.SIGTERM
         assert "did not finish within watch.stop_timeout_s" in daemon.log()
@@ -468,6 +469,24 @@ def test_a_failed_file_moved_back_into_the_inbox_is_tried_again(tmp_path):
     # Moved to failed/, then back by the user (mv keeps size and mtime): a new try.
     assert journal.observe([("bad.png", 10, 1)], 5.0) == [("bad.png", Seen.NEW)]
     journal.close()
+
+
+def test_a_lone_file_cut_off_by_a_stop_signal_is_not_charged(tmp_path, tiny_model, start):
+    """A stop that outlasts watch.stop_timeout_s is ours, not the file's: it used to count as the file killing the daemon."""
+    config = write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2, stop_timeout_s=0.3)
+    drop(tmp_path / "inbox", "big.png", png(1, (512, 512)))
+    daemon = start(config)
+    wait_for(lambda: "batch of 1 images" in daemon.log(), 120, daemon, "the batch to start")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 128 + signal.SIGTERM
+    assert states(tmp_path) == {"claimed": ["big.png"]}, "the batch had finished: the test did not stop it midway"
+    assert (tmp_path / "state" / "stopped").exists()
+    write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2)
+    again = start(config)
+    wait_for(lambda: states(tmp_path).get("done") == ["big.png"], 120, again, "big.png done")
+    assert again.stop() == 0
+    assert [(row["attempts"], row["interrupted"]) for row in journal_rows(tmp_path)] == [(0, 0)]
+    assert not (tmp_path / "state" / "stopped").exists() and "cut off by a stop signal" in again.log()
 
 
 def test_a_file_in_flight_whenever_the_daemon_dies_is_set_aside_after_max_attempts(tmp_path, tiny_model, start):
@@ -633,7 +652,7 @@ def test_bad_files_land_in_failed_with_their_reason_and_status_reports_them(tmp_
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["counts"]["failed"] == len(bad) and report["counts"]["done"] == 1 and report["queue"] == 0
-    assert report["done_last_hour"] == 1 and report["daemon"].startswith(f"pid {daemon.pid}:")
+    assert report["done_last_hour"] == 1 and report["daemon"].startswith(f"pid {daemon.pid} (watch daemon):")
     assert sorted(e["file"] for e in report["errors"]) == sorted(bad)
     text = cli("--config", str(config), "status")
     assert text.returncode == 0 and "failed 5" in text.stdout and "truncated.jpg" in text.stdout
@@ -939,6 +958,27 @@ def test_a_second_instance_and_a_run_on_the_same_output_are_refused_with_75(tmp_
     same_inbox = cli("--config", str(config), "watch", "--state", str(tmp_path / "s2"), "--output", str(tmp_path / "o2"))
     assert same_inbox.returncode == 75 and "already watched by another batchsr daemon" in same_inbox.stderr
     assert daemon.alive()
+    assert daemon.stop() == 0
+
+
+def test_the_daemon_waits_for_a_run_that_holds_its_output_folder(tmp_path, tiny_model, start):
+    """It exited 75, and systemd's restarts ran out (the unit failed for good) while a long run went on."""
+    import fcntl
+
+    config = write_config(tmp_path, tiny_model)
+    lock_path = tmp_path / "output" / ".batchsr" / "lock"
+    lock_path.parent.mkdir(parents=True)
+    drop(tmp_path / "inbox", "a.png", png(1))
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write("pid 12345: /opt/batchsr/.venv/bin/batchsr run /srv/archive /srv/batchsr/output\n")
+        handle.flush()
+        daemon = start(config)
+        wait_for(lambda: "waiting for it to finish" in daemon.log(), 60, daemon, "the daemon to wait")
+        time.sleep(1.0)
+        assert daemon.alive() and not (tmp_path / "output" / "a.png").exists()
+        assert any("EXTEND_TIMEOUT_USEC" in m for m in daemon.messages)
+    wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, daemon, "a.png done once the run is over")
     assert daemon.stop() == 0
 
 
