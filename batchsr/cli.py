@@ -64,7 +64,7 @@ _STDERR_FILTER = """
 import re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 preamble, notice = sys.argv[1].encode(), re.compile(sys.argv[2].encode())
-with open(sys.argv[3], "ab") as notices:
+with open(int(sys.argv[3]), "ab", closefd=False) as notices:
     for line in sys.stdin.buffer:
         line = line.replace(preamble, b"")
         if notice.match(line):
@@ -87,11 +87,11 @@ def _import_tensorflow() -> None:
     if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:  # training may run on JAX alone
         return
     sys.stderr.flush()
-    with tempfile.NamedTemporaryFile(prefix="batchsr-tf-", suffix=".log") as notices:
+    with tempfile.TemporaryFile() as notices:  # no name: a kill during the import leaves nothing in /tmp
         read_end, write_end = os.pipe()
         try:
-            reader = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, _ABSL_PREAMBLE, _IMPORT_NOTICE, notices.name],
-                                      stdin=read_end)
+            reader = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, _ABSL_PREAMBLE, _IMPORT_NOTICE, str(notices.fileno())],
+                                      stdin=read_end, pass_fds=(notices.fileno(),))
         finally:
             os.close(read_end)
         saved = os.dup(2)
@@ -104,6 +104,7 @@ def _import_tensorflow() -> None:
             os.dup2(saved, 2)  # the last writer gone: the reader ends
             os.close(saved)
             reader.wait()
+            notices.seek(0)
             for line in notices.read().decode("utf-8", "replace").splitlines():
                 logger.debug("tensorflow: {}", line)
 

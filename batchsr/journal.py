@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS metrics_rows (image TEXT NOT NULL, sha256 TEXT NOT NU
 """
 
 
+class JournalWriteError(OutputError):
+    """The state folder's filesystem refused a journal write (full, read-only): the transaction was
+    rolled back, so the daemon can wait and try again."""
+
+
 class Seen(Enum):
     """What an observation of a file in the inbox means."""
 
@@ -185,7 +190,13 @@ class WatchJournal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:  # a full disk at start-up: the same error as for any write
+            self.db.close()
+            if not _is_storage_error(exc):
+                raise
+            raise JournalWriteError(f"cannot write the journal {self.path}: {exc} (free space in the state folder)") from None
         self.db.execute("PRAGMA synchronous=FULL")  # a committed 'done' survives power loss, not only a crash
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -212,7 +223,7 @@ class WatchJournal:
         except sqlite3.OperationalError as exc:
             if not _is_storage_error(exc):
                 raise
-            raise OutputError(f"cannot write the journal {self.path}: {exc} (free space in the state folder)") from None
+            raise JournalWriteError(f"cannot write the journal {self.path}: {exc} (free space in the state folder)") from None
 
     def close(self) -> None:
         self.db.close()

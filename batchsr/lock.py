@@ -28,10 +28,13 @@ class FolderLock:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
             raise LockedError(f"{self.path.parent} is in use by another batchsr process ({holder})") from None
-        os.ftruncate(fd, 0)
         command = " ".join(sys.argv)  # whole: with --config first, the subcommand comes after it
         role = f" {self.role}" if self.role else ""
-        os.pwrite(fd, f"pid {os.getpid()}{role}: {command[:300]}\n".encode("utf-8", "backslashreplace"), 0)
+        try:  # who holds it, for the messages of others; a full disk leaves it unsaid, not the lock untaken
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}{role}: {command[:300]}\n".encode("utf-8", "backslashreplace"), 0)
+        except OSError:
+            pass
         self._fd = fd
         return self
 

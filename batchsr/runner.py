@@ -340,9 +340,9 @@ def check_output_dir(output_dir: Path, what: str = "output folder") -> None:
     so that a bad folder fails the run at once, not after it."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".batchsr-probe-{os.getpid()}"
+        probe = output_dir / f".batchsr-probe-{os.getpid()}.tmp"  # the name of a temporary: removed at a start after a kill
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"{what} {output_dir} is not writable: {exc.strerror or exc}") from None
 

@@ -56,7 +56,7 @@ from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
 from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sniff_format, sync_folder
-from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, Result, Seen, WatchJournal
+from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
 from batchsr.lock import DAEMON, FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
 from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ahead_mb, memory_budget, write_output
@@ -476,42 +476,56 @@ class _Daemon:
             identity, next_check = _identity(self.folders.inbox), time.monotonic() + 1.0
             last_wall = time.time()
             while not self.stop.is_set():
-                self._take_hints(tick)
-                now, tick_at = time.time(), time.monotonic()
-                if now < last_wall - 1.0:
-                    logger.warning("the clock went back {:.0f}s; waiting times are counted from now", last_wall - now)
-                    self.journal.clamp_future(now)
-                last_wall = now
-                if tick_at >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
-                    next_check = tick_at + 1.0
-                    current = _identity(self.folders.inbox)
-                    if current is not None and (current != identity or not _watching(observer)):
-                        logger.warning("the inbox {} was replaced or its file watcher stopped; watching it again", self.folders.inbox)
-                        observer.stop()
-                        observer.join(timeout=5)
-                        observer = self._start_observer()
-                        next_scan = tick_at  # and look at everything in it
-                    elif current is None and identity is not None:
-                        logger.error("the inbox {} is gone; waiting for it to come back", self.folders.inbox)
-                    identity = current
-                if tick_at >= next_scan:
-                    self._scan(now)
-                    next_scan = tick_at + self.watch.rescan_interval_s
-                self._settle(now)
-                if not self.stop.is_set() and self._batch_due(now):
-                    self.model.reload_if_replaced()
-                    counts = self._run_batch(self.journal.claim(self.watch.batch_images, now))
-                    summary.done += counts.done
-                    summary.failed += counts.failed
-                    summary.model_id = self.model.engine.model_id
-                if ping_every is not None and time.monotonic() - last_ping >= ping_every:
-                    notify("WATCHDOG=1")
-                    last_ping = time.monotonic()
+                try:
+                    self._take_hints(tick)
+                    now, tick_at = time.time(), time.monotonic()
+                    if now < last_wall - 1.0:
+                        logger.warning("the clock went back {:.0f}s; waiting times are counted from now", last_wall - now)
+                        self.journal.clamp_future(now)
+                    last_wall = now
+                    if tick_at >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
+                        next_check = tick_at + 1.0
+                        current = _identity(self.folders.inbox)
+                        if current is not None and (current != identity or not _watching(observer)):
+                            logger.warning("the inbox {} was replaced or its file watcher stopped; watching it again", self.folders.inbox)
+                            observer.stop()
+                            observer.join(timeout=5)
+                            observer = self._start_observer()
+                            next_scan = tick_at  # and look at everything in it
+                        elif current is None and identity is not None:
+                            logger.error("the inbox {} is gone; waiting for it to come back", self.folders.inbox)
+                        identity = current
+                    if tick_at >= next_scan:
+                        self._scan(now)
+                        next_scan = tick_at + self.watch.rescan_interval_s
+                    self._settle(now)
+                    if not self.stop.is_set() and self._batch_due(now):
+                        self.model.reload_if_replaced()
+                        counts = self._run_batch(self.journal.claim(self.watch.batch_images, now))
+                        summary.done += counts.done
+                        summary.failed += counts.failed
+                        summary.model_id = self.model.engine.model_id
+                    if ping_every is not None and time.monotonic() - last_ping >= ping_every:
+                        notify("WATCHDOG=1")
+                        last_ping = time.monotonic()
+                except JournalWriteError as exc:  # a full disk under the state folder: wait, as for a full output folder
+                    self._wait_for_journal(exc)
         finally:
             observer.stop()
             observer.join(timeout=10)
         summary.seconds = time.time() - started
         return summary
+
+    def _wait_for_journal(self, exc: JournalWriteError) -> None:
+        """Nothing can be recorded: logs, waits ``retry_delay_s`` (a stop ends the wait), then puts the files of the
+        batch cut short back in the queue, charging none, as a restart would. Nothing was lost: each journal
+        write is one transaction, rolled back when refused."""
+        logger.error("{}; retrying in {:g}s", exc, self.watch.retry_delay_s)
+        notify(f"STATUS=waiting for the journal to be writable: {exc}")
+        self.stop.wait(self.watch.retry_delay_s)
+        notify("WATCHDOG=1")
+        with contextlib.suppress(JournalWriteError):  # still refused: the next turn of the loop waits again
+            self.journal.recover_claims(time.time(), blame=False)
 
     def _start_observer(self):
         from watchdog.observers import Observer
@@ -1035,7 +1049,7 @@ def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float
 
 def _serve_locked(settings: Settings, folders: WatchFolders, stop: threading.Event) -> WatchSummary:
     with FolderLock(folders.output / STATE_DIR / "lock", DAEMON), InboxLock(folders.inbox):
-        removed = sum(remove_temporaries(folder) for folder in (folders.output, folders.done, folders.failed))
+        removed = sum(remove_temporaries(folder) for folder in (folders.output, folders.done, folders.failed, folders.state))
         if removed:
             logger.info("removed {} temporary files left by an interrupted run", removed)
         journal = WatchJournal(folders.state / JOURNAL_FILE)

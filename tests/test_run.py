@@ -136,6 +136,28 @@ def test_alpha_and_background_settings_redo_only_images_they_change(tmp_path, ti
     assert (black.done, black.skipped) == (1, 1)  # flattened on another colour: only the transparent one
 
 
+def test_a_write_probe_cut_off_by_a_kill_is_removed_by_the_next_run(tmp_path, tiny_model, monkeypatch):
+    """The probe proving OUTPUT writable stayed in the user's folder when a kill fell between its write and unlink."""
+    from pathlib import Path as PathType
+
+    write_png(tmp_path / "in" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    real_unlink = PathType.unlink
+
+    def killed(self, *args, **kwargs):
+        if self.name.startswith(".batchsr-probe-"):
+            raise KeyboardInterrupt  # stands in for the kill: the probe stays
+        return real_unlink(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PathType, "unlink", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    (left,) = (tmp_path / "out").glob(".batchsr-probe-*")
+    left.rename(left.with_name(left.name.replace(str(os.getpid()), "99999")))  # a process gone since (the next run's pid differs)
+    assert run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model)).done == 1
+    assert not list((tmp_path / "out").glob(".batchsr-probe-*"))
+
+
 def test_outputs_written_before_ctrl_c_are_recorded(tmp_path, tiny_model, monkeypatch):
     """Interrupted runs left finished outputs unrecorded: the next run made them again."""
     import batchsr.runner
@@ -439,17 +461,21 @@ def test_a_fatal_line_from_the_tensorflow_import_is_shown_even_when_it_kills_the
 
 
 def test_tensorflow_import_notices_go_to_the_debug_log(tmp_path):
+    """... through a file without a name: a named one in /tmp outlived every kill during the import's seconds."""
     fake = tmp_path / "site" / "tensorflow"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("import os\nos.write(2, b'I0000 00:00:1.0 1 port.cc:1] a notice\\nplain line\\n')\n"
+                                      "os.write(2, f'tmp holds: {os.listdir(os.environ[\"TMPDIR\"])}\\n'.encode())\n"
                                       "raise ImportError('no tensorflow here')\n")
+    (tmp_path / "tmp").mkdir()
     write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
     config = tmp_path / "c.yaml"
     config.write_text(f"logging:\n  file: {tmp_path / 'batchsr.log'}\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}", "TMPDIR": str(tmp_path / "tmp")}
     result = subprocess.run([sys.executable, "-m", "batchsr.cli", "--config", str(config), "--log-level", "DEBUG", "run",
                              str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert result.returncode == 70 and "plain line" in result.stderr, result.stderr
+    assert "tmp holds: []" in result.stderr
     log = (tmp_path / "batchsr.log").read_text()
     assert "tensorflow: I0000 00:00:1.0 1 port.cc:1] a notice" in log and "no tensorflow here" in log
 

@@ -471,6 +471,79 @@ def test_a_failed_file_moved_back_into_the_inbox_is_tried_again(tmp_path):
     journal.close()
 
 
+def test_a_full_disk_under_the_journal_is_waited_out_not_fatal(tmp_path, tiny_model, monkeypatch):
+    """State and output on one full filesystem (the default layout): the first refused journal write ended the
+    daemon (exit 73, then 70 at each restart while full). It now waits, and charges no file for it."""
+    from batchsr.journal import JournalWriteError, WatchJournal
+
+    config = write_config(tmp_path, tiny_model)
+    refuse = {"observe": 0, "complete": 0}  # how many more calls of each to refuse
+    for method in refuse:
+        real = getattr(WatchJournal, method)
+
+        def refusing(self, *args, real=real, **kwargs):
+            if refuse[real.__name__] > 0:
+                refuse[real.__name__] -= 1
+                raise JournalWriteError(f"cannot write the journal {self.path}: database or disk is full")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(WatchJournal, method, refusing)
+    with serving_here(config) as messages:
+        refuse["observe"] = 2
+        drop(tmp_path / "inbox", "a.png", png(1))  # seen only once the disk takes writes again
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
+        refuse["complete"] = 1
+        drop(tmp_path / "inbox", "b.png", png(2))  # written, then its record refused: queued again and redone
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png", "b.png"], 60, what="b.png done")
+    assert refuse == {"observe": 0, "complete": 0} and sum("database or disk is full; retrying in" in m for m in messages) == 3
+    assert [(row["path"], row["attempts"], row["interrupted"]) for row in journal_rows(tmp_path)] == [("a.png", 0, 0), ("b.png", 0, 0)]
+    assert files_under(tmp_path / "output") == ["a.png", "b.png"] and not files_under(tmp_path / "inbox")
+
+
+def test_a_journal_that_cannot_be_opened_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    """Switching to WAL on a full disk raised a bare OperationalError: exit 70, "a bug"."""
+    import sqlite3
+
+    import batchsr.journal
+    from batchsr.errors import OutputError
+    from batchsr.journal import WatchJournal
+
+    real_connect = sqlite3.connect
+
+    class Full:
+        def __init__(self, *args, **kwargs):
+            self.db = real_connect(*args, **kwargs)
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.db.execute(sql, *args)
+
+        def close(self):
+            self.db.close()
+
+    monkeypatch.setattr(batchsr.journal.sqlite3, "connect", Full)
+    with pytest.raises(OutputError, match="cannot write the journal .*disk I/O error"):
+        WatchJournal(tmp_path / "journal.sqlite")
+
+
+def test_a_lock_is_taken_even_when_its_holder_line_cannot_be_written(tmp_path, monkeypatch):
+    """A full disk failed the lock's courtesy line with ENOSPC: exit 70 at start."""
+    import batchsr.lock
+    from batchsr.lock import FolderLock
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batchsr.lock.os, "pwrite", full)
+    lock = FolderLock(tmp_path / "lock").acquire()
+    try:
+        with pytest.raises(Exception, match="in use by another batchsr process"):
+            FolderLock(tmp_path / "lock").acquire()
+    finally:
+        lock.release()
+
+
 def test_a_lone_file_cut_off_by_a_stop_signal_is_not_charged(tmp_path, tiny_model, start):
     """A stop that outlasts watch.stop_timeout_s is ours, not the file's: it used to count as the file killing the daemon."""
     config = write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2, stop_timeout_s=0.3)
@@ -481,12 +554,14 @@ def test_a_lone_file_cut_off_by_a_stop_signal_is_not_charged(tmp_path, tiny_mode
     assert daemon.wait(10) == 128 + signal.SIGTERM
     assert states(tmp_path) == {"claimed": ["big.png"]}, "the batch had finished: the test did not stop it midway"
     assert (tmp_path / "state" / "stopped").exists()
+    (tmp_path / "state" / ".stopped.k1lled.tmp").write_text("a later stop killed mid-write")  # a temporary left behind
     write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2)
     again = start(config)
     wait_for(lambda: states(tmp_path).get("done") == ["big.png"], 120, again, "big.png done")
     assert again.stop() == 0
     assert [(row["attempts"], row["interrupted"]) for row in journal_rows(tmp_path)] == [(0, 0)]
     assert not (tmp_path / "state" / "stopped").exists() and "cut off by a stop signal" in again.log()
+    assert not (tmp_path / "state" / ".stopped.k1lled.tmp").exists()
 
 
 def test_a_file_in_flight_whenever_the_daemon_dies_is_set_aside_after_max_attempts(tmp_path, tiny_model, start):
