@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS files (
     traceback_digest TEXT,
     model_id TEXT,
     output TEXT,                       -- relative to the output folder
-    output_identity TEXT,              -- device:inode:size:mtime of the output as written: another write replaces it
+    output_identity TEXT,              -- inode:size:mtime of the output as written: another write replaces it
     metrics TEXT,                      -- JSON, when a reference was found
     finished REAL,
     updated REAL NOT NULL

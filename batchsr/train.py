@@ -402,7 +402,9 @@ def train(
         stepper.build(model.trainable_variables)
     if resume:
         try:
-            model.load_weights(latest / "model.weights.h5")
+            with warnings.catch_warnings():  # optimizer.npz below is what restores the optimizer, whatever the precision
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(latest / "model.weights.h5")
         except Exception as exc:  # h5py and Keras signal a damaged file with many exception types
             raise ModelError(f"{latest / 'model.weights.h5'}: unreadable checkpoint weights ({exc})") from None
         try:
@@ -410,10 +412,12 @@ def train(
                 values = [saved_vars[f"arr_{i}"] for i in range(len(saved_vars.files))]
         except Exception as exc:  # zipfile and NumPy signal a damaged file with many exception types
             raise ModelError(f"{latest / 'optimizer.npz'}: unreadable optimizer state ({exc})") from None
-        variables = stepper.variables
-        if stepper is not optimizer and len(values) == len(optimizer.variables):  # written before the scale was saved
-            logger.warning("--resume: {} holds no loss scale (mixed_float16); it starts again from its initial value", latest)
-            variables = optimizer.variables
+        # The precision may change on resume: mixed_float16's loss scaler keeps its own variables, ahead of Adam's.
+        variables, inner = stepper.variables, optimizer.variables
+        if len(values) != len(variables) and stepper is optimizer and len(values) > len(inner):
+            values = values[len(values) - len(inner):]  # saved under mixed_float16: its loss scale has no use now
+        elif len(values) != len(variables) and stepper is not optimizer and len(values) == len(inner):
+            variables = inner  # saved without a loss scale: the scaler keeps what the weights file holds, or starts afresh
         if len(values) != len(variables):
             raise ModelError(f"{latest}: optimizer state does not match ({len(values)} vs {len(variables)} variables)")
         for var, value in zip(variables, values):

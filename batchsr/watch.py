@@ -510,6 +510,7 @@ class _Daemon:
                         last_ping = time.monotonic()
                 except JournalWriteError as exc:  # a full disk under the state folder: wait, as for a full output folder
                     self._wait_for_journal(exc)
+                    next_scan = time.monotonic()  # file events taken before the refusal are lost: look at the inbox again
         finally:
             observer.stop()
             observer.join(timeout=10)
@@ -804,9 +805,12 @@ class _Daemon:
         for item in items:
             fmt = target_format(item.image.format, run.output_format)
             out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
-            owner = taken.get(out_rel) or self.journal.output_owner(out_rel.as_posix())
+            recorded = self.journal.output_owner(out_rel.as_posix())
+            owner = taken.get(out_rel) or recorded
             if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
-                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts, final=True)
+                # Final against an output recorded done; one claimed in this batch may yet fail and free the name.
+                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts,
+                                 final=owner == recorded)
                 item.image = None
                 continue
             taken[out_rel] = item.entry.path
@@ -990,12 +994,13 @@ def _watching(observer) -> bool:
 
 
 def _file_identity(path: Path) -> str | None:
-    """Which file is at ``path``: an atomic replace gives another inode, an edit another size or mtime."""
+    """Which file is at ``path``: an atomic replace gives another inode, an edit another size or mtime
+    (not the device number, which a network mount may change across remounts)."""
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -1017,14 +1022,19 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
     folders = WatchFolders.from_settings(settings.watch)
     folders.create()
     with FolderLock(folders.state / LOCK_FILE, DAEMON):
-        if not _wait_for_runs(FolderLock(folders.output / STATE_DIR / "lock", DAEMON), stop):
+        output_lock = _wait_for_runs(FolderLock(folders.output / STATE_DIR / "lock", DAEMON), stop)
+        if output_lock is None:
             return WatchSummary()
-        return _serve_locked(settings, folders, stop)
+        try:
+            return _serve_locked(settings, folders, stop)
+        finally:
+            output_lock.release()
 
 
-def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float = 5.0) -> bool:
-    """Waits while a ``batchsr run`` holds the output folder (a cron job into it is no reason to fail the
-    service), telling systemd that start-up goes on; False when stopped meanwhile. Another daemon is refused."""
+def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float = 5.0) -> FolderLock | None:
+    """Takes the output folder's lock, waiting while a ``batchsr run`` holds it (a cron job into it is no reason
+    to fail the service) and telling systemd that start-up goes on; None when stopped meanwhile. Another
+    daemon holding it is refused."""
     waiting = False
     while not stop.is_set():
         try:
@@ -1040,15 +1050,15 @@ def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float
             notify(f"EXTEND_TIMEOUT_USEC={int(3 * poll_s * 1e6)}")
             stop.wait(poll_s)
             continue
-        output_lock.release()  # taken again for the daemon's run (a run starting between the two is refused: 75)
         if waiting:
             logger.info("the output folder is free: starting")
-        return True
-    return False
+        return output_lock
+    return None
 
 
 def _serve_locked(settings: Settings, folders: WatchFolders, stop: threading.Event) -> WatchSummary:
-    with FolderLock(folders.output / STATE_DIR / "lock", DAEMON), InboxLock(folders.inbox):
+    """The daemon, its state folder and output folder locked."""
+    with InboxLock(folders.inbox):
         removed = sum(remove_temporaries(folder) for folder in (folders.output, folders.done, folders.failed, folders.state))
         if removed:
             logger.info("removed {} temporary files left by an interrupted run", removed)

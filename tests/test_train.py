@@ -418,3 +418,6 @@ def test_mixed_float16_checkpoints_keep_the_loss_scale(tmp_path):
     assert result.step == 40
     with np.load(out / "checkpoints" / "step-00000040" / "optimizer.npz") as saved:
         assert int(saved["arr_2"]) == 40
+    # The precision may change on a resume (a GPU run continued on a CPU, and back): the state carries over.
+    assert train(_settings(out, precision="float32", steps=60), resume=True, progress=False).step == 60
+    assert train(_settings(out, precision="mixed_float16", steps=80), resume=True, progress=False).step == 80

@@ -1057,6 +1057,38 @@ def test_the_daemon_waits_for_a_run_that_holds_its_output_folder(tmp_path, tiny_
     assert daemon.stop() == 0
 
 
+def test_the_output_lock_waited_for_is_kept_not_taken_again(tmp_path):
+    """It was released once free and taken again for the daemon: a run starting in between made the daemon exit 75."""
+    from batchsr.errors import LockedError
+    from batchsr.lock import DAEMON, FolderLock
+    from batchsr.watch import _wait_for_runs
+
+    path = tmp_path / "output" / ".batchsr" / "lock"
+    held = _wait_for_runs(FolderLock(path, DAEMON), threading.Event())
+    try:
+        with pytest.raises(LockedError, match=r"\(watch daemon\)"):
+            FolderLock(path).acquire()  # the run that would have slipped in
+    finally:
+        held.release()
+
+
+def test_an_output_name_claimed_in_the_same_batch_is_retried_not_final(tmp_path, tiny_model, start):
+    """a.jpg and a.png both become a.png: a.png, refused while a.jpg only claims the name in the batch, is tried again
+    (a.jpg could still fail), and fails for good once a.jpg's output is recorded."""
+    config = write_config(tmp_path, tiny_model, max_attempts=3)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["run"]["output_format"] = "png"
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    drop(tmp_path / "inbox", "a.jpg", jpeg(3))
+    drop(tmp_path / "inbox", "a.png", png(4, (12, 10)))
+    daemon = start(config)
+    wait_for(lambda: (tmp_path / "failed" / "a.png").exists(), 60, daemon, "a.png set aside")
+    assert daemon.stop() == 0
+    report = json.loads((tmp_path / "failed" / "a.png.error.json").read_text())
+    assert "would overwrite the output of a.jpg" in report["reason"] and report["attempts"] == 2
+    assert states(tmp_path)["done"] == ["a.jpg"]
+
+
 # -- configuration --------------------------------------------------------------------------------
 
 
