@@ -305,7 +305,8 @@ def write_output(
 
 
 class _Progress:
-    """A tqdm bar on a terminal, periodic log lines elsewhere."""
+    """A tqdm bar on a terminal, periodic log lines elsewhere. It counts files: those found not to be
+    images, or failing, are settled too, and the total is known before any file is read."""
 
     def __init__(self, total: int, mode: str, interval: float):
         self.total, self.count, self.interval = total, 0, interval
@@ -316,7 +317,7 @@ class _Progress:
         if use_bar and self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="file", dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.count += n
@@ -328,7 +329,7 @@ class _Progress:
             self.last = now
             rate = self.count / max(now - self.start, 1e-9)
             eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-            logger.info("{}/{} images, {:.2f} img/s, ETA {:.0f}s", self.count, self.total, rate, eta)
+            logger.info("{}/{} files, {:.2f} files/s, ETA {:.0f}s", self.count, self.total, rate, eta)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -490,6 +490,7 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     trouble = subprocess.run(["sh", script, *batchsr], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert trouble.returncode == 65 and "b.png" in trouble.stdout and "done 0, skipped 1, failed 1" in trouble.stdout
+    assert "2/2 files" in trouble.stdout  # the progress counts files: the failed one too, as it did as "images"
     locked = subprocess.run(["sh", script, "sh", "-c", "echo held by pid 7 >&2; exit 75"], capture_output=True, text=True, timeout=60)
     assert (locked.returncode, locked.stdout, locked.stderr) == (0, "", "")
 
