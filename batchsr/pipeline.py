@@ -103,6 +103,8 @@ def upscale_images(engine, images: list[Image], alpha: str = "model") -> list[tu
 def upscale_each(engine, images: list[Image], alpha: str = "model") -> list:
     """``upscale_images``, with each image's exception in its place: a failing call is tried again one
     image at a time, so that the model failing on one image (or a batch too large for the GPU) fails no other."""
+    if not images:
+        return []
     try:
         return upscale_images(engine, images, alpha)
     except Exception as exc:  # noqa: BLE001 (recorded as the image's failure by the caller)
