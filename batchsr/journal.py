@@ -341,9 +341,9 @@ class WatchJournal:
         with self._transaction() as db:
             rows = db.execute(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state = 'claimed'").fetchall()
             charge = 1 if blame and len(rows) == 1 else 0
-            db.execute(
-                "UPDATE files SET state = 'ready', interrupted = interrupted + ?, alone = 1, not_before = 0, updated = ? "
-                "WHERE state = 'claimed'", (charge, now),
+            db.execute(  # suspects go one at a time; a batch stopped on purpose is no suspect
+                "UPDATE files SET state = 'ready', interrupted = interrupted + ?, alone = CASE WHEN ? THEN 1 ELSE alone END, "
+                "not_before = 0, updated = ? WHERE state = 'claimed'", (charge, blame, now),
             )
         return [Entry(r[0], r[1], r[2], r[3], r[4], r[5] + charge, r[6]) for r in rows]
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from batchsr.errors import LockedError
+from batchsr.errors import LockedError, OutputError
 
 
 DAEMON = "(watch daemon)"  # in the line a daemon's lock holds: what another process waits for, or not
@@ -20,8 +20,11 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a full disk, a read-only or foreign folder: the user's to fix, not a bug
+            raise OutputError(f"cannot create the lock {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -336,9 +336,9 @@ def train(
     try:  # before any work: a folder that cannot take checkpoints fails at once, not after an interval
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "checkpoints").mkdir(exist_ok=True)
-        probe = out_dir / f".batchsr-probe-{os.getpid()}"
+        probe = out_dir / f".batchsr-probe-{os.getpid()}.tmp"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"out_dir {out_dir} cannot be written: {exc.strerror or exc}") from None
     ckpts = _Checkpoints(out_dir)

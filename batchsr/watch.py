@@ -456,6 +456,7 @@ class _Daemon:
         self.prefix = str(folders.inbox) + os.sep
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
         self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
+        self.claims_cut_short = False  # a refused journal write left a batch claimed: queue it again before the next
 
     # -- the loop --
 
@@ -477,6 +478,9 @@ class _Daemon:
             last_wall = time.time()
             while not self.stop.is_set():
                 try:
+                    if self.claims_cut_short:  # refused again: the except below waits, and this is tried next turn
+                        self.journal.recover_claims(time.time(), blame=False)
+                        self.claims_cut_short = False
                     self._take_hints(tick)
                     now, tick_at = time.time(), time.monotonic()
                     if now < last_wall - 1.0:
@@ -518,15 +522,18 @@ class _Daemon:
         return summary
 
     def _wait_for_journal(self, exc: JournalWriteError) -> None:
-        """Nothing can be recorded: logs, waits ``retry_delay_s`` (a stop ends the wait), then puts the files of the
-        batch cut short back in the queue, charging none, as a restart would. Nothing was lost: each journal
-        write is one transaction, rolled back when refused."""
-        logger.error("{}; retrying in {:g}s", exc, self.watch.retry_delay_s)
+        """Nothing can be recorded: logs and waits ``retry_delay_s`` (at least 5 s; a stop ends the wait,
+        systemd's watchdog is fed), then the loop puts the files of the batch cut short back in the queue,
+        charging none, as a restart would. Nothing was lost: each journal write is one transaction, rolled back
+        when refused."""
+        delay = max(self.watch.retry_delay_s, 5.0)
+        logger.error("{}; retrying in {:g}s", exc, delay)
         notify(f"STATUS=waiting for the journal to be writable: {exc}")
-        self.stop.wait(self.watch.retry_delay_s)
-        notify("WATCHDOG=1")
-        with contextlib.suppress(JournalWriteError):  # still refused: the next turn of the loop waits again
-            self.journal.recover_claims(time.time(), blame=False)
+        self.claims_cut_short = True
+        deadline = time.monotonic() + delay
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            notify("WATCHDOG=1")
+            self.stop.wait(min(left, 60.0))
 
     def _start_observer(self):
         from watchdog.observers import Observer
@@ -670,6 +677,13 @@ class _Daemon:
         logger.info("batch of {} images", len(entries))
         engine = self.model.engine
         writes = self._produce(engine, self._read_batch(entries, counts), counts)
+        try:
+            return self._conclude_batch(writes, engine, counts, started)
+        except BaseException:  # cut short (a refused journal write): no write of this batch runs on into the next
+            wait([job for _, _, job in writes])
+            raise
+
+    def _conclude_batch(self, writes: list, engine, counts: _BatchCounts, started: float) -> _BatchCounts:
         completed: list[tuple[_Read, Completed, dict | None]] = []
         for item, out_rel, future in writes:
             try:
@@ -725,33 +739,36 @@ class _Daemon:
                                self.run_settings.decode_workers, ahead=ahead, max_pixels=max_pixels)
         usable = []
         held_mb = 0.0
-        for taken, item in enumerate(reads, start=1):
-            entry, now, kept = item.entry, time.time(), False
-            if item.missing:
-                self.journal.vanish([entry.path])
-            elif item.changed:
-                self.journal.restart_settling([(entry.id, item.size, item.ctime_ns)], now)
-            elif item.sha256 is not None and (done := self._still_done(entry.path, item.sha256)) is not None:
-                self.journal.absorb_duplicate(entry.id, done, item.size, item.ctime_ns, now)
-                logger.info("{}: same content as the version already done; not redone", entry.path)
-                self._dispose_input(entry.path, item.size, item.ctime_ns)
-                counts.duplicates += 1
-            elif item.error is not None:
-                self._try_failed(item, item.error, item.digest, counts)
-            else:
-                usable.append(item)
-                held_mb += decoding_mb(*item.image.size, item.image.rgb.dtype.itemsize)
-                kept = True
-            if not kept:  # settled here: what it reserved is free again
-                item.image = None
-                ahead.release(taken - 1)
-            if held_mb >= share and taken < len(entries):
-                reads.close()
-                later = entries[taken:]
-                self.journal.unclaim([e.id for e in later], time.time())
-                logger.info("{} images decoded take about {:,.0f} MB, a quarter of run.memory_mb beside the model or more: "
-                            "{} wait for the next batch", len(usable), held_mb, len(later))
-                break
+        try:
+            for taken, item in enumerate(reads, start=1):
+                entry, now, kept = item.entry, time.time(), False
+                if item.missing:
+                    self.journal.vanish([entry.path])
+                elif item.changed:
+                    self.journal.restart_settling([(entry.id, item.size, item.ctime_ns)], now)
+                elif item.sha256 is not None and (done := self._still_done(entry.path, item.sha256)) is not None:
+                    self.journal.absorb_duplicate(entry.id, done, item.size, item.ctime_ns, now)
+                    logger.info("{}: same content as the version already done; not redone", entry.path)
+                    self._dispose_input(entry.path, item.size, item.ctime_ns)
+                    counts.duplicates += 1
+                elif item.error is not None:
+                    self._try_failed(item, item.error, item.digest, counts)
+                else:
+                    usable.append(item)
+                    held_mb += decoding_mb(*item.image.size, item.image.rgb.dtype.itemsize)
+                    kept = True
+                if not kept:  # settled here: what it reserved is free again
+                    item.image = None
+                    ahead.release(taken - 1)
+                if held_mb >= share and taken < len(entries):
+                    reads.close()
+                    later = entries[taken:]
+                    self.journal.unclaim([e.id for e in later], time.time())
+                    logger.info("{} images decoded take about {:,.0f} MB, a quarter of run.memory_mb beside the model or more: "
+                                "{} wait for the next batch", len(usable), held_mb, len(later))
+                    break
+        finally:  # cut short (a refused journal write) too: decoding ahead stops and frees what it holds
+            reads.close()
         return usable
 
     def _still_done(self, path: str, sha256: str) -> int | None:
@@ -802,43 +819,47 @@ class _Daemon:
                 job.set_exception(exc)
             writes.append((item, out_rel, job))
 
-        for item in items:
-            fmt = target_format(item.image.format, run.output_format)
-            out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
-            recorded = self.journal.output_owner(out_rel.as_posix())
-            owner = taken.get(out_rel) or recorded
-            if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
-                # Final against an output recorded done; one claimed in this batch may yet fail and free the name.
-                self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts,
-                                 final=owner == recorded)
-                item.image = None
-                continue
-            taken[out_rel] = item.entry.path
-            reference = self.folders.reference is not None and float(factor).is_integer()
-            call_mb = engine.call_mb(*item.image.rgb.shape[:2])
-            route = budget.plan(item.entry.id, item.image, fmt, engine.scale, run, self.settings.engine.tile, reference=reference,
-                                call_mb=call_mb)
-            if route is None:  # it would go better alone: planned again once the others are written
-                model_and_write()
-                wait([job for _, _, job in writes])
-                for done, _, _ in writes:
-                    budget.release(done.entry.id)
-                    done.image = None  # the result stays in its future
+        try:
+            for item in items:
+                fmt = target_format(item.image.format, run.output_format)
+                out_rel = output_name(Path(item.entry.path), item.image.format, run.output_format, run.name_template, factor)
+                recorded = self.journal.output_owner(out_rel.as_posix())
+                owner = taken.get(out_rel) or recorded
+                if owner is not None and owner != item.entry.path:  # as in run: never replace another input's output
+                    # Final against an output recorded done; one claimed in this batch may yet fail and free the name.
+                    self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts,
+                                     final=owner == recorded)
+                    item.image = None
+                    continue
+                taken[out_rel] = item.entry.path
+                reference = self.folders.reference is not None and float(factor).is_integer()
+                call_mb = engine.call_mb(*item.image.rgb.shape[:2])
                 route = budget.plan(item.entry.id, item.image, fmt, engine.scale, run, self.settings.engine.tile, reference=reference,
                                     call_mb=call_mb)
-            if route.refusal is not None:
-                self._try_failed(item, route.refusal, None, counts, final=route.final)
-                item.image = None
-                continue
-            if route.note:
-                logger.warning("{}: {}", item.entry.path, route.note)
-            if route.streamed:
-                stream(item, out_rel, fmt)
-                budget.release(item.entry.id)
-                item.image = None
-            else:
-                batched.append((item, out_rel, fmt))
-        model_and_write()
+                if route is None:  # it would go better alone: planned again once the others are written
+                    model_and_write()
+                    wait([job for _, _, job in writes])
+                    for done, _, _ in writes:
+                        budget.release(done.entry.id)
+                        done.image = None  # the result stays in its future
+                    route = budget.plan(item.entry.id, item.image, fmt, engine.scale, run, self.settings.engine.tile, reference=reference,
+                                        call_mb=call_mb)
+                if route.refusal is not None:
+                    self._try_failed(item, route.refusal, None, counts, final=route.final)
+                    item.image = None
+                    continue
+                if route.note:
+                    logger.warning("{}: {}", item.entry.path, route.note)
+                if route.streamed:
+                    stream(item, out_rel, fmt)
+                    budget.release(item.entry.id)
+                    item.image = None
+                else:
+                    batched.append((item, out_rel, fmt))
+            model_and_write()
+        except BaseException:  # cut short: the writes handed to the pool finish before the batch is given up
+            wait([job for _, _, job in writes])
+            raise
         return writes
 
     def _write_output(self, item: _Read, colour: np.ndarray, alpha: np.ndarray | None, out_rel: Path, engine, factor: float,

@@ -477,7 +477,7 @@ def test_a_full_disk_under_the_journal_is_waited_out_not_fatal(tmp_path, tiny_mo
     from batchsr.journal import JournalWriteError, WatchJournal
 
     config = write_config(tmp_path, tiny_model)
-    refuse = {"observe": 0, "complete": 0}  # how many more calls of each to refuse
+    refuse = {"observe": 0, "complete": 0, "recover_claims": 0}  # how many more calls of each to refuse
     for method in refuse:
         real = getattr(WatchJournal, method)
 
@@ -495,9 +495,14 @@ def test_a_full_disk_under_the_journal_is_waited_out_not_fatal(tmp_path, tiny_mo
         refuse["complete"] = 1
         drop(tmp_path / "inbox", "b.png", png(2))  # written, then its record refused: queued again and redone
         wait_for(lambda: states(tmp_path).get("done") == ["a.png", "b.png"], 60, what="b.png done")
-    assert refuse == {"observe": 0, "complete": 0} and sum("database or disk is full; retrying in" in m for m in messages) == 3
-    assert [(row["path"], row["attempts"], row["interrupted"]) for row in journal_rows(tmp_path)] == [("a.png", 0, 0), ("b.png", 0, 0)]
-    assert files_under(tmp_path / "output") == ["a.png", "b.png"] and not files_under(tmp_path / "inbox")
+        refuse["complete"] = refuse["recover_claims"] = 1  # the disk still full when the batch is queued again
+        drop(tmp_path / "inbox", "c.png", png(3))
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png", "b.png", "c.png"], 60, what="c.png done, not left claimed")
+    assert refuse == {"observe": 0, "complete": 0, "recover_claims": 0}
+    assert sum("database or disk is full; retrying in" in m for m in messages) == 5
+    rows = [(row["path"], row["attempts"], row["interrupted"], row["alone"]) for row in journal_rows(tmp_path)]
+    assert rows == [("a.png", 0, 0, 0), ("b.png", 0, 0, 0), ("c.png", 0, 0, 0)]  # nobody charged, nobody made to go alone
+    assert files_under(tmp_path / "output") == ["a.png", "b.png", "c.png"] and not files_under(tmp_path / "inbox")
 
 
 def test_a_journal_that_cannot_be_opened_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
@@ -542,6 +547,12 @@ def test_a_lock_is_taken_even_when_its_holder_line_cannot_be_written(tmp_path, m
             FolderLock(tmp_path / "lock").acquire()
     finally:
         lock.release()
+    # A lock that cannot be created at all (here: under a file) is the user's to fix, not "a bug" (exit 70).
+    from batchsr.errors import OutputError
+
+    (tmp_path / "plain").write_text("a file")
+    with pytest.raises(OutputError, match="cannot create the lock"):
+        FolderLock(tmp_path / "plain" / ".batchsr" / "lock").acquire()
 
 
 def test_a_lone_file_cut_off_by_a_stop_signal_is_not_charged(tmp_path, tiny_model, start):
