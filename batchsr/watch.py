@@ -1047,9 +1047,27 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
         if output_lock is None:
             return WatchSummary()
         try:
-            return _serve_locked(settings, folders, stop)
+            while True:
+                try:
+                    return _serve_locked(settings, folders, stop)
+                except JournalWriteError as exc:  # refused before the loop (opening, the first scan): start again
+                    if not _wait_to_start(exc, settings.watch.retry_delay_s, stop):
+                        return WatchSummary()
         finally:
             output_lock.release()
+
+
+def _wait_to_start(exc: JournalWriteError, delay_s: float, stop: threading.Event) -> bool:
+    """A full disk under the state folder at start-up: waits (at least 5 s) with systemd told that start-up goes on,
+    as the running daemon waits; False when stopped meanwhile."""
+    delay = max(delay_s, 5.0)
+    logger.error("{}; starting again in {:g}s", exc, delay)
+    notify(f"STATUS=waiting for the journal to be writable: {exc}")
+    deadline = time.monotonic() + delay
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        notify(f"EXTEND_TIMEOUT_USEC={int(3 * min(left, 60.0) * 1e6)}")
+        stop.wait(min(left, 60.0))
+    return not stop.is_set()
 
 
 def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float = 5.0) -> FolderLock | None:

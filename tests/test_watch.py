@@ -505,6 +505,27 @@ def test_a_full_disk_under_the_journal_is_waited_out_not_fatal(tmp_path, tiny_mo
     assert files_under(tmp_path / "output") == ["a.png", "b.png", "c.png"] and not files_under(tmp_path / "inbox")
 
 
+def test_a_full_disk_at_start_up_is_waited_out_too(tmp_path, tiny_model, monkeypatch):
+    """A refused write before the loop (here queueing again what a crash left) ended the daemon: exit 73, and
+    systemd's restarts could run out while the disk stayed full."""
+    from batchsr.journal import JournalWriteError, WatchJournal
+
+    config = write_config(tmp_path, tiny_model)
+    real, refusals = WatchJournal.recover_claims, [1]
+
+    def refusing(self, *args, **kwargs):
+        if refusals:
+            refusals.pop()
+            raise JournalWriteError(f"cannot write the journal {self.path}: database or disk is full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(WatchJournal, "recover_claims", refusing)
+    drop(tmp_path / "inbox", "a.png", png(1))
+    with serving_here(config) as messages:
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
+    assert not refusals and any("database or disk is full; starting again in 5s" in m for m in messages)
+
+
 def test_a_journal_that_cannot_be_opened_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     """Switching to WAL on a full disk raised a bare OperationalError: exit 70, "a bug"."""
     import sqlite3
