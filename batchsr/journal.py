@@ -68,8 +68,9 @@ CREATE TABLE IF NOT EXISTS metrics_rows (image TEXT NOT NULL, sha256 TEXT NOT NU
 
 
 class JournalWriteError(OutputError):
-    """The state folder's filesystem refused a journal write (full, read-only): the transaction was
-    rolled back, so the daemon can wait and try again."""
+    """The state folder's filesystem is full (or failing) and refused a journal write: the transaction was
+    rolled back, so the daemon can wait for space and try again. A read-only or unopenable journal stays
+    an OutputError: a configuration to fix, not to wait out."""
 
 
 class Seen(Enum):
@@ -173,6 +174,13 @@ def _is_storage_error(exc: sqlite3.OperationalError) -> bool:
     return any(words in text for words in ("full", "readonly", "read-only", "disk i/o", "unable to open"))
 
 
+def _storage_error(path: Path, exc: sqlite3.OperationalError) -> OutputError:
+    """Full (or failing) storage is waited out; read-only storage or an unopenable file is reported."""
+    if any(words in str(exc).lower() for words in ("full", "disk i/o")):
+        return JournalWriteError(f"cannot write the journal {path}: {exc} (free space in the state folder)")
+    return OutputError(f"cannot write the journal {path}: {exc} (check the state folder's permissions and mount)")
+
+
 def _entry(row) -> Entry:
     return Entry(*row)
 
@@ -196,7 +204,7 @@ class WatchJournal:
             self.db.close()
             if not _is_storage_error(exc):
                 raise
-            raise JournalWriteError(f"cannot write the journal {self.path}: {exc} (free space in the state folder)") from None
+            raise _storage_error(self.path, exc) from None
         self.db.execute("PRAGMA synchronous=FULL")  # a committed 'done' survives power loss, not only a crash
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -223,7 +231,7 @@ class WatchJournal:
         except sqlite3.OperationalError as exc:
             if not _is_storage_error(exc):
                 raise
-            raise JournalWriteError(f"cannot write the journal {self.path}: {exc} (free space in the state folder)") from None
+            raise _storage_error(self.path, exc) from None
 
     def close(self) -> None:
         self.db.close()

@@ -532,25 +532,31 @@ def test_a_journal_that_cannot_be_opened_on_a_full_disk_is_a_clear_error(tmp_pat
 
     import batchsr.journal
     from batchsr.errors import OutputError
-    from batchsr.journal import WatchJournal
+    from batchsr.journal import JournalWriteError, WatchJournal
 
     real_connect = sqlite3.connect
 
     class Full:
+        error = "disk I/O error"
+
         def __init__(self, *args, **kwargs):
             self.db = real_connect(*args, **kwargs)
 
         def execute(self, sql, *args):
             if sql.startswith("PRAGMA journal_mode"):
-                raise sqlite3.OperationalError("disk I/O error")
+                raise sqlite3.OperationalError(self.error)
             return self.db.execute(sql, *args)
 
         def close(self):
             self.db.close()
 
     monkeypatch.setattr(batchsr.journal.sqlite3, "connect", Full)
-    with pytest.raises(OutputError, match="cannot write the journal .*disk I/O error"):
+    with pytest.raises(JournalWriteError, match="cannot write the journal .*disk I/O error"):  # waited out
         WatchJournal(tmp_path / "journal.sqlite")
+    Full.error = "attempt to write a readonly database"  # a configuration to fix: reported, not waited out
+    with pytest.raises(OutputError, match="readonly database.*permissions") as refused:
+        WatchJournal(tmp_path / "journal.sqlite")
+    assert not isinstance(refused.value, JournalWriteError)
 
 
 def test_a_lock_is_taken_even_when_its_holder_line_cannot_be_written(tmp_path, monkeypatch):
