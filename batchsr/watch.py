@@ -526,14 +526,8 @@ class _Daemon:
         systemd's watchdog is fed), then the loop puts the files of the batch cut short back in the queue,
         charging none, as a restart would. Nothing was lost: each journal write is one transaction, rolled back
         when refused."""
-        delay = max(self.watch.retry_delay_s, 5.0)
-        logger.error("{}; retrying in {:g}s", exc, delay)
-        notify(f"STATUS=waiting for the journal to be writable: {exc}")
         self.claims_cut_short = True
-        deadline = time.monotonic() + delay
-        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
-            notify("WATCHDOG=1")
-            self.stop.wait(min(left, 60.0))
+        _wait_for_space(exc, self.watch.retry_delay_s, self.stop, "retrying", lambda _: notify("WATCHDOG=1"))
 
     def _start_observer(self):
         from watchdog.observers import Observer
@@ -1051,22 +1045,25 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
                 try:
                     return _serve_locked(settings, folders, stop)
                 except JournalWriteError as exc:  # refused before the loop (opening, the first scan): start again
-                    if not _wait_to_start(exc, settings.watch.retry_delay_s, stop):
+                    if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again",
+                                           lambda s: notify(f"EXTEND_TIMEOUT_USEC={int(3 * s * 1e6)}")):  # start-up goes on
                         return WatchSummary()
         finally:
             output_lock.release()
 
 
-def _wait_to_start(exc: JournalWriteError, delay_s: float, stop: threading.Event) -> bool:
-    """A full disk under the state folder at start-up: waits (at least 5 s) with systemd told that start-up goes on,
-    as the running daemon waits; False when stopped meanwhile."""
+def _wait_for_space(exc: JournalWriteError, delay_s: float, stop: threading.Event, then: str, ping) -> bool:
+    """A full disk under the state folder, at start-up or while running: logs, then waits ``delay_s`` (at least
+    5 s) in pieces of at most a minute, each after ``ping(its seconds)`` tells systemd the daemon lives;
+    False when stopped meanwhile."""
     delay = max(delay_s, 5.0)
-    logger.error("{}; starting again in {:g}s", exc, delay)
+    logger.error("{}; {} in {:g}s", exc, then, delay)
     notify(f"STATUS=waiting for the journal to be writable: {exc}")
     deadline = time.monotonic() + delay
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
-        notify(f"EXTEND_TIMEOUT_USEC={int(3 * min(left, 60.0) * 1e6)}")
-        stop.wait(min(left, 60.0))
+        piece = min(left, 60.0)
+        ping(piece)
+        stop.wait(piece)
     return not stop.is_set()
 
 
