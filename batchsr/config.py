@@ -127,6 +127,7 @@ class WatchSettings(_Section):
     polling: bool = False
     poll_interval_s: float = Field(1.0, gt=0)
     stop_timeout_s: float = Field(120.0, gt=0)
+    journal_keep_days: float = Field(90.0, ge=0)  # 0: keep every finished entry
 
 
 WATCH_FOLDERS = ("inbox", "output", "done", "failed", "state", "reference")

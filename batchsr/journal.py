@@ -17,6 +17,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -451,6 +452,37 @@ class WatchJournal:
         """The failed file is in failed/: should it come back, that is a request to try again."""
         with self._transaction() as db:
             db.execute("UPDATE files SET set_aside = 1 WHERE id = ? AND state = 'failed'", (entry_id,))
+
+    def forget_finished(self, before: float, in_inbox: Callable[[str, int, int], bool],
+                        output_on_disk: Callable[[str, str | None], bool], *, after_id: int = 0,
+                        limit: int = 500) -> tuple[int, int]:
+        """Forgets finished rows from before ``before`` that no longer stand for anything, so the journal
+        of a daemon running for years does not grow with every file it ever saw.
+
+        A row stays while its file is still in the inbox as recorded (``in_inbox(path, size, ctime_ns)``:
+        ``done_policy: keep``, or a move not yet made), and a done row while its output is on disk as its
+        version wrote it (``output_on_disk(output, identity)``): it protects that output's name and
+        recognises the same content dropped again. The rest go: the same file dropped again is processed
+        as new. Looks at up to ``limit`` rows after ``after_id``; returns the last id looked at (0 once past
+        the end) and the count forgotten.
+        """
+        rows = self.db.execute(
+            "SELECT id, path, size, ctime_ns, state, output, output_identity, EXISTS (SELECT 1 FROM files AS later "
+            "WHERE later.state = 'done' AND later.output = d.output AND later.id != d.id AND (later.finished > d.finished "
+            "OR (later.finished = d.finished AND later.id > d.id))) FROM files AS d "
+            "WHERE id > ? AND state IN ('done', 'failed') AND finished < ? ORDER BY id LIMIT ?",
+            (after_id, before, limit),
+        ).fetchall()
+        stale = [
+            row_id for row_id, path, size, ctime_ns, state, output, identity, superseded in rows
+            if not in_inbox(path, size, ctime_ns)
+            and (state == "failed" or superseded or output is None or not output_on_disk(output, identity))
+        ]
+        if stale:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM files WHERE id = ? AND state IN ('done', 'failed') AND finished < ?",
+                               [(i, before) for i in stale])
+        return (rows[-1][0] if len(rows) == limit else 0), len(stale)
 
     def last_result(self, path: str) -> Result | None:
         row = self.db.execute(

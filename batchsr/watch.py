@@ -67,6 +67,7 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".crdownload")
 # Errors of the output folder rather than of the image: they do not count as a try.
 OUTPUT_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _EVENT_KINDS = {EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED}
+_FORGET_EVERY_S = 86400.0  # a pass over finished journal entries a day; each pass walks them in slices
 
 
 def is_ignored(rel: str) -> bool:
@@ -457,6 +458,8 @@ class _Daemon:
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
         self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
         self.claims_cut_short = False  # a refused journal write left a batch claimed: queue it again before the next
+        self.forget_after = 0  # the journal's row id where forgetting old entries goes on; 0: a new pass
+        self.forgotten = 0
 
     # -- the loop --
 
@@ -476,6 +479,7 @@ class _Daemon:
             next_scan = time.monotonic() + self.watch.rescan_interval_s
             identity, next_check = _identity(self.folders.inbox), time.monotonic() + 1.0
             last_wall = time.time()
+            next_forget = time.monotonic()
             while not self.stop.is_set():
                 try:
                     if self.claims_cut_short:  # refused again: the except below waits, and this is tried next turn
@@ -509,6 +513,9 @@ class _Daemon:
                         summary.done += counts.done
                         summary.failed += counts.failed
                         summary.model_id = self.model.engine.model_id
+                    if self.watch.journal_keep_days and tick_at >= next_forget and not self.stop.is_set():
+                        if self._forget_some(now):  # a pass done: the next one in a day
+                            next_forget = tick_at + _FORGET_EVERY_S
                     if ping_every is not None and time.monotonic() - last_ping >= ping_every:
                         notify("WATCHDOG=1")
                         last_ping = time.monotonic()
@@ -520,6 +527,32 @@ class _Daemon:
             observer.join(timeout=10)
         summary.seconds = time.time() - started
         return summary
+
+    def _forget_some(self, now: float) -> bool:
+        """One slice of the pass over finished journal entries, between batches; True once the pass is done."""
+        inbox, output = self.folders.inbox, self.folders.output
+
+        def in_inbox(path: str, size: int, ctime_ns: int) -> bool:
+            try:
+                info = os.stat(inbox / path)
+            except OSError:
+                return False
+            return (info.st_size, info.st_ctime_ns) == (size, ctime_ns)
+
+        def output_on_disk(rel: str, identity: str | None) -> bool:
+            current = _file_identity(output / rel)
+            return current is not None and (identity is None or current == identity)
+
+        self.forget_after, forgotten = self.journal.forget_finished(
+            now - self.watch.journal_keep_days * 86400.0, in_inbox, output_on_disk, after_id=self.forget_after)
+        self.forgotten += forgotten
+        if self.forget_after:
+            return False
+        if self.forgotten:
+            logger.info("forgot {} journal entries finished over {:g} days ago whose file and output are gone",
+                        self.forgotten, self.watch.journal_keep_days)
+        self.forgotten = 0
+        return True
 
     def _wait_for_journal(self, exc: JournalWriteError) -> None:
         """Nothing can be recorded: logs and waits ``retry_delay_s`` (at least 5 s; a stop ends the wait,

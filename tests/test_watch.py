@@ -425,6 +425,88 @@ def test_after_a_crash_the_batch_goes_one_by_one_and_only_a_lone_file_is_charged
     journal.close()
 
 
+def _finished_row(journal, path: str, state: str, now: float, *, output: str | None = None,
+                  identity: str | None = None, size: int = 10, ctime_ns: int = 1) -> int:
+    journal.observe([(path, size, ctime_ns)], now)
+    journal.mark_ready([e.id for e in journal.settling(now)], now)
+    (entry,) = journal.claim(1, now)
+    if state == "failed":
+        journal.fail(entry.id, sha256=sha(path.encode()), attempts=3, error="corrupt", digest=None, now=now)
+    else:
+        from batchsr.journal import Completed
+
+        journal.complete([Completed(entry.id, sha(path.encode()), size, ctime_ns, "m", output or path, None, identity)], now)
+    return entry.id
+
+
+def test_old_finished_entries_are_forgotten_once_their_file_and_output_are_gone(tmp_path):
+    """The journal of a daemon running for years must not keep a row for every file it ever saw, but an entry
+    that still protects an output, or describes a file still in the inbox, stays."""
+    from batchsr.journal import WatchJournal
+    from batchsr.watch import _file_identity
+
+    inbox, output = tmp_path / "inbox", tmp_path / "output"
+    inbox.mkdir()
+    output.mkdir()
+    for name in ("kept.png", "replaced.png", "old-format.png"):
+        (output / name).write_bytes(b"as written")
+    identity = _file_identity(output / "kept.png")
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    day = 86400.0
+    _finished_row(journal, "gone.png", "done", 0.0, identity="1:2:3")  # output deleted by its consumer
+    _finished_row(journal, "kept.png", "done", 0.0, identity=identity)
+    _finished_row(journal, "replaced.png", "done", 0.0, identity="1:2:3")  # another write is there now
+    _finished_row(journal, "old-format.png", "done", 0.0)  # recorded before identities: present is enough
+    _finished_row(journal, "bad.png", "failed", 0.0)
+    (inbox / "kept-input.png").write_bytes(b"x" * 10)  # done_policy keep: the input stays, never redone
+    info = os.stat(inbox / "kept-input.png")
+    _finished_row(journal, "kept-input.png", "done", 0.0, output="elsewhere.png", size=10, ctime_ns=info.st_ctime_ns)
+    _finished_row(journal, "recent.png", "done", 95 * day, identity="1:2:3")
+
+    def in_inbox(path, size, ctime_ns):
+        try:
+            info = os.stat(inbox / path)
+        except OSError:
+            return False
+        return (info.st_size, info.st_ctime_ns) == (size, ctime_ns)
+
+    def on_disk(rel, recorded):
+        current = _file_identity(output / rel)
+        return current is not None and recorded in (None, current)
+
+    cursor, forgotten = 0, 0
+    while True:  # in slices of two rows, as the daemon walks a long journal between batches
+        cursor, count = journal.forget_finished(90 * day + 1, in_inbox, on_disk, after_id=cursor, limit=2)
+        forgotten += count
+        if not cursor:
+            break
+    remaining = sorted(r[0] for r in journal.db.execute("SELECT path FROM files"))
+    assert remaining == ["kept-input.png", "kept.png", "old-format.png", "recent.png"] and forgotten == 3
+    journal.close()
+
+
+def test_the_daemon_forgets_old_entries_and_a_file_dropped_again_is_processed(tmp_path, tiny_model, start):
+    config = write_config(tmp_path, tiny_model, journal_keep_days=30)
+    inbox, output = tmp_path / "inbox", tmp_path / "output"
+    data = png(21)
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(inbox, "a.png", data)
+    wait_for(lambda: (tmp_path / "done" / "a.png").exists(), 60, daemon, "a.png")
+    assert daemon.stop() == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "journal.sqlite")) as db, db:
+        db.execute("UPDATE files SET finished = finished - 31 * 86400")  # done a month ago
+    (output / "a.png").unlink()  # and its output taken away since
+    (tmp_path / "done" / "a.png").unlink()
+    again = start(config)
+    wait_for(lambda: "forgot 1 journal entries" in again.log(), 60, again, "the old entry forgotten")
+    assert journal_rows(tmp_path) == []
+    drop(inbox, "a.png", data)
+    wait_for(lambda: (output / "a.png").exists() and not files_under(inbox), 60, again, "a.png again")
+    assert again.stop() == 0
+    assert "not redone" not in again.log() and [r["state"] for r in journal_rows(tmp_path)] == ["done"]
+
+
 def test_a_full_state_folder_is_an_output_error_not_a_bug(tmp_path):
     from batchsr.errors import OutputError
     from batchsr.journal import WatchJournal
