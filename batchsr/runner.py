@@ -130,7 +130,7 @@ def output_options(settings: Settings, fmt: str, factor: float, *, transparent: 
     with the defaults.
     """
     run, image, engine = settings.run, settings.image, settings.engine
-    options = {"factor": float(factor), "alpha": image.alpha, "background": image.background}
+    options = {"format": fmt, "factor": float(factor), "alpha": image.alpha, "background": image.background}
     defaults = type(engine)()
     for key in ("self_ensemble", "flat_guard", "precision"):
         if getattr(engine, key) != getattr(defaults, key):
@@ -153,6 +153,8 @@ def options_match(recorded: str | None, current: str, fmt: str) -> bool:
     if recorded is None:  # an entry from before options were recorded
         return True
     old, new = json.loads(recorded), json.loads(current)
+    if "format" not in old:  # recorded before the format was: the output's name told it, unless a template hid it
+        new.pop("format", None)
     transparent = old.pop("transparent", None)
     new.pop("transparent", None)
     ignored = set()

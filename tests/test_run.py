@@ -99,6 +99,20 @@ def test_changed_output_options_redo_only_the_images_they_change(tree, tmp_path,
     assert outscale.done == first.done and read_image(out / "bird_x2.png").rgb.shape[0] == read_image(tree / "bird.png").rgb.shape[0] * 2
 
 
+def test_another_output_format_under_the_same_name_is_redone(tree, tmp_path, tiny_model):
+    """A template without {ext} gives a PNG and a TIFF output the same name: the format must count."""
+    out = tmp_path / "out"
+    base = _settings(tiny_model)
+
+    def again(output_format):
+        run = base.run.model_copy(update={"output_format": output_format, "name_template": "{stem}.out"})
+        return run_folder(tree, out, base.model_copy(update={"run": run}))
+
+    first = again("png")
+    assert (again("png").done, again("tiff").done) == (0, first.done)
+    assert read_image(out / "bird.out").format == "tiff"
+
+
 def test_engine_settings_that_change_pixels_redo_the_outputs(tree, tmp_path, tiny_model):
     """--self-ensemble (or another flat_guard, or precision) on a folder done before kept the old outputs."""
     out = tmp_path / "out"
