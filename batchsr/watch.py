@@ -127,7 +127,12 @@ class WatchFolders:
                 with tempfile.NamedTemporaryFile(dir=folder, prefix=".batchsr-probe-", suffix=".tmp"):
                     pass
             except OSError as exc:
-                raise OutputError(f"{name} folder {folder} is not writable: {exc.strerror or exc}") from None
+                error = FolderFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else OutputError
+                raise error(f"{name} folder {folder} is not writable: {exc.strerror or exc}") from None
+
+
+class FolderFullError(OutputError):
+    """A folder's filesystem is full (space, inodes or quota): waited out at start-up, as while running."""
 
 
 def _nested(a: Path, b: Path) -> bool:
@@ -1068,7 +1073,17 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
     daemon holds the state folder or the inbox, or anyone holds the output folder), ModelError.
     """
     folders = WatchFolders.from_settings(settings.watch)
-    folders.create()
+
+    def extend(seconds: float) -> None:  # tells systemd that start-up goes on
+        notify(f"EXTEND_TIMEOUT_USEC={int(3 * seconds * 1e6)}")
+
+    while True:  # a full disk is waited out, not made exit 73 until systemd's restarts run out
+        try:
+            folders.create()
+            break
+        except FolderFullError as exc:
+            if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again", extend):
+                return WatchSummary()
     with FolderLock(folders.state / LOCK_FILE, DAEMON):
         output_lock = _wait_for_runs(FolderLock(folders.output / STATE_DIR / "lock", DAEMON), stop)
         if output_lock is None:
@@ -1078,20 +1093,19 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
                 try:
                     return _serve_locked(settings, folders, stop)
                 except JournalWriteError as exc:  # refused before the loop (opening, the first scan): start again
-                    if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again",
-                                           lambda s: notify(f"EXTEND_TIMEOUT_USEC={int(3 * s * 1e6)}")):  # start-up goes on
+                    if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again", extend):
                         return WatchSummary()
         finally:
             output_lock.release()
 
 
-def _wait_for_space(exc: JournalWriteError, delay_s: float, stop: threading.Event, then: str, ping) -> bool:
-    """A full disk under the state folder, at start-up or while running: logs, then waits ``delay_s`` (at least
-    5 s) in pieces of at most a minute, each after ``ping(its seconds)`` tells systemd the daemon lives;
-    False when stopped meanwhile."""
+def _wait_for_space(exc: OutputError, delay_s: float, stop: threading.Event, then: str, ping) -> bool:
+    """A full disk under the journal or a folder, at start-up or while running: logs, then waits ``delay_s``
+    (at least 5 s) in pieces of at most a minute, each after ``ping(its seconds)`` tells systemd the daemon
+    lives; False when stopped meanwhile."""
     delay = max(delay_s, 5.0)
     logger.error("{}; {} in {:g}s", exc, then, delay)
-    notify(f"STATUS=waiting for the journal to be writable: {exc}")
+    notify(f"STATUS=waiting for space: {exc}")
     deadline = time.monotonic() + delay
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
         piece = min(left, 60.0)

@@ -608,6 +608,28 @@ def test_a_full_disk_at_start_up_is_waited_out_too(tmp_path, tiny_model, monkeyp
     assert not refusals and any("database or disk is full; starting again in 5s" in m for m in messages)
 
 
+def test_a_full_disk_under_a_folder_at_start_up_is_waited_out(tmp_path, tiny_model, monkeypatch):
+    """The start-up check that done/ is writable, refused for want of space or inodes, was exit 73 at each
+    start until systemd's restarts ran out, although the same disk full while running is waited out."""
+    import tempfile
+
+    config = write_config(tmp_path, tiny_model)
+    refusals, real = [1], tempfile.NamedTemporaryFile
+
+    def probe(*args, dir=None, **kwargs):
+        if refusals and Path(dir).name == "done":
+            refusals.pop()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", probe)
+    drop(tmp_path / "inbox", "a.png", png(1))
+    with serving_here(config) as messages:
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
+    assert not refusals
+    assert any("done folder" in m and "No space left on device; starting again in 5s" in m for m in messages)
+
+
 def test_a_journal_that_cannot_be_opened_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     """Switching to WAL on a full disk raised a bare OperationalError: exit 70, "a bug"."""
     import sqlite3
