@@ -58,6 +58,7 @@ INPUT_FORMATS = FORMATS + ("gif",)  # read
 WRITTEN_AS = {"gif": "png"}  # 256 colours cannot hold an upscaled image
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "bmp": ".bmp", "tiff": ".tif"}
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
+NO_ALPHA = ("jpg", "bmp")  # formats without transparency: an image with alpha is flattened on the background
 MAX_SIDE = {"jpg": 65535, "webp": 16383}  # the formats' own limits on a side
 _JPEG_SEGMENT_LIMITS = {"exif": 65533, "xmp": 65504}  # bytes Pillow puts into one APP1 segment
 MIN_SIDE = 1
@@ -464,7 +465,7 @@ def encode_image(
     if fmt in MAX_SIDE and max(width, height) > MAX_SIDE[fmt]:
         raise ImageError(name, too_large(fmt, width, height))
     rgb, alpha, gray = image.rgb, image.alpha, image.gray
-    if alpha is not None and fmt in ("jpg", "bmp"):
+    if alpha is not None and fmt in NO_ALPHA:
         logger.warning("{}: {} has no transparency: flattened on #{:02x}{:02x}{:02x} (image.background)", name, fmt.upper(), *background)
         rgb, alpha = flatten(rgb, alpha, background), None
     if rgb.dtype != np.uint8 and fmt in ("jpg", "webp", "bmp"):

@@ -28,7 +28,7 @@ from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
-    Image, atomic_write, decode_image, encode_image, read_image, remove_temporaries, sniff_file, sniff_format, to_uint8,
+    NO_ALPHA, Image, atomic_write, decode_image, encode_image, read_image, remove_temporaries, sniff_file, sniff_format, to_uint8,
 )
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
@@ -116,9 +116,6 @@ class Journal:
         self.db.close()
 
 
-_FLATTENED = ("jpg", "bmp")  # no transparency: an image with alpha is flattened on image.background
-
-
 def output_options(settings: Settings, fmt: str, factor: float, *, transparent: bool | None = None) -> str:
     """What besides the input and the model decides an output's pixels, for the written format ``fmt``
     at the output ``factor``; ``transparent``: whether the input has an alpha plane, once known.
@@ -160,7 +157,7 @@ def options_match(recorded: str | None, current: str, fmt: str) -> bool:
     ignored = set()
     if transparent is False:
         ignored = {"alpha", "background"}
-    elif transparent and fmt not in _FLATTENED:
+    elif transparent and fmt not in NO_ALPHA:
         ignored = {"background"}
     return {k: v for k, v in old.items() if k not in ignored} == {k: v for k, v in new.items() if k not in ignored}
 
