@@ -159,12 +159,13 @@ def _config_path(option: Path | None) -> Path | None:
     return local if local.is_file() else None
 
 
-def _load(ctx: click.Context, overrides: dict):
+def _load(ctx: click.Context, overrides: dict, *, tensorflow: bool = True):
     from batchsr.config import load_settings
 
     settings = load_settings(ctx.obj["config"], overrides)
     _setup_logging(ctx.obj["log_level"] or settings.logging.level, settings.logging.file)
-    _import_tensorflow()
+    if tensorflow:
+        _import_tensorflow()
     return settings
 
 
@@ -241,11 +242,16 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
     """
     overrides = _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble)
     overrides.update({"run.output_format": output_format, "run.progress": progress, "run.outscale": outscale, "run.name_template": name_template})
-    settings = _load(ctx, overrides)
+    settings = _load(ctx, overrides, tensorflow=False)
     from loguru import logger
 
     if report_dir is not None and reference_dir is None:
         raise ConfigError("--report needs --reference")
+    if engine != "beam":  # a mistyped folder or model is answered before TensorFlow's seconds of import
+        from batchsr.runner import check_run
+
+        check_run(Path(input_dir), Path(output_dir), settings, reference_dir=reference_dir)
+    _import_tensorflow()
     if report_dir is not None and engine != "beam":
         from batchsr.runner import check_output_dir
 

@@ -384,6 +384,20 @@ def check_folders_apart(input_dir: Path, output_dir: Path) -> None:
                           "choose an output folder outside the input (or inside it)")
 
 
+def check_run(input_dir: Path, output_dir: Path, settings: Settings, *, reference_dir: Path | None = None,
+              engine=None) -> ModelInfo:
+    """What can be refused before anything is loaded or made: the folders, and the model's description.
+    The command line asks before importing TensorFlow, so that a mistyped folder is answered at once."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise InputError(f"input folder {input_dir} does not exist or is not a folder")
+    if reference_dir is not None and not Path(reference_dir).is_dir():
+        raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
+    check_folders_apart(input_dir, output_dir)
+    # A bad model file is refused before the output folder is made: a mistyped --model leaves nothing behind.
+    return engine.info if engine is not None else read_info(model_weights(settings.model))
+
+
 def run_folder(
     input_dir: Path,
     output_dir: Path,
@@ -396,13 +410,7 @@ def run_folder(
 ) -> RunSummary:
     """Upscales every image under ``input_dir`` into ``output_dir``; see the module docstring."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if not input_dir.is_dir():
-        raise InputError(f"input folder {input_dir} does not exist or is not a folder")
-    if reference_dir is not None and not Path(reference_dir).is_dir():
-        raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
-    check_folders_apart(input_dir, output_dir)
-    # A bad model file is refused before the output folder is made: a mistyped --model leaves nothing behind.
-    info: ModelInfo = engine.info if engine is not None else read_info(model_weights(settings.model))
+    info = check_run(input_dir, output_dir, settings, reference_dir=reference_dir, engine=engine)
     check_output_dir(output_dir)
     with FolderLock(output_dir / STATE_DIR / "lock"):
         removed = remove_temporaries(output_dir)

@@ -337,8 +337,9 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
     good = tmp_path / "good"
     write_png(good / "a.png", np.full((12, 10, 3), 200, np.uint8))
     assert _cli("run", str(good), str(tmp_path / "o2"), "--model", str(tiny_model), "--progress", "none").returncode == 0
-    missing = _cli("run", str(tmp_path / "nope"), str(tmp_path / "o3"), "--model", str(tiny_model))
+    missing = _cli("--log-level", "DEBUG", "run", str(tmp_path / "nope"), str(tmp_path / "o3"), "--model", str(tiny_model))
     assert missing.returncode == 66 and "nope" in missing.stderr
+    assert "tensorflow:" not in missing.stderr  # answered before TensorFlow's import (its notices log at DEBUG)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     unwritable = _cli("run", str(good), str(blocker / "sub"), "--model", str(tiny_model))
