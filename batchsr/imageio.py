@@ -147,7 +147,9 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         gray_key = _png_gray_key(data) if fmt == "png" else None
         if gray_key is not None:
             pil.info.pop("transparency", None)  # Pillow compares it unscaled with 1-, 2- and 4-bit levels
-        if _sixteen_bit(pil, data, fmt, path):
+        if _sixteen_bit(pil, data, fmt, path) and fmt == "tiff" and pil.tag_v2.get(284) == 2:
+            rgb, alpha, gray, _ = _decode_tiff_with_tifffile(data, path, max_pixels)  # planar: OpenCV mixes the planes up
+        elif _sixteen_bit(pil, data, fmt, path):
             rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
             if fmt == "tiff" and pil.tag_v2.get(262) == 0:  # WhiteIsZero: OpenCV returns the stored values
                 rgb = np.iinfo(rgb.dtype).max - rgb
@@ -248,6 +250,8 @@ def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None):
             page = tif.pages[0]
             _check_pixel_limit(path, page.imagewidth, page.imagelength, max_pixels)
             pixels = page.asarray()
+            if int(page.planarconfig) == 2 and pixels.ndim == 3:  # one plane per sample: samples last, as interleaved
+                pixels = np.moveaxis(pixels, 0, -1)
             photometric, extra = int(page.photometric), tuple(page.extrasamples or ())
             icc = page.tags.get(34675)
             icc = bytes(icc.value) if icc is not None else None
@@ -468,6 +472,7 @@ def encode_image(
     if alpha is not None and fmt in NO_ALPHA:
         logger.warning("{}: {} has no transparency: flattened on #{:02x}{:02x}{:02x} (image.background)", name, fmt.upper(), *background)
         rgb, alpha = flatten(rgb, alpha, background), None
+        gray = gray and len(set(background)) == 1  # a coloured background makes a gray image colour
     if rgb.dtype != np.uint8 and fmt in ("jpg", "webp", "bmp"):
         logger.info("{}: {} holds 8 bits per sample: the 16-bit result is rounded to 8 bits", name, fmt.upper())
         rgb, alpha = to_uint8(rgb), (to_uint8(alpha) if alpha is not None else None)

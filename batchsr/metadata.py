@@ -103,13 +103,21 @@ def _carried_exif(source: PILImage.Exif) -> PILImage.Exif:
             continue  # tifffile's description of the input's array shape: wrong for the output
 
         if tag == EXIF_IFD:
-            value = dict(source.get_ifd(EXIF_IFD))
+            value = {k: _stored_text(v) for k, v in source.get_ifd(EXIF_IFD).items()}
             if INTEROP_IFD in value:
-                value[INTEROP_IFD] = dict(source.get_ifd(INTEROP_IFD))
+                value[INTEROP_IFD] = {k: _stored_text(v) for k, v in source.get_ifd(INTEROP_IFD).items()}
         elif tag == GPS_IFD:
-            value = dict(source.get_ifd(GPS_IFD))
-        exif[tag] = value
+            value = {k: _stored_text(v) for k, v in source.get_ifd(GPS_IFD).items()}
+        exif[tag] = _stored_text(value)
     return exif
+
+
+def _stored_text(value):
+    """Text as the file stored it: Pillow reads EXIF text as Latin-1 and writes it back as ASCII, which
+    turned the UTF-8 of a "© José" copyright into "?? Jos??"; bytes are written unchanged."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("latin-1") if max(map(ord, value)) < 256 else value.encode("utf-8")
+    return value
 
 
 def _strip_header(exif: bytes) -> bytes:
@@ -227,7 +235,7 @@ def tiff_tags(meta: Metadata, gray: bool) -> list[tuple]:
         for tag in _TIFF_TEXT_TAGS:
             value = exif.get(tag)
             if isinstance(value, str) and value:
-                tags.append((tag, 2, 0, value, True))
+                tags.append((tag, 2, 0, _stored_text(value), True))
         if ORIENTATION in exif:
             tags.append((ORIENTATION, 3, 1, 1, True))
         for tag in (EXIF_IFD, GPS_IFD):

@@ -189,6 +189,22 @@ def test_alpha_bicubic_option_and_jpeg_flattening_with_a_log_line(tmp_path, engi
     assert any("flattened on #00ff00" in m and "half.png" in m for m in logs)
 
 
+def test_gray_with_alpha_flattened_on_a_colour_background_takes_its_colour(tmp_path):
+    """Flattening gray + alpha into JPEG or BMP on a green background wrote only the red plane: black."""
+    from batchsr.imageio import encode_image
+
+    la = np.dstack([np.full((6, 8), 128, np.uint8), np.full((6, 8), 255, np.uint8)])
+    la[:, :4, 1] = 0
+    image = decode_image(_save(tmp_path / "la.png", PILImage.fromarray(la, "LA")).read_bytes(), "la.png")
+    assert image.gray
+    for fmt in ("jpg", "bmp"):
+        back = np.asarray(PILImage.open(io.BytesIO(encode_image(image, fmt, background=(0, 255, 0)))).convert("RGB"))
+        assert np.abs(back[:, :3].astype(int) - [0, 255, 0]).max() <= 3, fmt  # JPEG's own error
+        assert np.abs(back[:, 5:].astype(int) - 128).max() <= 3, fmt
+    white = PILImage.open(io.BytesIO(encode_image(image, "bmp", background=(255, 255, 255))))
+    assert white.mode == "L"  # a gray background keeps a gray image gray
+
+
 def test_la_and_palette_transparency_keep_their_alpha(tmp_path):
     src = tmp_path / "in"
     la = np.zeros((12, 16, 2), np.uint8)
@@ -408,6 +424,21 @@ def test_sixteen_bit_white_is_zero_tiff_is_not_a_negative(tmp_path):
     assert image.gray and np.array_equal(image.rgb[:, :, 0], gray)
 
 
+@pytest.mark.parametrize("channels", [3, 4, 2])
+def test_sixteen_bit_planar_tiffs_keep_their_colours(tmp_path, channels):
+    """One plane per sample (PlanarConfiguration 2): OpenCV mixed the planes up, and the run wrote wrong colours
+    with exit 0 (RGB and RGBA); gray + alpha was refused as an unknown layout."""
+    planes = np.random.default_rng(channels).integers(0, 65536, (channels, 6, 8), dtype=np.uint16)
+    photometric = "minisblack" if channels == 2 else "rgb"
+    extra = ["unassalpha"] if channels in (2, 4) else None
+    tifffile.imwrite(tmp_path / "p.tif", planes, photometric=photometric, planarconfig="separate", extrasamples=extra)
+    image = read_image(tmp_path / "p.tif")
+    colour = np.repeat(planes[:1], 3, axis=0) if channels == 2 else planes[:3]
+    assert image.rgb.dtype == np.uint16 and np.array_equal(image.rgb, np.moveaxis(colour, 0, -1))
+    assert image.alpha is None if channels == 3 else np.array_equal(image.alpha, planes[-1])
+    assert image.gray == (channels == 2)
+
+
 @pytest.mark.parametrize(
     "pixels, photometric, reason",
     [
@@ -477,6 +508,22 @@ def test_icc_exif_xmp_and_dpi_are_carried(tmp_path, fmt, ext):
                 assert back.info["dpi"][0] == pytest.approx(1200.0, abs=0.1)
     if fmt in ("png", "tiff"):
         assert _unchanged(out / f"deep.{ext}").dtype == np.uint16
+
+
+def test_exif_text_beyond_ascii_is_carried_byte_for_byte(tmp_path):
+    """A UTF-8 copyright ("© 2024 José") came out as "?? 2024 Jos??" in every format."""
+    from batchsr.imageio import encode_image
+
+    text = "© 2024 José".encode() + b"\0"
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 33432, 2, len(text), 26) + struct.pack("<I", 0)
+    exif = b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd + text
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(buffer, "JPEG", exif=exif)
+    image = decode_image(buffer.getvalue(), "in.jpg")
+    for fmt in ("jpg", "png", "tiff", "webp"):
+        out = encode_image(image, fmt)
+        assert text in out, fmt
+        assert PILImage.open(io.BytesIO(out)).getexif()[33432] == PILImage.open(buffer).getexif()[33432], fmt
 
 
 def test_a_gray_output_does_not_carry_an_rgb_profile(tmp_path):
