@@ -567,7 +567,7 @@ def atomic_file(path: Path):
     """A binary file handle whose content appears at ``path`` only once complete (see ``atomic_write``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users
         os.close(fd)
@@ -583,6 +583,12 @@ def atomic_file(path: Path):
             pass
         raise
     sync_folder(path.parent)
+
+
+def temporary_prefix(name: str) -> str:
+    """``.NAME.``, the name cut to 200 bytes: with mkstemp's 8 characters and ``.tmp`` the temporary's name
+    stays within the 255 bytes a file name may have, where NAME itself may take them all."""
+    return "." + name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore") + "."
 
 
 def sync_folder(folder: Path) -> None:

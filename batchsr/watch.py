@@ -55,7 +55,7 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sniff_format, sync_folder
+from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sniff_format, sync_folder, temporary_prefix
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
 from batchsr.lock import DAEMON, FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
@@ -229,7 +229,7 @@ def move_file(source: Path, target: Path) -> bool:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
             copied = os.fstat(src.fileno())
@@ -1001,7 +1001,7 @@ class _Daemon:
         source = self.folders.inbox / result.path
         target = _free_name(self.folders.failed / result.path, report)
         try:
-            atomic_write(target.with_name(target.name + ".error.json"), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+            atomic_write(_report_path(target), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
             info = os.stat(source)
             if (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
                 if not move_file(source, target):
@@ -1024,13 +1024,24 @@ def _is_text(rel: str) -> bool:
     return True
 
 
+def _report_path(failed: Path) -> Path:
+    """``NAME.error.json`` beside the failed file; for a name too long to take the suffix (a file name has at
+    most 255 bytes), the name cut to 200 bytes and a hash of the whole, so that the report can be written."""
+    name = failed.name + ".error.json"
+    raw = failed.name.encode("utf-8", "surrogateescape")
+    if len(raw) + len(".error.json") > 255:
+        digest = hashlib.sha256(raw).hexdigest()[:12]
+        name = f"{raw[:200].decode('utf-8', 'ignore')}.{digest}.error.json"
+    return failed.with_name(name)
+
+
 def _free_name(path: Path, report: dict) -> Path:
     """``path``, or ``stem.2.ext``, ``stem.3.ext``... when an earlier failed file (or its report) holds it:
     failed/ keeps the only copy of each input, so nothing there is overwritten. A report of this very
     failure without its file (the daemon died between the two) is taken up again."""
     candidate, k = path, 1
     while True:
-        sidecar = candidate.with_name(candidate.name + ".error.json")
+        sidecar = _report_path(candidate)
         if not candidate.exists() and not sidecar.exists():
             return candidate
         if not candidate.exists():

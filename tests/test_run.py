@@ -329,6 +329,16 @@ def test_an_output_folder_holding_the_input_is_refused(tmp_path, tiny_model, lay
     assert not (out / ".batchsr").exists() and [p.name for p in src.iterdir()] == ["a.png"]
 
 
+def test_names_of_up_to_255_bytes_are_written(tmp_path, tiny_model):
+    """The temporary of an output named by 242 to 255 bytes was too long a name: the image failed."""
+    names = ["a" * 251 + ".png", "\u6587" * 83 + ".png"]  # 255 and 253 bytes
+    for name in names:
+        write_png(tmp_path / "in" / name, np.full((6, 7, 3), 40, np.uint8))
+    summary = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    assert summary.done == 2 and not summary.failed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".batchsr") == sorted(names)
+
+
 def test_cli_exit_codes(tree, tmp_path, tiny_model):
     out = tmp_path / "out"
     result = _cli("run", str(tree), str(out), "--model", str(tiny_model), "--tile", "32", "--progress", "none")

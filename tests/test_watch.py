@@ -887,6 +887,29 @@ def test_bad_files_land_in_failed_with_their_reason_and_status_reports_them(tmp_
     assert stopped["daemon"] is None
 
 
+def test_names_of_up_to_255_bytes_are_processed_and_set_aside_with_their_report(tmp_path, tiny_model, start):
+    """A legal name of 242-255 bytes could never be written (the temporary added 14 bytes to it), and a failed
+    one stayed in the inbox, its NAME.error.json too long, logged again at every scan."""
+    config = write_config(tmp_path, tiny_model, max_attempts=1)
+    good, bad = "g" * 247 + ".png", "\u00e9" * 124 + ".png"  # 251 and 252 bytes
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    for name, data in ((good, png(5)), (bad, b"not an image")):
+        (staging / name).write_bytes(data)
+        os.replace(staging / name, tmp_path / "inbox" / name)
+    wait_for(lambda: states(tmp_path) == {"done": [good], "failed": [bad]} and not files_under(tmp_path / "inbox"),
+             60, daemon, "both finished")
+    assert daemon.stop() == 0
+    assert files_under(tmp_path / "output") == [good] and files_under(tmp_path / "done") == [good]
+    failed = files_under(tmp_path / "failed")
+    assert bad in failed and len(failed) == 2
+    (report,) = [name for name in failed if name.endswith(".error.json")]
+    assert report.startswith("\u00e9" * 100) and len(report.encode()) <= 255
+    assert "not a supported image" in json.loads((tmp_path / "failed" / report).read_text())["reason"]
+
+
 def test_output_folder_under_a_regular_file_is_a_clear_error_and_moves_nothing(tmp_path, tiny_model):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
