@@ -296,14 +296,15 @@ def _tiff_entries(data: bytes) -> tuple[str, dict[int, tuple[int, int, int]]]:
 
 
 def _tiff_short(data: bytes, endian: str, entry: tuple[int, int, int] | None) -> int | None:
-    """The largest value of a SHORT entry (one per sample for some tags), else None."""
-    if entry is None or entry[0] != 3 or not 1 <= entry[1] <= 64:
+    """The largest value of a SHORT or LONG entry (one per sample for some tags), else None."""
+    if entry is None or entry[0] not in (3, 4) or not 1 <= entry[1] <= 64:
         return None
     kind, count, at = entry
+    code, size = ("H", 2) if kind == 3 else ("I", 4)
     try:
-        if count > 2:  # more than the 4 bytes of the field: it holds their offset
+        if count * size > 4:  # more than the 4 bytes of the field: it holds their offset
             (at,) = struct.unpack_from(endian + "I", data, at)
-        return max(struct.unpack_from(f"{endian}{count}H", data, at))
+        return max(struct.unpack_from(f"{endian}{count}{code}", data, at))
     except struct.error:
         return None
 
@@ -315,7 +316,8 @@ def _tiff_orientation_cleared(data: bytes) -> tuple[bytes, int]:
     decoding the stored layout and turning it here gives one answer with all.
     """
     endian, entries = _tiff_entries(data)
-    orientation = _tiff_short(data, endian, entries.get(274))
+    entry = entries.get(274)
+    orientation = _tiff_short(data, endian, entry) if entry is not None and entry[0] == 3 else None  # patched as a SHORT
     if orientation is None or orientation == 1:
         return data, 1
     patched = bytearray(data)
@@ -331,6 +333,13 @@ def _tiff_unsupported(data: bytes) -> str | None:
     photometric = _tiff_short(data, endian, entries.get(262))
     if sample == 3:
         return f"unsupported sample type: {bits}-bit floating point TIFF (8- or 16-bit integers only)"
+    if sample == 2:
+        return f"unsupported sample type: {bits}-bit signed integer TIFF (8- or 16-bit unsigned integers only)"
+    if 50706 in entries or photometric in (32803, 34892):  # DNGVersion; colour filter array, linear raw
+        return "camera raw data (DNG or colour filter array): develop it to TIFF, PNG or JPEG first"
+    if (_tiff_short(data, endian, entries.get(254)) or 0) & 1:  # NewSubfileType: a reduced-resolution image
+        return ("the first image is a reduced-resolution preview (a camera raw file?): "
+                "develop it to TIFF, PNG or JPEG first")
     if bits > 16:
         return f"unsupported sample type: {bits}-bit integer TIFF (8- or 16-bit integers only)"
     if photometric == 5 and bits == 16:

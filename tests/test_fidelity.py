@@ -445,12 +445,29 @@ def test_sixteen_bit_planar_tiffs_keep_their_colours(tmp_path, channels):
         (np.zeros((6, 8, 3), np.float32), "rgb", "32-bit floating point TIFF"),
         (np.zeros((6, 8, 3), np.uint32), "rgb", "32-bit integer TIFF"),
         (np.zeros((6, 8, 4), np.uint16), "separated", "16-bit CMYK TIFF"),
+        (np.full((6, 8), -5, np.int8), "minisblack", "8-bit signed integer TIFF"),  # was read as 251
+        (np.zeros((6, 8), np.int16), "minisblack", "16-bit signed integer TIFF"),
     ],
 )
 def test_unsupported_tiff_sample_types_are_named(tmp_path, pixels, photometric, reason):
     tifffile.imwrite(tmp_path / "x.tif", pixels, photometric=photometric)
     with pytest.raises(ImageError, match=reason):
         read_image(tmp_path / "x.tif")
+
+
+def test_camera_raw_layouts_are_refused_not_their_preview_upscaled(tmp_path):
+    """A raw file whose first image is a small preview (the raw data in a SubIFD, as NEF and DNG keep it) was
+    upscaled from that preview, exit 0."""
+    with tifffile.TiffWriter(tmp_path / "photo.nef") as tif:
+        tif.write(np.zeros((12, 16, 3), np.uint8), photometric="rgb", subfiletype=1, subifds=1)
+        tif.write(np.zeros((120, 160), np.uint16), photometric="minisblack")
+    with pytest.raises(ImageError, match="reduced-resolution preview"):
+        read_image(tmp_path / "photo.nef")
+    tifffile.imwrite(tmp_path / "raw.dng", np.zeros((12, 16), np.uint16), photometric=32803)  # colour filter array
+    with pytest.raises(ImageError, match="camera raw data"):
+        read_image(tmp_path / "raw.dng")
+    tifffile.imwrite(tmp_path / "full.tif", np.zeros((12, 16, 3), np.uint8), photometric="rgb", subfiletype=0)
+    assert read_image(tmp_path / "full.tif").size == (16, 12)  # an ordinary first image still reads
 
 
 # -- metadata -------------------------------------------------------------------------------
