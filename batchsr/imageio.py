@@ -31,7 +31,7 @@ from PIL import Image as PILImage
 from batchsr.alpha import bleed, flatten, unpremultiply
 from batchsr.errors import ImageError
 from batchsr.metadata import (
-    Metadata, orient, png_metadata_chunks, png_with_metadata, read_metadata, tiff_tags, tiff_with_exif, transposed,
+    Metadata, orient, png_colour_chunks, png_metadata_chunks, png_with_metadata, read_metadata, tiff_tags, tiff_with_exif, transposed,
 )
 
 # batchsr applies its own limit (image.max_pixels) from the header, with a
@@ -164,6 +164,8 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
             logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), frames, what[1], what[1])
         meta, orientation = read_metadata(pil, path)
         orientation = stored_orientation or orientation  # a TIFF's own, read before it was cleared
+        if fmt == "png":
+            meta = replace(meta, png_colour=png_colour_chunks(data))
     if gray_key is not None and alpha is None:
         level = gray_key * (np.iinfo(rgb.dtype).max // ((1 << data[24]) - 1))  # the key at the decoded depth
         alpha = np.where(rgb[:, :, 0] == level, 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)

@@ -42,6 +42,7 @@ class Metadata:
     exif: bytes | None = None  # TIFF-structured EXIF (no "Exif\0\0" header); orientation already 1
     xmp: bytes | None = None  # XMP packet
     dpi: tuple[float, float] | None = None
+    png_colour: bytes | None = None  # a PNG input's colour-space chunks (gAMA, cHRM, sRGB, cICP, ...), encoded
 
     def icc_for(self, gray: bool) -> bytes | None:
         """The profile if it describes the output's colour space (RGB or gray), else None."""
@@ -194,9 +195,28 @@ def png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
 
 
+# How the samples of a PNG map to colours, beside an ICC profile: an HDR image tagged by cICP (BT.2100 PQ)
+# read without it is taken for sRGB. Carried from PNG to PNG, as the input had them.
+_PNG_COLOUR_CHUNKS = (b"gAMA", b"cHRM", b"sRGB", b"cICP", b"mDCV", b"cLLI")
+
+
+def png_colour_chunks(png: bytes) -> bytes | None:
+    """The colour-space chunks before the first IDAT of an encoded PNG, as they are (CRCs included)."""
+    found, at = b"", 8
+    while at + 12 <= len(png):
+        (length,) = struct.unpack_from(">I", png, at)
+        kind, end = png[at + 4 : at + 8], at + 12 + length
+        if kind == b"IDAT" or end > len(png):
+            break
+        if kind in _PNG_COLOUR_CHUNKS:
+            found += png[at:end]
+        at = end
+    return found or None
+
+
 def png_metadata_chunks(meta: Metadata, gray: bool) -> bytes:
-    """iCCP, pHYs, eXIf and XMP (iTXt) chunks; they go before the first IDAT."""
-    chunks = b""
+    """Colour-space, iCCP, pHYs, eXIf and XMP (iTXt) chunks; they go before the first IDAT."""
+    chunks = meta.png_colour or b""
     icc = meta.icc_for(gray)
     if icc is not None:
         chunks += png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc))

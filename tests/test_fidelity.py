@@ -543,6 +543,24 @@ def test_exif_text_beyond_ascii_is_carried_byte_for_byte(tmp_path):
         assert PILImage.open(io.BytesIO(out)).getexif()[33432] == PILImage.open(buffer).getexif()[33432], fmt
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_colour_space_chunks_are_carried_to_png(tmp_path, dtype):
+    """gAMA, cHRM and cICP were dropped: an HDR PNG tagged BT.2100 PQ came out untagged, taken for sRGB."""
+    from batchsr.imageio import encode_image
+    from batchsr.metadata import png_chunk
+
+    chunks = (png_chunk(b"cICP", bytes([9, 16, 0, 1])) + png_chunk(b"gAMA", struct.pack(">I", 45455))
+              + png_chunk(b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000)))
+    pixels = (np.arange(6 * 8 * 3).reshape(6, 8, 3) * 7).astype(dtype)
+    _, data = cv2.imencode(".png", pixels)
+    data = data.tobytes()
+    ihdr_end = 8 + 8 + 13 + 4
+    image = decode_image(data[:ihdr_end] + chunks + data[ihdr_end:], "hdr.png")
+    out = encode_image(image, "png")
+    assert chunks in out and out.index(chunks) < out.index(b"IDAT")
+    assert chunks not in encode_image(image, "tiff")  # PNG's own chunks: not for another format
+
+
 def test_a_gray_output_does_not_carry_an_rgb_profile(tmp_path):
     src = tmp_path / "in"
     _save(src / "g.png", PILImage.fromarray(np.full((8, 8), 90, np.uint8), "L"), icc_profile=SRGB)
