@@ -31,7 +31,7 @@ from PIL import Image as PILImage
 from batchsr.alpha import bleed, flatten, unpremultiply
 from batchsr.errors import ImageError
 from batchsr.metadata import (
-    Metadata, orient, png_colour_chunks, png_metadata_chunks, png_with_metadata, read_metadata, tiff_tags, tiff_with_exif, transposed,
+    Metadata, orient, png_colour_chunks, png_metadata_chunks, png_with_metadata, read_metadata, tiff_metadata, tiff_tags, tiff_with_exif, transposed,
 )
 
 # batchsr applies its own limit (image.max_pixels) from the header, with a
@@ -135,7 +135,8 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         raise
     except PILImage.UnidentifiedImageError:
         if fmt == "tiff":  # layouts Pillow has no mode for, such as 16-bit gray + alpha (which batchsr writes)
-            return _upright(*_decode_tiff_with_tifffile(data, path, max_pixels), fmt, stored_orientation, path)
+            rgb, alpha, gray = _decode_tiff_with_tifffile(data, path, max_pixels)
+            return _upright(rgb, alpha, gray, tiff_metadata(data, path)[0], fmt, stored_orientation, path)
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data (no valid header)") from None
     except Exception as exc:  # Pillow signals bad headers with many exception types
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data ({exc})") from None
@@ -148,7 +149,7 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         if gray_key is not None:
             pil.info.pop("transparency", None)  # Pillow compares it unscaled with 1-, 2- and 4-bit levels
         if _sixteen_bit(pil, data, fmt, path) and fmt == "tiff" and pil.tag_v2.get(284) == 2:
-            rgb, alpha, gray, _ = _decode_tiff_with_tifffile(data, path, max_pixels)  # planar: OpenCV mixes the planes up
+            rgb, alpha, gray = _decode_tiff_with_tifffile(data, path, max_pixels)  # planar: OpenCV mixes the planes up
         elif _sixteen_bit(pil, data, fmt, path):
             rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
             if fmt == "tiff" and pil.tag_v2.get(262) == 0:  # WhiteIsZero: OpenCV returns the stored values
@@ -243,8 +244,8 @@ def _upright(rgb, alpha, gray: bool, meta: Metadata, fmt: str, orientation: int,
 
 
 def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None):
-    """A TIFF that Pillow cannot open: 8/16-bit gray or RGB, with an alpha sample or not, read by tifffile.
-    Returns ``(rgb, alpha, gray, meta)`` as stored (not yet upright)."""
+    """A TIFF that Pillow cannot open (or reads wrong): 8/16-bit gray or RGB, with an alpha sample or not, read
+    by tifffile. Returns ``(rgb, alpha, gray)`` as stored (not yet upright)."""
     import tifffile
 
     try:
@@ -255,8 +256,6 @@ def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None):
             if int(page.planarconfig) == 2 and pixels.ndim == 3:  # one plane per sample: samples last, as interleaved
                 pixels = np.moveaxis(pixels, 0, -1)
             photometric, extra = int(page.photometric), tuple(page.extrasamples or ())
-            icc = page.tags.get(34675)
-            icc = bytes(icc.value) if icc is not None else None
             if len(tif.pages) > 1:
                 logger.warning("{}: multi-page TIFF ({} pages): only the first page is upscaled", path, len(tif.pages))
     except ImageError:
@@ -276,7 +275,7 @@ def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None):
     if alpha is not None and extra[0] == 1:  # associated (premultiplied) alpha
         colour = unpremultiply(colour, alpha)
     rgb = np.repeat(colour, 3, axis=2) if gray else colour
-    return rgb, alpha, gray, Metadata(icc=icc)
+    return rgb, alpha, gray
 
 
 def _tiff_entries(data: bytes) -> tuple[str, dict[int, tuple[int, int, int]]]:

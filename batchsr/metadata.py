@@ -54,15 +54,38 @@ class Metadata:
 
 def read_metadata(im: PILImage.Image, path) -> tuple[Metadata, int]:
     """Metadata of an opened Pillow image and its EXIF orientation (1 when absent)."""
-    icc = im.info.get("icc_profile") or None
-    xmp = im.info.get("xmp")
-    if xmp is None and hasattr(im, "tag_v2"):
-        xmp = im.tag_v2.get(XMP_TAG)
+    return _metadata(im.info, getattr(im, "tag_v2", None), im.getexif, path)
+
+
+def tiff_metadata(tiff: bytes, path) -> tuple[Metadata, int]:
+    """Metadata of a TIFF that Pillow cannot open (such as 16-bit gray + alpha, which batchsr writes):
+    its first IFD read as EXIF, which is what a TIFF's EXIF is."""
+    ifd0 = PILImage.Exif()
+    try:
+        ifd0.load(tiff)
+    except Exception as exc:  # as in read_metadata: the pixels are still good
+        logger.warning("{}: unreadable TIFF tags: metadata dropped ({}: {})", path, type(exc).__name__, exc)
+        return Metadata(), 1
+    info: dict = {}
+    if ICC_TAG in ifd0:
+        info["icc_profile"] = bytes(ifd0[ICC_TAG])
+    if X_RESOLUTION in ifd0 and Y_RESOLUTION in ifd0:
+        per_cm = ifd0.get(296) == 3  # ResolutionUnit centimetre; inch otherwise, as Pillow reads it
+        info["dpi"] = tuple(float(ifd0[tag]) * (2.54 if per_cm else 1.0) for tag in (X_RESOLUTION, Y_RESOLUTION))
+    return _metadata(info, ifd0, lambda: ifd0, path)
+
+
+def _metadata(info: dict, tags, exif_of, path) -> tuple[Metadata, int]:
+    """From Pillow's ``info``, a TIFF's tags (None for other formats) and a function giving the EXIF."""
+    icc = info.get("icc_profile") or None
+    xmp = info.get("xmp")
+    if xmp is None and tags is not None:
+        xmp = tags.get(XMP_TAG)
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
     orientation, exif_bytes = 1, None
     try:
-        source = im.getexif()
+        source = exif_of()
         orientation = int(source.get(ORIENTATION, 1) or 1)
         exif = _carried_exif(source)
         if ORIENTATION in exif:
@@ -77,8 +100,8 @@ def read_metadata(im: PILImage.Image, path) -> tuple[Metadata, int]:
         orientation = 1
     if xmp is not None:
         xmp = _XMP_ORIENTATION.sub(rb"\g<1>1", bytes(xmp))
-    dpi = im.info.get("dpi")
-    if hasattr(im, "tag_v2") and X_RESOLUTION not in im.tag_v2:
+    dpi = info.get("dpi")
+    if tags is not None and X_RESOLUTION not in tags:
         dpi = None  # Pillow reports a TIFF without resolution tags as 1 dpi
     try:
         dpi = (round(float(dpi[0]), 2), round(float(dpi[1]), 2)) if dpi else None  # PNG stores px/m: 300 reads 299.9994

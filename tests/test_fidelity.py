@@ -399,6 +399,21 @@ def test_sixteen_bit_gray_alpha_and_big_tiffs_read_back(tmp_path):
     assert bigtiff_meta((6000, 4000, 3), np.uint16, meta, "x") == (False, meta)
 
 
+def test_sixteen_bit_gray_alpha_tiff_keeps_its_metadata(tmp_path):
+    """The layout batchsr writes for 16-bit gray + alpha lost its DPI, XMP and EXIF when read back."""
+    from batchsr.imageio import encode_image
+    from batchsr.metadata import _load_exif
+
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'
+    tifffile.imwrite(tmp_path / "la.tif", np.full((6, 8, 2), 30000, np.uint16), photometric="minisblack",
+                     extrasamples=["unassalpha"], resolution=(300, 300), resolutionunit="INCH",
+                     extratags=[(700, 1, len(xmp), xmp, True), (271, 2, 0, "Acme", True)])
+    image = read_image(tmp_path / "la.tif")
+    again = decode_image(encode_image(image, "tiff"), "again")  # and through batchsr's own output
+    for meta in (image.meta, again.meta):
+        assert meta.dpi == (300.0, 300.0) and meta.xmp == xmp and _load_exif(meta.exif)[271] == "Acme"
+
+
 def test_a_jpeg_or_webp_output_too_large_is_refused_before_the_model(tmp_path):
     from batchsr.pipeline import plan_route
 
