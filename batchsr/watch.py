@@ -63,22 +63,29 @@ from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ah
 
 METRICS_FILE = "watch-metrics.csv"
 METRICS_COLUMNS = [*METRIC_COLUMNS, "input_sha256", "finished"]
-IGNORED_SUFFIXES = (".tmp", ".part", ".crdownload")
+# Names of files still being written by transfer tools and browsers (WinSCP, qBittorrent, aria2, Opera...).
+IGNORED_SUFFIXES = (".tmp", ".part", ".crdownload", ".filepart", ".partial", ".opdownload", ".aria2", ".!qb", ".download")
+# What operating systems and office programs leave in shared folders.
+IGNORED_NAMES = ("thumbs.db", "desktop.ini")
 # Errors of the output folder rather than of the image: they do not count as a try.
 OUTPUT_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# Errors of a mount rather than of a file: reading the inbox is retried, not counted as a try.
+_MOUNT_ERRORS = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.ETIMEDOUT}
 _EVENT_KINDS = {EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED}
 _FORGET_EVERY_S = 86400.0  # a pass over finished journal entries a day; each pass walks them in slices
 
 
 def is_ignored(rel: str) -> bool:
-    """Names producers use while a file is incomplete: hidden files and folders, ``*.tmp``,
-    ``*.part``, ``*.crdownload``, rsync's ``.NAME.XXXXXX``, Syncthing's ``.syncthing.*.tmp``
-    and ``~syncthing~*.tmp``."""
+    """Names producers use while a file is incomplete: hidden files and folders, ``IGNORED_SUFFIXES``,
+    Safari's ``NAME.download/`` folders, rsync's ``.NAME.XXXXXX``, Syncthing's ``.syncthing.*.tmp`` and
+    ``~syncthing~*.tmp``; and droppings that are never images: ``Thumbs.db``, ``desktop.ini``, Office's
+    ``~$NAME`` locks, editors' ``NAME~`` backups and ``#NAME#`` autosaves."""
     parts = rel.split("/")
-    if any(part.startswith(".") for part in parts):
+    if any(part.startswith(".") for part in parts) or any(part.lower().endswith(".download") for part in parts[:-1]):
         return True
     name = parts[-1].lower()
-    return name.endswith(IGNORED_SUFFIXES) or name.startswith("~syncthing~")
+    return (name.endswith(IGNORED_SUFFIXES) or name in IGNORED_NAMES or name.startswith(("~syncthing~", "~$"))
+            or name.endswith("~") or (len(name) > 1 and name.startswith("#") and name.endswith("#")))
 
 
 @dataclass(frozen=True)
@@ -333,13 +340,25 @@ class _Read:
     digest: str | None = None
     missing: bool = False
     changed: bool = False  # not the file that settled: it is still being written
+    folder_error: bool = False  # unreadable because its folder or mount is: not the file's fault
+
+
+def _listable(folder: Path) -> bool:
+    """Whether the folder can be read now: a file in a folder that cannot (permissions taken away, a mount gone)
+    is not at fault itself."""
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+        return True
+    except OSError:
+        return False
 
 
 def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
     """Reads, hashes and decodes one file; errors are returned, never raised (one file never stops a batch)."""
     item = _Read(entry)
     try:
-        with open(path, "rb") as handle:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:  # a link put in its place: refused
             before = os.fstat(handle.fileno())
             data = handle.read(16)
             if sniff_format(data) is None:  # not an image: hashed for the record, never held (it may be a video)
@@ -354,7 +373,11 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
         item.missing = True
         return item
     except OSError as exc:
-        item.error, item.digest = f"cannot read: {exc.strerror or exc}", traceback_digest(exc)
+        if exc.errno == errno.ELOOP:
+            item.error, item.digest = "a symbolic link: not followed; move the file itself into the inbox", None
+        else:
+            item.error, item.digest = f"cannot read: {exc.strerror or exc}", traceback_digest(exc)
+            item.folder_error = exc.errno in _MOUNT_ERRORS or not _listable(path.parent)
         return item
     item.size, item.ctime_ns = after.st_size, after.st_ctime_ns
     signature = (after.st_size, after.st_ctime_ns)
@@ -461,6 +484,7 @@ class _Daemon:
         self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
         self.prefix = str(folders.inbox) + os.sep
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
+        self.reported: set[tuple[str, str]] = set()  # (name, why) of what a scan skips, reported once
         self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
         self.claims_cut_short = False  # a refused journal write left a batch claimed: queue it again before the next
         self.forget_after = 0  # the journal's row id where forgetting old entries goes on; 0: a new pass
@@ -599,17 +623,33 @@ class _Daemon:
 
         for root, dirs, names in os.walk(top, onerror=report):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
+            for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
                 path = os.path.join(root, name)
                 rel = self._relative(path)
-                if rel is None:
-                    continue
-                try:
-                    info = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISREG(info.st_mode):
-                    yield rel, info.st_size, info.st_ctime_ns
+                if rel is not None and (found := self._regular(path, rel)) is not None:
+                    yield found
+
+    def _regular(self, path: str, rel: str) -> tuple[str, int, int] | None:
+        """``(rel, size, ctime_ns)`` of a regular file; None for anything else. A symbolic link is not followed:
+        it could bring files from outside the inbox in, to be moved out of their folder into done/. A file that
+        cannot be looked at is reported once, and the scan goes on."""
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._report_once(rel, f"cannot look at it: {exc.strerror or exc}; retried at each scan")
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            self._report_once(rel, "a symbolic link: not followed; move the file itself into the inbox")
+        elif stat.S_ISREG(info.st_mode):
+            return rel, info.st_size, info.st_ctime_ns
+        return None
+
+    def _report_once(self, rel: str, why: str) -> None:
+        if (rel, why) not in self.reported:
+            self.reported.add((rel, why))
+            logger.warning("{}: {}", rel, why)
 
     def _scan(self, now: float) -> None:
         """The whole inbox: new and changed files, and queued files that are gone."""
@@ -637,19 +677,13 @@ class _Daemon:
             rel = self._relative(path)
             if rel is None:
                 continue
-            try:
-                info = os.stat(path)
-            except FileNotFoundError:
+            if not os.path.lexists(path):
                 if _is_text(rel):  # the journal only ever held names that are text
                     gone.append(rel)
-                continue
-            except OSError as exc:
-                logger.warning("cannot stat {}: {}", path, exc.strerror or exc)
-                continue
-            if stat.S_ISDIR(info.st_mode):
+            elif os.path.isdir(path) and not os.path.islink(path):
                 files.extend(self._walk(path))
-            elif stat.S_ISREG(info.st_mode):
-                files.append((rel, info.st_size, info.st_ctime_ns))
+            elif (found := self._regular(path, rel)) is not None:
+                files.append(found)
         self._record(files, time.time())
         if gone:
             self.journal.vanish(gone)
@@ -783,6 +817,8 @@ class _Daemon:
                     logger.info("{}: same content as the version already done; not redone", entry.path)
                     self._dispose_input(entry.path, item.size, item.ctime_ns)
                     counts.duplicates += 1
+                elif item.error is not None and item.folder_error:
+                    self._defer(item, f"{entry.path}: {item.error} (its folder cannot be read now)", counts)
                 elif item.error is not None:
                     self._try_failed(item, item.error, item.digest, counts)
                 else:
@@ -941,7 +977,7 @@ class _Daemon:
         result = self.journal.fail(entry.id, sha256=item.sha256, attempts=attempts, error=reason, digest=digest, now=now)
         if result is not None:
             tried = "not retried: another try would fail alike" if final else f"try {tries} of {self.watch.max_attempts}"
-            logger.error("{}: {} ({}); moved to {}", entry.path, reason, tried, self.folders.failed)
+            logger.error("{}: {} ({}); set aside", entry.path, reason, tried)
             self._set_aside(result)
             counts.failed += 1
 
@@ -1004,7 +1040,9 @@ class _Daemon:
             atomic_write(_report_path(target), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
             info = os.stat(source)
             if (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
-                if not move_file(source, target):
+                if move_file(source, target):
+                    logger.info("{} moved to {}", result.path, target)
+                else:
                     logger.info("{} was replaced while it was moved to {}; the new version is queued", result.path, self.folders.failed)
                 self.journal.mark_set_aside(result.id)
             else:

@@ -810,7 +810,7 @@ def test_temporary_names_are_ignored_until_renamed(tmp_path, tiny_model, start):
 
 @pytest.mark.parametrize("rel", [
     "with space.png", "-leading-dash.png", unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png"),
-    "sous dossier/ünïcode – ok.png",
+    "sous dossier/ünïcode – ok.png", "#1 photo.png", "x~y.png", "downloads/a.png",
 ])
 def test_is_ignored_accepts_ordinary_names(rel):
     assert not is_ignored(rel)
@@ -908,6 +908,54 @@ def test_names_of_up_to_255_bytes_are_processed_and_set_aside_with_their_report(
     (report,) = [name for name in failed if name.endswith(".error.json")]
     assert report.startswith("\u00e9" * 100) and len(report.encode()) <= 255
     assert "not a supported image" in json.loads((tmp_path / "failed" / report).read_text())["reason"]
+
+
+def test_symbolic_links_in_the_inbox_are_never_followed(tmp_path, tiny_model, start):
+    """A link to a folder made while the daemon ran was walked: the files it led to (here an output) were upscaled
+    and moved out of their folder into done/. A link loop crashed the daemon at every start (exit 70)."""
+    config = write_config(tmp_path, tiny_model)
+    inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_bytes(png(30))
+    inbox.mkdir()
+    (inbox / "at_start").symlink_to(elsewhere)
+    (inbox / "file_link.png").symlink_to(elsewhere / "x.png")
+    (inbox / "loop.png").symlink_to("loop.png")
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    drop(inbox, "first.png", png(31))
+    wait_for(lambda: states(tmp_path).get("done") == ["first.png"], 60, daemon, "first.png")
+    (inbox / "live").symlink_to(elsewhere)
+    (inbox / "live_output").symlink_to(tmp_path / "output")
+    drop(inbox, "second.png", png(32))
+    wait_for(lambda: states(tmp_path).get("done") == ["first.png", "second.png"], 60, daemon, "second.png")
+    wait_for(lambda: "live_output: a symbolic link: not followed" in daemon.log(), 30, daemon, "the live links seen")
+    assert daemon.stop() == 0
+    assert files_under(elsewhere) == ["x.png"] and files_under(tmp_path / "output") == ["first.png", "second.png"]
+    assert files_under(tmp_path / "done") == ["first.png", "second.png"] and files_under(tmp_path / "failed") == []
+    for link in ("at_start", "file_link.png", "loop.png", "live", "live_output"):
+        assert (inbox / link).is_symlink() and daemon.log().count(f"{link}: a symbolic link: not followed") == 1, link
+
+
+def test_a_folder_that_cannot_be_read_for_a_while_costs_no_tries(tmp_path, tiny_model, monkeypatch):
+    """A network mount that failed for longer than max_attempts x retry_delay_s sent every queued image to
+    failed/, as if each were broken."""
+    config = write_config(tmp_path, tiny_model, max_attempts=2)
+    inbox, real_open, refusals = str(tmp_path / "inbox") + os.sep, os.open, [1, 1, 1]
+
+    def stale(path, flags, *args, **kwargs):
+        if refusals and str(path).startswith(inbox):
+            refusals.pop()
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", stale)
+    drop(tmp_path / "inbox", "a.png", png(33))
+    with serving_here(config) as messages:
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
+    assert not refusals and sum("its folder cannot be read now" in m for m in messages) == 3
+    assert [(r["attempts"], r["state"]) for r in journal_rows(tmp_path)] == [(0, "done")]
+    assert files_under(tmp_path / "failed") == []
 
 
 def test_output_folder_under_a_regular_file_is_a_clear_error_and_moves_nothing(tmp_path, tiny_model):
@@ -1285,7 +1333,9 @@ def test_every_watch_folder_can_be_given_on_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("rel", [".a.png", "x/.b.png", ".dir/c.png", "d.png.tmp", "e.PART", "f.crdownload", ".g.png.AbC123",
-                                 ".syncthing.h.png.tmp", "~syncthing~i.png.tmp"])
+                                 ".syncthing.h.png.tmp", "~syncthing~i.png.tmp", "up.png.filepart", "dl.png.!qB",
+                                 "x.png.aria2", "y.png.partial", "z.png.opdownload", "w.jpg.download/w.jpg", "Thumbs.db",
+                                 "sub/desktop.ini", "~$report.docx", "photo.png~", "#auto.png#"])
 def test_temporary_names_are_recognised(rel):
     assert is_ignored(rel)
 
