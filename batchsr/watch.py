@@ -1014,7 +1014,7 @@ class _Daemon:
             return
         try:
             if policy == "move":
-                if not move_file(source, self.folders.done / rel):
+                if not move_file(source, _version_name(self.folders.done / rel, source)):
                     logger.info("{} was replaced while it was moved to {}; the new version is queued", rel, self.folders.done)
             else:
                 source.unlink()
@@ -1060,6 +1060,29 @@ def _is_text(rel: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _version_name(path: Path, source: Path) -> Path:
+    """``path`` in done/, or ``stem.2.ext``, ``stem.3.ext``... when another version of the input holds it: done/
+    keeps the only copy of each input, so a new version dropped under the same name does not replace the
+    last one's. A copy of the very same content is replaced, as before."""
+    candidate, k = path, 1
+    while candidate.exists():
+        if _same_content(candidate, source):
+            return candidate
+        k += 1
+        candidate = path.with_name(f"{path.stem}.{k}{path.suffix}")
+    return candidate
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as first, open(b, "rb") as second:
+            return hashlib.file_digest(first, "sha256").digest() == hashlib.file_digest(second, "sha256").digest()
+    except OSError:
+        return False
 
 
 def _report_path(failed: Path) -> Path:

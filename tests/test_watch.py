@@ -1076,7 +1076,9 @@ def test_same_name_new_content_is_redone_identical_content_is_not(tmp_path, tiny
     wait_for(lambda: len(states(tmp_path).get("done", [])) == 2 and not files_under(inbox), 60, daemon, "the new version")
     assert daemon.stop() == 0
     assert read_image(output / "a.png").rgb.shape == (48, 40, 3)
-    assert (tmp_path / "done" / "a.png").read_bytes() == second
+    # done/ keeps both versions: the second did not replace the only copy of the first (it used to).
+    assert (tmp_path / "done" / "a.png").read_bytes() == first and (tmp_path / "done" / "a.2.png").read_bytes() == second
+    assert files_under(tmp_path / "done") == ["a.2.png", "a.png"]  # the identical copy replaced its twin
     assert sorted((r["path"], r["sha256"], r["state"]) for r in journal_rows(tmp_path)) == sorted(
         [("a.png", sha(first), "done"), ("a.png", sha(second), "done")])
 
@@ -1551,7 +1553,7 @@ def test_a_version_redone_keeps_one_metrics_row_per_content(tmp_path, tiny_model
         for count, data in enumerate(versions, start=1):
             drop(inbox, "a.png", data)
             wait_for(lambda: not files_under(inbox) and len([r for r in journal_rows(tmp_path) if r["state"] == "done"]) == min(count, 2)
-                     and (tmp_path / "done" / "a.png").read_bytes() == data, 60, what=f"version {count} done")
+                     and data in [p.read_bytes() for p in (tmp_path / "done").iterdir()], 60, what=f"version {count} done")
     with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
         keys = [(r["image"], r["input_sha256"]) for r in csv.DictReader(handle)]
     assert sorted(keys) == sorted([("a.png", sha(versions[0])), ("a.png", sha(versions[1]))])
