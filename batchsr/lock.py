@@ -91,7 +91,17 @@ class InboxLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Lets the folder go: held open, a deleted inbox stays pinned and a mounted one cannot be unmounted."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def relock(self) -> None:
+        """Locks the folder now at the path (the one locked was deleted, or unmounted and mounted again):
+        a lock on the old one would let a second daemon watch the new one."""
+        self.release()
+        self.__enter__()

@@ -477,10 +477,11 @@ class _Daemon:
     """Daemon-lifetime state: journal, model, writer threads, event hints."""
 
     def __init__(self, settings: Settings, folders: WatchFolders, journal: WatchJournal, model: _Model,
-                 writers: ThreadPoolExecutor, stop: threading.Event, loaded_mb: float):
+                 writers: ThreadPoolExecutor, stop: threading.Event, loaded_mb: float, inbox_lock: InboxLock | None = None):
         self.settings, self.watch, self.run_settings = settings, settings.watch, settings.run
         self.loaded_mb = loaded_mb  # the process with the model loaded, before any model call: the memory budget's base
         self.folders, self.journal, self.model, self.writers, self.stop = folders, journal, model, writers, stop
+        self.inbox_lock = inbox_lock
         self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
         self.prefix = str(folders.inbox) + os.sep
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
@@ -525,12 +526,16 @@ class _Daemon:
                         current = _identity(self.folders.inbox)
                         if current is not None and (current != identity or not _watching(observer)):
                             logger.warning("the inbox {} was replaced or its file watcher stopped; watching it again", self.folders.inbox)
+                            if current != identity and self.inbox_lock is not None:
+                                self.inbox_lock.relock()  # another daemon holding the new folder: LockedError, exit 75
                             observer.stop()
                             observer.join(timeout=5)
                             observer = self._start_observer()
                             next_scan = tick_at  # and look at everything in it
                         elif current is None and identity is not None:
                             logger.error("the inbox {} is gone; waiting for it to come back", self.folders.inbox)
+                            if self.inbox_lock is not None:
+                                self.inbox_lock.release()  # so that its filesystem can be unmounted meanwhile
                         identity = current
                     if tick_at >= next_scan:
                         self._scan(now)
@@ -1213,7 +1218,7 @@ def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float
 
 def _serve_locked(settings: Settings, folders: WatchFolders, stop: threading.Event) -> WatchSummary:
     """The daemon, its state folder and output folder locked."""
-    with InboxLock(folders.inbox):
+    with InboxLock(folders.inbox) as inbox_lock:
         removed = sum(remove_temporaries(folder) for folder in (folders.output, folders.done, folders.failed, folders.state))
         if removed:
             logger.info("removed {} temporary files left by an interrupted run", removed)
@@ -1229,7 +1234,7 @@ def _serve_locked(settings: Settings, folders: WatchFolders, stop: threading.Eve
             model = _Model(model_weights(settings.model), settings.engine, settings.model.scale)
             loaded_mb = memory_budget(settings).loaded_mb
             with ThreadPoolExecutor(max_workers=settings.run.write_workers, thread_name_prefix="batchsr-write") as writers:
-                daemon = _Daemon(settings, folders, journal, model, writers, stop, loaded_mb)
+                daemon = _Daemon(settings, folders, journal, model, writers, stop, loaded_mb, inbox_lock)
                 daemon.set_aside_interrupted(interrupted)
                 return daemon.run()
         finally:

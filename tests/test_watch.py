@@ -1054,6 +1054,11 @@ def test_an_inbox_deleted_and_made_again_is_watched_again(tmp_path, tiny_model):
         time.sleep(1.5)
         drop(tmp_path / "inbox", "second.png", png(8))
         wait_for(lambda: sorted(states(tmp_path).get("done", [])) == ["first.png", "second.png"], 30, what="second.png done")
+        # The new inbox is locked as the old one was: a second daemon on it (its own state and output) is refused.
+        other = cli("watch", "--inbox", str(tmp_path / "inbox"), "--output", str(tmp_path / "out2"), "--state",
+                    str(tmp_path / "state2"), "--done", str(tmp_path / "done2"), "--failed", str(tmp_path / "failed2"),
+                    "--model", str(tiny_model))
+        assert other.returncode == 75 and "already watched by another batchsr daemon" in other.stderr, other.stderr
 
 
 # -- content, policies, model -------------------------------------------------------------------
