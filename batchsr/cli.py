@@ -365,7 +365,7 @@ def train(ctx, train_config, resume, init, steps, out_dir, until):
         click.echo(f"stopped at step {result.step} of {settings.steps}: continue with --resume")
         return
     click.echo(f"final weights: {result.final_weights}")
-    if result.best_weights:
+    if result.best_weights and result.best_psnr is not None:
         click.echo(f"best weights:  {result.best_weights} (validation Y-PSNR {result.best_psnr:.3f} dB)")
 
 

@@ -28,7 +28,7 @@ FilePath = Annotated[Path, Strict(False), BeforeValidator(_non_empty_path)]  # p
 
 class _Section(BaseModel):
     # Strict: `batch_size: true` or `tile: "64"` is an error, not 1 or 64 (paths are FilePath).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # `lr: .inf` too
 
 
 class ModelSettings(_Section):

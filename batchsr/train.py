@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -31,6 +33,7 @@ from loguru import logger
 from batchsr.config import TrainModel, TrainSettings
 from batchsr.errors import ConfigError, ModelError, OutputError
 from batchsr.imageio import atomic_write, from_float, sync_folder, to_float
+from batchsr.lock import FolderLock
 from batchsr.metrics import psnr, rgb_to_y
 from batchsr.resize import degrade
 
@@ -100,11 +103,20 @@ class _Checkpoints:
         self.root = out_dir / "checkpoints"
 
     def latest(self) -> Path | None:
+        """The checkpoint to resume from; a missing or damaged pointer falls back on the newest complete
+        checkpoint (a step folder is complete once renamed into place), rather than on none: a fresh run
+        would delete it at its first save."""
         pointer = self.root / "latest"
-        if not pointer.exists():
-            return None
-        folder = self.root / pointer.read_text().strip()
-        return folder if (folder / "state.json").exists() else None
+        name = pointer.read_text().strip() if pointer.is_file() else ""
+        if name and (self.root / name / "state.json").is_file():
+            return self.root / name
+        complete = [folder for folder in sorted(self.root.glob("step-*")) if (folder / "state.json").is_file()]
+        if complete:
+            logger.warning("{}: the pointer is missing or names no checkpoint; the newest complete one is {}", pointer, complete[-1].name)
+            return complete[-1]
+        if any(self.root.glob("step-*")):
+            raise ModelError(f"{self.root}: checkpoint folders without their state.json; move them away to start afresh")
+        return None
 
     def save(self, step: int, model, optimizer, state: dict) -> Path:
         folder = self.root / f"step-{step:08d}"
@@ -154,6 +166,15 @@ def _check_resumed_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
     if changed:
         logger.warning("--resume: {} changed since {}; the run continues with the new values",
                        ", ".join(f"{k} ({value(saved, k)!r} -> {value(current, k)!r})" for k in changed), checkpoint)
+
+
+def _fingerprint(images: list[np.ndarray]) -> str:
+    """The training images' content, in order: what the patch stream is drawn from."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(repr(image.shape).encode())
+        digest.update(np.ascontiguousarray(image).data)
+    return f"{len(images)} images, sha256 {digest.hexdigest()[:16]}"
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -327,10 +348,6 @@ def train(
     to a validation interval), leaving a checkpoint that ``resume`` continues."""
     import keras
 
-    from batchsr.checkpoint import save_model
-    from batchsr.data import load_training_images, numpy_training_batches, training_dataset
-    from batchsr.model import ModelConfig, build_model
-
     keras.utils.set_random_seed(settings.seed)
     out_dir = Path(settings.out_dir)
     try:  # before any work: a folder that cannot take checkpoints fails at once, not after an interval
@@ -341,13 +358,26 @@ def train(
         probe.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"out_dir {out_dir} cannot be written: {exc.strerror or exc}") from None
+    with FolderLock(out_dir / ".batchsr-train.lock"):  # two trainings in one out_dir would mix their checkpoints
+        return _train_locked(settings, resume, init, progress, until, out_dir)
+
+
+def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, progress: bool | None, until: int | None,
+                  out_dir: Path) -> TrainResult:
+    import keras
+
+    from batchsr.checkpoint import save_model
+    from batchsr.data import load_training_images, numpy_training_batches, training_dataset
+    from batchsr.model import ModelConfig, build_model
+
+    if settings.tensorboard and keras.backend.backend() == "tensorflow" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard), which TensorFlow "
+                          "no longer brings")
     ckpts = _Checkpoints(out_dir)
     config = ModelConfig(**settings.model.model_dump())
     scale = config.scale
     pipeline = settings.pipeline
     if pipeline == "auto":
-        import importlib.util
-
         pipeline = "tfdata" if importlib.util.find_spec("tensorflow") else "numpy"
     state = {"step": 0, "best_psnr": None, "seconds": 0.0, "pipeline": pipeline, "settings": settings.model_dump(mode="json")}
     latest = ckpts.latest()
@@ -360,14 +390,19 @@ def train(
     if resume:
         try:
             saved = json.loads((latest / "state.json").read_text())
+            if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict) or any(
+                    k not in saved for k in ("step", "best_psnr", "seconds")):
+                raise ValueError("keys missing")
         except (OSError, ValueError) as exc:
             raise ModelError(f"{latest / 'state.json'}: unreadable checkpoint state ({exc})") from None
         try:  # keys newer than the checkpoint take their defaults
-            same_model = TrainModel.model_validate(saved["settings"]["model"]) == settings.model
-        except ValueError:  # pydantic's ValidationError: a key or value this version does not know
-            same_model = False
-        if not same_model:
-            raise ConfigError(f"--resume: the model in {latest} differs from the training config's model")
+            saved_model = TrainModel.model_validate(saved["settings"].get("model", {}))
+        except ValueError as exc:  # pydantic's ValidationError: a key or value this version does not know
+            raise ConfigError(f"--resume: the model in {latest} is not one this version builds ({exc})") from None
+        if saved_model != settings.model:
+            changed = [f"model.{k} ({v!r} -> {getattr(settings.model, k)!r})" for k, v in saved_model if getattr(settings.model, k) != v]
+            raise ConfigError(f"--resume: {', '.join(changed)} changed since {latest}; the checkpoint holds the other "
+                              "model. Restore them, or start a new run with --init")
         if saved.get("pipeline", "tfdata") != pipeline:
             raise ConfigError(
                 f"--resume: {latest} was trained with the {saved.get('pipeline', 'tfdata')} pipeline, this run would use "
@@ -376,7 +411,8 @@ def train(
         _check_resumed_recipe(saved["settings"], state["settings"], latest)
         state.update({k: saved[k] for k in ("step", "best_psnr", "seconds")})
         if saved["settings"].get("val_dir") != state["settings"]["val_dir"] and state["best_psnr"] is not None:
-            logger.warning("--resume: another validation folder; the best weights are chosen afresh on it")
+            logger.warning("--resume: {}", "another validation folder; the best weights are chosen afresh on it" if settings.val_dir
+                           else "no validation folder now; no best weights are chosen")
             state["best_psnr"] = None
     if state["step"] >= settings.steps:
         logger.info("training already complete at step {}", state["step"])
@@ -427,6 +463,10 @@ def train(
         _warm_start(model, Path(init), config)
 
     images = load_training_images(settings.train_dirs, settings.patch_size * scale, settings.rescale)
+    state["images"] = _fingerprint(images)
+    if resume and saved.get("images", state["images"]) != state["images"]:
+        raise ConfigError(f"--resume: the training images differ from those of {latest} (added, removed or changed); "
+                          "the run would not continue its patch stream. Restore them, or start a new run with --init")
     val_pairs = _load_validation(settings)
     logger.info(
         "training {} ({} parameters) on {} images, {} validation images, steps {}..{}",
@@ -470,7 +510,6 @@ def train(
             super().__init__()
             self.bar = None
             self.tick = time.time()
-            self.losses: list[float] = []
 
         def on_train_begin(self, logs=None):
             show = sys.stderr.isatty() if progress is None else progress
@@ -480,18 +519,21 @@ def train(
                 self.bar = tqdm(total=settings.steps, initial=start, unit="step", dynamic_ncols=True)
 
         def on_train_batch_end(self, batch, logs=None):
-            self.losses.append(float(logs.get("loss", np.nan)))
             if self.bar is not None:
                 self.bar.update(1)
-                if batch % 20 == 0:
-                    self.bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", val=state["best_psnr"])
+                if batch % 20 == 0:  # Keras's loss: the mean over this interval so far
+                    self.bar.set_postfix(loss=f"{float(logs.get('loss', np.nan)):.4f}", val=state["best_psnr"])
 
         def on_epoch_end(self, epoch, logs=None):
             now = time.time()
             state["seconds"] += now - self.tick
             self.tick = now
             state["step"] = min(start + (epoch - first + 1) * interval, settings.steps)
+            loss = float((logs or {}).get("loss", np.nan))  # the mean over the interval's steps
             ema = _ema_values(optimizer, model)
+            if not (np.isfinite(loss) and all(np.isfinite(v).all() for v in ema)):
+                raise ConfigError(f"training diverged by step {state['step']} (loss {loss}): lower lr (or warm up longer); "
+                                  f"the last checkpoint before it is kept for --resume")
             for var, value in zip(eval_model.trainable_variables, ema):
                 var.assign(value)
             val = validate(eval_model, val_pairs, scale) if val_pairs else None
@@ -499,8 +541,6 @@ def train(
             if improved:
                 state["best_psnr"] = val
                 save_model(eval_model, config, best_path, training=metadata(), metrics={"val_psnr_y": round(val, 4)})
-            loss = float(np.mean(self.losses)) if self.losses else float("nan")
-            self.losses = []
             new_log = not log_path.exists()
             with open(log_path, "a", newline="") as handle:
                 writer = csv.writer(handle)
@@ -541,13 +581,14 @@ def train(
                 ),
                 verbose=0,
             )
+    best = best_path if best_path.exists() and state["best_psnr"] is not None else None  # not one of another validation
     if state["step"] < settings.steps:
         logger.info("stopped at step {} of {}; continue with --resume", state["step"], settings.steps)
-        return TrainResult(state["step"], state["best_psnr"], final_path, best_path if best_path.exists() else None, state["seconds"])
+        return TrainResult(state["step"], state["best_psnr"], final_path, best, state["seconds"])
     for var, value in zip(eval_model.trainable_variables, _ema_values(optimizer, model)):
         var.assign(value)
     final_val = validate(eval_model, val_pairs, scale) if val_pairs else None
     save_model(eval_model, config, final_path, training=metadata(),
                metrics={"val_psnr_y": round(final_val, 4)} if final_val is not None else {})
     logger.info("saved {} (validation Y-PSNR {})", final_path, "-" if final_val is None else f"{final_val:.4f}")
-    return TrainResult(state["step"], state["best_psnr"], final_path, best_path if best_path.exists() else None, state["seconds"])
+    return TrainResult(state["step"], state["best_psnr"], final_path, best, state["seconds"])

@@ -421,3 +421,61 @@ def test_mixed_float16_checkpoints_keep_the_loss_scale(tmp_path):
     # The precision may change on a resume (a GPU run continued on a CPU, and back): the state carries over.
     assert train(_settings(out, precision="float32", steps=60), resume=True, progress=False).step == 60
     assert train(_settings(out, precision="mixed_float16", steps=80), resume=True, progress=False).step == 80
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A rate too high gave NaN losses that were checkpointed over the last good state and saved as the final
+    weights, exit 0; and `lr: .inf` was accepted."""
+    from pydantic import ValidationError
+
+    out = tmp_path / "run"
+    train(_settings(out), progress=False, until=20)
+    with pytest.raises(ConfigError, match="diverged by step 40"):
+        train(_settings(out, lr=1e6, warmup_steps=0), resume=True, progress=False)
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000020"]
+    assert not (out / "tiny.weights.h5").exists()
+    assert train(_settings(out), resume=True, progress=False).step == 60  # the kept checkpoint still resumes
+    with pytest.raises(ValidationError, match="lr"):
+        _settings(out, lr=float("inf"))
+
+
+def test_resume_problems_are_named_and_nothing_is_lost(tmp_path, monkeypatch):
+    """Without val_dir a resumed run crashed at its end; another training in the same out_dir mixed checkpoints;
+    added images went unnoticed; a lost pointer made a fresh run delete the checkpoint; a changed model did not
+    say which key."""
+    import shutil
+
+    from batchsr.errors import LockedError
+    from batchsr.lock import FolderLock
+
+    images = tmp_path / "hr"
+    images.mkdir()
+    for path in sorted(data_dir("T91", "HR").iterdir())[:6]:
+        shutil.copy(path, images / path.name)
+    out = tmp_path / "run"
+    train(_settings(out, train_dirs=[str(images)]), progress=False, until=20)
+    with FolderLock(out / ".batchsr-train.lock"), pytest.raises(LockedError, match="in use by another batchsr process"):
+        train(_settings(out, train_dirs=[str(images)]), resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"model.width \(8 -> 12\)"):
+        train(_settings(out, train_dirs=[str(images)], model={"width": 12, "depth": 1, "blocks": 0}), resume=True, progress=False)
+    extra = sorted(data_dir("T91", "HR").iterdir())[6]
+    shutil.copy(extra, images / extra.name)
+    with pytest.raises(ConfigError, match="training images differ"):
+        train(_settings(out, train_dirs=[str(images)]), resume=True, progress=False)
+    (images / extra.name).unlink()
+    (out / "checkpoints" / "latest").unlink()  # damaged: the newest complete checkpoint is still found
+    with pytest.raises(ConfigError, match="already holds a training checkpoint"):
+        train(_settings(out, train_dirs=[str(images)]), progress=False)
+    result = train(_settings(out, train_dirs=[str(images)], val_dir=None), resume=True, progress=False)
+    assert result.step == 60 and result.best_weights is None and result.best_psnr is None
+
+
+def test_tensorboard_without_its_package_is_a_configuration_error(tmp_path, monkeypatch):
+    """TensorFlow no longer brings the tensorboard package: `tensorboard: true` failed as a bug (exit 70) once
+    training had started."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match="tensorboard package"):
+        train(_settings(tmp_path / "run", tensorboard=True), progress=False)
