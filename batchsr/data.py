@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from batchsr.errors import ConfigError
-from batchsr.imageio import probe_decoding_mb, read_image, sniff_file, to_uint8
+from batchsr.imageio import probe_decoding_mb, read_image, sniff_file, to_uint8, walk
 from batchsr.resize import imresize, resize_matrix
 
 
@@ -42,7 +42,7 @@ def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, 
         if problems is not None:
             problems.append((Path(exc.filename), f"cannot list folder: {exc.strerror or exc}"))
 
-    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+    for root, dirs, names in walk(folder, onerror=unreadable, follow_links=True):
         try:
             info = os.stat(root)
         except OSError as exc:

@@ -576,7 +576,7 @@ def _encode_tiff(pixels: np.ndarray, gray: bool, meta: Metadata) -> bytes:
 def atomic_file(path: Path):
     """A binary file handle whose content appears at ``path`` only once complete (see ``atomic_write``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users
@@ -610,11 +610,48 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def make_folders(folder: Path) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)`` without recursion, for the same deep trees as ``walk``."""
+    missing, at = [], Path(folder)
+    while not at.is_dir() and at != at.parent:
+        missing.append(at)
+        at = at.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+
+
+def walk(top, *, follow_links: bool = False, onerror=None):
+    """``os.walk`` (top-down; prune by editing the folder list), without recursion: Python 3.11's own
+    raised RecursionError on a tree some 1,000 folders deep, which a producer can drop into an inbox."""
+    stack = [os.fspath(top)]
+    while stack:
+        root = stack.pop()
+        try:
+            with os.scandir(root) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            if onerror is not None:
+                onerror(exc)
+            continue
+        dirs, names = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # a link to a folder is listed as a folder, as os.walk does
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else names).append(entry.name)
+        yield root, dirs, names
+        for name in reversed(dirs):
+            path = os.path.join(root, name)
+            if follow_links or not os.path.islink(path):
+                stack.append(path)
+
+
 def remove_temporaries(folder: Path) -> int:
     """Deletes the ``.NAME.XXXX.tmp`` files of ``atomic_file`` that a killed writer left under
     ``folder``; call it only while holding the folder's lock (no writer is live)."""
     removed = 0
-    for root, _dirs, names in os.walk(folder):
+    for root, _dirs, names in walk(folder):
         for name in names:
             if name.startswith(".") and name.endswith(".tmp"):
                 with contextlib.suppress(FileNotFoundError):

@@ -224,17 +224,19 @@ _PNG_COLOUR_CHUNKS = (b"gAMA", b"cHRM", b"sRGB", b"cICP", b"mDCV", b"cLLI")
 
 
 def png_colour_chunks(png: bytes) -> bytes | None:
-    """The colour-space chunks before the first IDAT of an encoded PNG, as they are (CRCs included)."""
-    found, at = b"", 8
+    """The colour-space chunks before the first IDAT of an encoded PNG, as they are (CRCs included); the
+    first of each kind only, as the PNG specification allows one."""
+    found: dict[bytes, bytes] = {}
+    at = 8
     while at + 12 <= len(png):
         (length,) = struct.unpack_from(">I", png, at)
         kind, end = png[at + 4 : at + 8], at + 12 + length
         if kind == b"IDAT" or end > len(png):
             break
-        if kind in _PNG_COLOUR_CHUNKS:
-            found += png[at:end]
+        if kind in _PNG_COLOUR_CHUNKS and kind not in found:
+            found[kind] = png[at:end]
         at = end
-    return found or None
+    return b"".join(found.values()) or None
 
 
 def png_metadata_chunks(meta: Metadata, gray: bool) -> bytes:

@@ -55,7 +55,7 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, remove_temporaries, sniff_format, sync_folder, temporary_prefix
+from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, make_folders, remove_temporaries, sniff_format, sync_folder, temporary_prefix, walk
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
 from batchsr.lock import DAEMON, FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
@@ -229,7 +229,7 @@ def move_file(source: Path, target: Path) -> bool:
     """Renames ``source`` onto ``target``; across filesystems, a synced copy under a temporary name, then an
     unlink.  False: the copy is made, but ``source`` was replaced or rewritten meanwhile and stays (it is a new
     version, not the one copied)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(target.parent)
     try:
         os.replace(source, target)
         return True
@@ -465,6 +465,24 @@ class _InboxEvents(FileSystemEventHandler):
 
 
 @dataclass
+class _NoEvents:
+    """In place of a file watcher that cannot start: the daemon finds new files by scans alone."""
+
+    emitters = ()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return True
+
+
 class _BatchCounts:
     done: int = 0
     failed: int = 0
@@ -482,6 +500,7 @@ class _Daemon:
         self.loaded_mb = loaded_mb  # the process with the model loaded, before any model call: the memory budget's base
         self.folders, self.journal, self.model, self.writers, self.stop = folders, journal, model, writers, stop
         self.inbox_lock = inbox_lock
+        self.rescan_s = self.watch.rescan_interval_s  # shorter while no file watcher runs
         self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
         self.prefix = str(folders.inbox) + os.sep
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
@@ -506,7 +525,7 @@ class _Daemon:
             ping_every, last_ping = _watchdog_interval(), 0.0
             # Timers of this process run on the monotonic clock; the journal's times are wall-clock
             # (they outlive the process), so a clock stepped back is caught and clamped below.
-            next_scan = time.monotonic() + self.watch.rescan_interval_s
+            next_scan = time.monotonic() + self.rescan_s
             identity, next_check = _identity(self.folders.inbox), time.monotonic() + 1.0
             last_wall = time.time()
             next_forget = time.monotonic()
@@ -539,7 +558,7 @@ class _Daemon:
                         identity = current
                     if tick_at >= next_scan:
                         self._scan(now)
-                        next_scan = tick_at + self.watch.rescan_interval_s
+                        next_scan = tick_at + self.rescan_s
                     self._settle(now)
                     if not self.stop.is_set() and self._batch_due(now):
                         self.model.reload_if_replaced()
@@ -603,15 +622,24 @@ class _Daemon:
         handler = _InboxEvents(self.hints)
         observer = PollingObserver(timeout=self.watch.poll_interval_s) if self.watch.polling else Observer()
         observer.schedule(handler, str(self.folders.inbox), recursive=True)
+        self.rescan_s = self.watch.rescan_interval_s
         try:
-            observer.start()
-        except OSError as exc:
-            if self.watch.polling:
-                raise InputError(f"cannot watch {self.folders.inbox}: {exc.strerror or exc}") from None
-            logger.warning("no kernel file events for {} ({}); polling every {}s instead", self.folders.inbox, exc, self.watch.poll_interval_s)
-            observer = PollingObserver(timeout=self.watch.poll_interval_s)
-            observer.schedule(handler, str(self.folders.inbox), recursive=True)
-            observer.start()
+            try:
+                observer.start()
+            except OSError as exc:
+                if self.watch.polling:
+                    raise InputError(f"cannot watch {self.folders.inbox}: {exc.strerror or exc}") from None
+                logger.warning("no kernel file events for {} ({}); polling every {}s instead", self.folders.inbox, exc, self.watch.poll_interval_s)
+                observer = PollingObserver(timeout=self.watch.poll_interval_s)
+                observer.schedule(handler, str(self.folders.inbox), recursive=True)
+                observer.start()
+        except RecursionError:  # the watcher library walks the tree recursively: a very deep inbox defeats it
+            self.rescan_s = min(self.watch.rescan_interval_s, 10.0)
+            logger.warning("the inbox {} holds folders too deep for file events; new files are found by a scan every {:g}s",
+                           self.folders.inbox, self.rescan_s)
+            with contextlib.suppress(Exception):
+                observer.stop()
+            return _NoEvents()
         return observer
 
     # -- observing --
@@ -626,7 +654,7 @@ class _Daemon:
         def report(error: OSError) -> None:
             logger.warning("cannot list {}: {}", error.filename, error.strerror or error)
 
-        for root, dirs, names in os.walk(top, onerror=report):
+        for root, dirs, names in walk(top, onerror=report):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
                 path = os.path.join(root, name)
@@ -1071,23 +1099,23 @@ def _version_name(path: Path, source: Path) -> Path:
     """``path`` in done/, or ``stem.2.ext``, ``stem.3.ext``... when another version of the input holds it: done/
     keeps the only copy of each input, so a new version dropped under the same name does not replace the
     last one's. A copy of the very same content is replaced, as before."""
-    candidate, k = path, 1
+    candidate, k, digest = path, 1, None
     while candidate.exists():
-        if _same_content(candidate, source):
-            return candidate
+        try:
+            if os.path.getsize(candidate) == os.path.getsize(source):  # only then read: both once at most
+                digest = digest or _sha256(source)
+                if _sha256(candidate) == digest:
+                    return candidate
+        except OSError:
+            pass
         k += 1
         candidate = path.with_name(f"{path.stem}.{k}{path.suffix}")
     return candidate
 
 
-def _same_content(a: Path, b: Path) -> bool:
-    try:
-        if os.path.getsize(a) != os.path.getsize(b):
-            return False
-        with open(a, "rb") as first, open(b, "rb") as second:
-            return hashlib.file_digest(first, "sha256").digest() == hashlib.file_digest(second, "sha256").digest()
-    except OSError:
-        return False
+def _sha256(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").digest()
 
 
 def _report_path(failed: Path) -> Path:

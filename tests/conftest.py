@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,3 +89,29 @@ class Bicubic:
         whole = imresize(np.ascontiguousarray(image, np.float32), scale=4)
         for y in range(0, whole.shape[0], 64):
             yield y, whole[y : y + 64]
+
+
+@pytest.fixture
+def deep_tmp_path(tmp_path):
+    """``tmp_path`` for trees too deep for shutil.rmtree (it recurses, and pytest's clean-up with it)."""
+    yield tmp_path
+    subprocess.run(["rm", "-rf", "--", str(tmp_path)], check=True)
+
+
+def deep_file(root: Path, depth: int, name: str, data: bytes) -> str:
+    """``root/d/d/.../name``, ``depth`` folders down (made through folder descriptors: os.makedirs and
+    Path.mkdir recurse, and fail at such depths); returns the relative path."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        out = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    finally:
+        os.close(fd)
+    return "/".join(["d"] * depth + [name])

@@ -574,6 +574,8 @@ def test_png_colour_space_chunks_are_carried_to_png(tmp_path, dtype):
     out = encode_image(image, "png")
     assert chunks in out and out.index(chunks) < out.index(b"IDAT")
     assert chunks not in encode_image(image, "tiff")  # PNG's own chunks: not for another format
+    twice = data[:ihdr_end] + chunks + png_chunk(b"gAMA", struct.pack(">I", 100000)) + data[ihdr_end:]
+    assert encode_image(decode_image(twice, "twice.png"), "png").count(b"gAMA") == 1  # one of a kind: the first
 
 
 def test_a_gray_output_does_not_carry_an_rgb_profile(tmp_path):

@@ -17,7 +17,7 @@ from batchsr.imageio import read_image
 from batchsr.metrics import score
 from batchsr.resize import degrade, imresize
 from batchsr.runner import run_folder
-from tests.conftest import REPO, data_dir, model_fails_on_a_png, write_png
+from tests.conftest import REPO, data_dir, deep_file, model_fails_on_a_png, write_png
 
 
 def _settings(model: Path, **engine) -> Settings:
@@ -337,6 +337,17 @@ def test_names_of_up_to_255_bytes_are_written(tmp_path, tiny_model):
     summary = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
     assert summary.done == 2 and not summary.failed
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".batchsr") == sorted(names)
+
+
+def test_a_tree_a_thousand_folders_deep_is_processed(deep_tmp_path, tiny_model):
+    """Python 3.11's os.walk and Path.mkdir recurse: such a tree was exit 70 before any image."""
+    import cv2
+
+    data = cv2.imencode(".png", np.full((6, 7, 3), 40, np.uint8))[1].tobytes()
+    rel = deep_file(deep_tmp_path / "in", 1100, "deep.png", data)
+    summary = run_folder(deep_tmp_path / "in", deep_tmp_path / "out", _settings(tiny_model))
+    assert summary.done == 1 and not summary.failed
+    assert read_image(deep_tmp_path / "out" / rel).rgb.shape == (24, 28, 3)
 
 
 def test_cli_exit_codes(tree, tmp_path, tiny_model):

@@ -42,7 +42,7 @@ from batchsr.errors import ConfigError
 from batchsr.imageio import decode_image, read_image
 from batchsr.resize import degrade
 from batchsr.watch import METRICS_COLUMNS, METRICS_FILE, WatchFolders, is_ignored, serve
-from conftest import REPO, write_png  # works under both `pytest` and `python -m pytest`
+from conftest import REPO, deep_file, write_png  # works under both `pytest` and `python -m pytest`
 
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 KILL_TRIALS = 20
@@ -935,6 +935,16 @@ def test_symbolic_links_in_the_inbox_are_never_followed(tmp_path, tiny_model, st
     assert files_under(tmp_path / "done") == ["first.png", "second.png"] and files_under(tmp_path / "failed") == []
     for link in ("at_start", "file_link.png", "loop.png", "live", "live_output"):
         assert (inbox / link).is_symlink() and daemon.log().count(f"{link}: a symbolic link: not followed") == 1, link
+
+
+def test_a_tree_a_thousand_folders_deep_neither_stops_the_daemon_nor_its_restarts(deep_tmp_path, tiny_model):
+    """os.walk recursed: such a tree in the inbox was exit 70 at every start, until systemd gave up."""
+    config = write_config(deep_tmp_path, tiny_model)
+    rel = deep_file(deep_tmp_path / "inbox", 1100, "deep.png", png(34))
+    for _ in range(2):  # the second start walks done/ and output/ for temporaries, now that deep too
+        with serving_here(config):
+            wait_for(lambda: states(deep_tmp_path).get("done") == [rel], 60, what="the deep file done")
+    assert os.path.isfile(deep_tmp_path / "done" / rel) and os.path.isfile(deep_tmp_path / "output" / rel)
 
 
 def test_a_folder_that_cannot_be_read_for_a_while_costs_no_tries(tmp_path, tiny_model, monkeypatch):
