@@ -423,6 +423,24 @@ def _decode_with_pillow(pil: PILImage.Image, fmt: str, path):
     return np.ascontiguousarray(pixels[:, :, :3]), alpha, False
 
 
+_METADATA_ALLOWANCE = 256 << 20  # bytes of profiles, EXIF, XMP and other chunks beside the pixels
+
+
+def read_bounded(handle, path, max_pixels: int | None) -> bytes:
+    """The whole of an image file, refused unread (ImageError) when larger than any image within ``max_pixels``
+    can be: 8 bytes a pixel (16-bit RGBA, uncompressed) and room for metadata. A sparse file of gigabytes
+    behind a tiny header was read whole, past any memory cap."""
+    if max_pixels is None:
+        return handle.read()
+    limit = max_pixels * 8 + _METADATA_ALLOWANCE
+    size = os.fstat(handle.fileno()).st_size
+    data = handle.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise ImageError(path, f"file of {max(size, len(data)) / 1e6:,.0f} MB is larger than an image within image.max_pixels "
+                               f"({max_pixels:,}) can be (at most {limit / 1e6:,.0f} MB)")
+    return data
+
+
 def too_large(fmt: str, width: int, height: int) -> str:
     return f"{width}x{height} is too large for {fmt.upper()} (at most {MAX_SIDE[fmt]} pixels a side); choose png or tiff"
 

@@ -28,7 +28,7 @@ from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
-    NO_ALPHA, Image, atomic_write, decode_image, encode_image, read_image, remove_temporaries, sniff_file, sniff_format, to_uint8,
+    NO_ALPHA, Image, atomic_write, decode_image, encode_image, read_bounded, read_image, remove_temporaries, sniff_file, sniff_format, to_uint8,
 )
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
@@ -464,9 +464,12 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                     data = head  # not an image by its content: decoding says why
                 else:
                     handle.seek(0)
-                    data = handle.read()
+                    data = read_bounded(handle, path, settings.image.max_pixels)
         except OSError as exc:
             item.error = f"cannot read: {exc.strerror or exc}"
+            return item
+        except ImageError as exc:
+            item.error = exc.reason
             return item
         item.sha256 = hashlib.sha256(data).hexdigest()
         entry = known.get(item.rel.as_posix())

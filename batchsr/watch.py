@@ -55,7 +55,7 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, make_folders, remove_temporaries, sniff_format, sync_folder, temporary_prefix, walk
+from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder, temporary_prefix, walk
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
 from batchsr.lock import DAEMON, FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
@@ -366,11 +366,14 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
                 read = len(data) + sum(content.update(chunk) or len(chunk) for chunk in iter(lambda: handle.read(1 << 20), b""))
             else:
                 handle.seek(0)
-                data = handle.read()
+                data = read_bounded(handle, path, max_pixels)
                 content, read = hashlib.sha256(data), len(data)
             after = os.fstat(handle.fileno())
     except FileNotFoundError:
         item.missing = True
+        return item
+    except ImageError as exc:  # too large to be an image: read no further
+        item.error, item.digest = exc.reason, None
         return item
     except OSError as exc:
         if exc.errno == errno.ELOOP:

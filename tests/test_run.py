@@ -350,6 +350,22 @@ def test_a_tree_a_thousand_folders_deep_is_processed(deep_tmp_path, tiny_model):
     assert read_image(deep_tmp_path / "out" / rel).rgb.shape == (24, 28, 3)
 
 
+def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(tmp_path, tiny_model):
+    """A sparse file of gigabytes behind a PNG header was read whole, past the memory cap, then reported done."""
+    import cv2
+
+    header = cv2.imencode(".png", np.full((6, 7, 3), 40, np.uint8))[1].tobytes()
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "sparse.png", "wb") as handle:
+        handle.write(header)
+        handle.truncate(300_000_000)  # a hole: nothing on disk
+    base = _settings(tiny_model)
+    settings = base.model_copy(update={"image": base.image.model_copy(update={"max_pixels": 1000})})
+    summary = run_folder(tmp_path / "in", tmp_path / "out", settings)
+    assert summary.done == 0 and [f.reason for f in summary.failed] == [
+        "file of 300 MB is larger than an image within image.max_pixels (1,000) can be (at most 268 MB)"]
+
+
 def test_cli_exit_codes(tree, tmp_path, tiny_model):
     out = tmp_path / "out"
     result = _cli("run", str(tree), str(out), "--model", str(tiny_model), "--tile", "32", "--progress", "none")

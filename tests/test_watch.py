@@ -947,6 +947,21 @@ def test_a_tree_a_thousand_folders_deep_neither_stops_the_daemon_nor_its_restart
     assert os.path.isfile(deep_tmp_path / "done" / rel) and os.path.isfile(deep_tmp_path / "output" / rel)
 
 
+def test_a_sparse_file_behind_an_image_header_is_refused_unread(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model, max_attempts=1)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["image"] = {"max_pixels": 1000}  # files above 8 KB + 256 MB cannot be such an image
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    (tmp_path / "staging").mkdir()
+    with open(tmp_path / "staging" / "sparse.png", "wb") as handle:
+        handle.write(png(35))
+        handle.truncate(300_000_000)
+    with serving_here(config) as messages:
+        os.replace(tmp_path / "staging" / "sparse.png", tmp_path / "inbox" / "sparse.png")
+        wait_for(lambda: states(tmp_path).get("failed") == ["sparse.png"], 60, what="sparse.png failed")
+    assert any("file of 300 MB is larger than an image within image.max_pixels" in m for m in messages)
+
+
 def test_a_folder_that_cannot_be_read_for_a_while_costs_no_tries(tmp_path, tiny_model, monkeypatch):
     """A network mount that failed for longer than max_attempts x retry_delay_s sent every queued image to
     failed/, as if each were broken."""
