@@ -613,10 +613,13 @@ def atomic_file(path: Path):
     sync_folder(path.parent)
 
 
+TEMPORARY_PREFIX = ".batchsr-"  # of every temporary batchsr writes: others' hidden *.tmp files are not ours to remove
+
+
 def temporary_prefix(name: str) -> str:
-    """``.NAME.``, the name cut to 200 bytes: with mkstemp's 8 characters and ``.tmp`` the temporary's name
-    stays within the 255 bytes a file name may have, where NAME itself may take them all."""
-    return "." + name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore") + "."
+    """``.batchsr-NAME.``, the name cut to 200 bytes: with mkstemp's 8 characters and ``.tmp`` the temporary's
+    name stays within the 255 bytes a file name may have, where NAME itself may take them all."""
+    return TEMPORARY_PREFIX + name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore") + "."
 
 
 def sync_folder(folder: Path) -> None:
@@ -666,12 +669,12 @@ def walk(top, *, follow_links: bool = False, onerror=None):
 
 
 def remove_temporaries(folder: Path) -> int:
-    """Deletes the ``.NAME.XXXX.tmp`` files of ``atomic_file`` that a killed writer left under
-    ``folder``; call it only while holding the folder's lock (no writer is live)."""
+    """Deletes the ``.batchsr-NAME.XXXX.tmp`` files of ``atomic_file`` (and probes) that a killed writer left
+    under ``folder``; call it only while holding the folder's lock (no writer is live)."""
     removed = 0
     for root, _dirs, names in walk(folder):
         for name in names:
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(TEMPORARY_PREFIX) and name.endswith(".tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(root, name))
                     removed += 1

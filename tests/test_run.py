@@ -305,16 +305,18 @@ def test_problem_files_and_folders_are_reported_and_links_followed(tmp_path, tin
     (src / "empty.png").write_bytes(b"")
     odd = os.fsdecode(b"odd\xffname.png")
     (src / odd).write_bytes((src / "a.png").read_bytes())
-    stale = out / "sub" / ".x.png.k2j3h4ab.tmp"  # what a run killed while writing leaves
+    stale = out / "sub" / ".batchsr-x.png.k2j3h4ab.tmp"  # what a run killed while writing leaves
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
+    notes = out / "sub" / ".notes.tmp"  # someone else's: not removed (it was, as a "temporary")
+    notes.write_bytes(b"mine")
     summary = run_folder(src, out, _settings(tiny_model))
     assert summary.done == 2 and summary.ignored == 1
     assert (out / "a.png").is_file() and (out / "linked" / "b.png").is_file()
     reasons = {f.path.name: f.reason for f in summary.failed}
     assert set(reasons) == {"gone.png", "empty.png", odd}
     assert "broken link" in reasons["gone.png"] and "not valid UTF-8" in reasons[odd]
-    assert not stale.exists()
+    assert not stale.exists() and notes.read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("layout", ["same", "input inside output"])

@@ -696,14 +696,14 @@ def test_a_lone_file_cut_off_by_a_stop_signal_is_not_charged(tmp_path, tiny_mode
     assert daemon.wait(10) == 128 + signal.SIGTERM
     assert states(tmp_path) == {"claimed": ["big.png"]}, "the batch had finished: the test did not stop it midway"
     assert (tmp_path / "state" / "stopped").exists()
-    (tmp_path / "state" / ".stopped.k1lled.tmp").write_text("a later stop killed mid-write")  # a temporary left behind
+    (tmp_path / "state" / ".batchsr-stopped.k1lled.tmp").write_text("a later stop killed mid-write")  # a temporary left behind
     write_config(tmp_path, tiny_model, batch_images=1, max_attempts=2)
     again = start(config)
     wait_for(lambda: states(tmp_path).get("done") == ["big.png"], 120, again, "big.png done")
     assert again.stop() == 0
     assert [(row["attempts"], row["interrupted"]) for row in journal_rows(tmp_path)] == [(0, 0)]
     assert not (tmp_path / "state" / "stopped").exists() and "cut off by a stop signal" in again.log()
-    assert not (tmp_path / "state" / ".stopped.k1lled.tmp").exists()
+    assert not (tmp_path / "state" / ".batchsr-stopped.k1lled.tmp").exists()
 
 
 def test_a_file_in_flight_whenever_the_daemon_dies_is_set_aside_after_max_attempts(tmp_path, tiny_model, start):
