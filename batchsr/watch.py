@@ -38,7 +38,7 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from loguru import logger
@@ -225,20 +225,21 @@ def _exit_now(signum: int, why: str, state: Path | None) -> None:
 # -- files ----------------------------------------------------------------------------
 
 
-def move_file(source: Path, target: Path) -> bool:
-    """Renames ``source`` onto ``target``; across filesystems, a synced copy under a temporary name, then an
-    unlink.  False: the copy is made, but ``source`` was replaced or rewritten meanwhile and stays (it is a new
-    version, not the one copied)."""
+def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None) -> bool:
+    """Renames ``source`` (a name in the folder ``dir_fd``, when given, never followed if a link) onto ``target``;
+    across filesystems, a synced copy under a temporary name, then an unlink.  False: the copy is made, but
+    ``source`` was replaced or rewritten meanwhile and stays (it is a new version, not the one copied)."""
     make_folders(target.parent)
     try:
-        os.replace(source, target)
+        os.replace(source, target, src_dir_fd=dir_fd)
         return True
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=".tmp", dir=target.parent)
+    opener = _no_follow(dir_fd) if dir_fd is not None else None
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+        with os.fdopen(fd, "wb") as out, open(source, "rb", opener=opener) as src:
             copied = os.fstat(src.fileno())
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
@@ -250,10 +251,10 @@ def move_file(source: Path, target: Path) -> bool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    now = os.stat(source)
+    now = os.stat(source, dir_fd=dir_fd, follow_symlinks=False)
     if (now.st_dev, now.st_ino, now.st_size, now.st_ctime_ns) != (copied.st_dev, copied.st_ino, copied.st_size, copied.st_ctime_ns):
         return False
-    os.unlink(source)
+    os.unlink(source, dir_fd=dir_fd)
     return True
 
 
@@ -343,6 +344,30 @@ class _Read:
     folder_error: bool = False  # unreadable because its folder or mount is: not the file's fault
 
 
+@contextlib.contextmanager
+def _inbox_folder(inbox: Path, rel: str):
+    """A descriptor of the folder holding ``inbox/rel``, reached one folder at a time without following a link:
+    a folder swapped for a link after its file was queued cannot lead a read, move or delete out of the inbox
+    (OSError ELOOP or ENOTDIR instead)."""
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in rel.split("/")[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _no_follow(folder_fd: int):
+    """An ``open`` opener for names in ``folder_fd`` that refuses a symbolic link."""
+    return lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, dir_fd=folder_fd)
+
+
+_LINK_REASON = "a symbolic link in its path: not followed; move the file itself into the inbox"
+
+
 def _listable(folder: Path) -> bool:
     """Whether the folder can be read now: a file in a folder that cannot (permissions taken away, a mount gone)
     is not at fault itself."""
@@ -354,11 +379,12 @@ def _listable(folder: Path) -> bool:
         return False
 
 
-def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
+def read_claimed(inbox: Path, entry: Entry, max_pixels: int | None) -> _Read:
     """Reads, hashes and decodes one file; errors are returned, never raised (one file never stops a batch)."""
-    item = _Read(entry)
+    item, path = _Read(entry), inbox / entry.path
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:  # a link put in its place: refused
+        with _inbox_folder(inbox, entry.path) as folder, \
+                open(path.name, "rb", opener=_no_follow(folder)) as handle:  # a link put in its place: refused
             before = os.fstat(handle.fileno())
             data = handle.read(16)
             if sniff_format(data) is None:  # not an image: hashed for the record, never held (it may be a video)
@@ -376,8 +402,8 @@ def read_claimed(path: Path, entry: Entry, max_pixels: int | None) -> _Read:
         item.error, item.digest = exc.reason, None
         return item
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            item.error, item.digest = "a symbolic link: not followed; move the file itself into the inbox", None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            item.error, item.digest = _LINK_REASON, None
         else:
             item.error, item.digest = f"cannot read: {exc.strerror or exc}", traceback_digest(exc)
             item.folder_error = exc.errno in _MOUNT_ERRORS or not _listable(path.parent)
@@ -837,7 +863,7 @@ class _Daemon:
         max_pixels = self.settings.image.max_pixels
         share = decode_ahead_mb(self.settings, self.loaded_mb)
         ahead = DecodeAhead(share, keep=True)
-        reads = prepared_files(list(claimed), lambda path: read_claimed(path, claimed[path], max_pixels),
+        reads = prepared_files(list(claimed), lambda path: read_claimed(self.folders.inbox, claimed[path], max_pixels),
                                self.run_settings.decode_workers, ahead=ahead, max_pixels=max_pixels)
         usable = []
         held_mb = 0.0
@@ -1032,7 +1058,7 @@ class _Daemon:
             reason = f"the daemon stopped {entry.interrupted} times while processing this file (crash, kill or power loss)"
             result = self.journal.fail(entry.id, sha256=None, attempts=entry.attempts, error=reason, digest=None, now=time.time())
             if result is not None:
-                logger.error("{}: {}; moved to {}", entry.path, reason, self.folders.failed)
+                logger.error("{}: {}; set aside", entry.path, reason)
                 self._set_aside(result)
 
     def _dispose_input(self, rel: str, size: int, ctime_ns: int) -> None:
@@ -1040,22 +1066,27 @@ class _Daemon:
         policy = self.watch.done_policy
         if policy == "keep":
             return
-        source = self.folders.inbox / rel
+        name = rel.rsplit("/", 1)[-1]
         try:
-            info = os.stat(source)
+            with _inbox_folder(self.folders.inbox, rel) as folder:
+                try:
+                    info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                if not stat.S_ISREG(info.st_mode) or (info.st_size, info.st_ctime_ns) != (size, ctime_ns):
+                    logger.info("{} changed since it was read; the new version is queued", rel)
+                    return
+                if policy == "move":
+                    target = _version_name(self.folders.done / rel, size, lambda: _sha256(name, folder))
+                    if not move_file(name, target, dir_fd=folder):
+                        logger.info("{} was replaced while it was moved to {}; the new version is queued", rel, self.folders.done)
+                else:
+                    os.unlink(name, dir_fd=folder)
         except FileNotFoundError:
             return
-        if (info.st_size, info.st_ctime_ns) != (size, ctime_ns):
-            logger.info("{} changed since it was read; the new version is queued", rel)
-            return
-        try:
-            if policy == "move":
-                if not move_file(source, _version_name(self.folders.done / rel, source)):
-                    logger.info("{} was replaced while it was moved to {}; the new version is queued", rel, self.folders.done)
-            else:
-                source.unlink()
         except OSError as exc:
-            logger.error("{}: output done, but the input could not be {}d: {}; retried at the next scan", rel, policy, exc.strerror or exc)
+            why = _LINK_REASON if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror or exc
+            logger.error("{}: output done, but the input could not be {}d: {}; retried at the next scan", rel, policy, why)
 
     def _set_aside(self, result: Result) -> None:
         """Writes ``failed/NAME.error.json``, then moves the input beside it."""
@@ -1070,23 +1101,25 @@ class _Daemon:
             "sha256": result.sha256,
             "traceback_digest": result.traceback_digest,
         }
-        source = self.folders.inbox / result.path
+        name = result.path.rsplit("/", 1)[-1]
         target = _free_name(self.folders.failed / result.path, report)
         try:
-            atomic_write(_report_path(target), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
-            info = os.stat(source)
-            if (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
-                if move_file(source, target):
-                    logger.info("{} moved to {}", result.path, target)
+            with _inbox_folder(self.folders.inbox, result.path) as folder:
+                info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
+                    atomic_write(_report_path(target), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+                    if move_file(name, target, dir_fd=folder):
+                        logger.info("{} moved to {}", result.path, target)
+                    else:
+                        logger.info("{} was replaced while it was moved to {}; the new version is queued", result.path, self.folders.failed)
+                    self.journal.mark_set_aside(result.id)
                 else:
-                    logger.info("{} was replaced while it was moved to {}; the new version is queued", result.path, self.folders.failed)
-                self.journal.mark_set_aside(result.id)
-            else:
-                logger.info("{} changed since it failed; the new version is queued", result.path)
+                    logger.info("{} changed since it failed; the new version is queued", result.path)
         except FileNotFoundError:
             return
         except OSError as exc:
-            logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, exc.strerror or exc)
+            why = _LINK_REASON if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror or exc
+            logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, why)
 
 
 def _is_text(rel: str) -> bool:
@@ -1098,15 +1131,15 @@ def _is_text(rel: str) -> bool:
     return True
 
 
-def _version_name(path: Path, source: Path) -> Path:
+def _version_name(path: Path, size: int, source_digest: Callable[[], bytes]) -> Path:
     """``path`` in done/, or ``stem.2.ext``, ``stem.3.ext``... when another version of the input holds it: done/
     keeps the only copy of each input, so a new version dropped under the same name does not replace the
     last one's. A copy of the very same content is replaced, as before."""
     candidate, k, digest = path, 1, None
     while candidate.exists():
         try:
-            if os.path.getsize(candidate) == os.path.getsize(source):  # only then read: both once at most
-                digest = digest or _sha256(source)
+            if os.path.getsize(candidate) == size:  # only then read: the source once at most
+                digest = digest or source_digest()
                 if _sha256(candidate) == digest:
                     return candidate
         except OSError:
@@ -1116,8 +1149,8 @@ def _version_name(path: Path, source: Path) -> Path:
     return candidate
 
 
-def _sha256(path: Path) -> bytes:
-    with open(path, "rb") as handle:
+def _sha256(path: Path | str, dir_fd: int | None = None) -> bytes:
+    with open(path, "rb", opener=_no_follow(dir_fd) if dir_fd is not None else None) as handle:
         return hashlib.file_digest(handle, "sha256").digest()
 
 

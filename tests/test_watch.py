@@ -962,6 +962,31 @@ def test_a_sparse_file_behind_an_image_header_is_refused_unread(tmp_path, tiny_m
     assert any("file of 300 MB is larger than an image within image.max_pixels" in m for m in messages)
 
 
+@pytest.mark.parametrize("policy", ["move", "delete"])
+def test_a_queued_folder_swapped_for_a_link_leads_nothing_out_of_the_inbox(tmp_path, policy):
+    """sub/inner.png queued, then sub replaced by a link to another folder holding inner.png: that file was read,
+    upscaled and moved into done/ (deleted, under done_policy delete)."""
+    from batchsr.journal import Entry
+    from batchsr.watch import _Daemon, read_claimed
+
+    inbox, victim = tmp_path / "inbox", tmp_path / "victim"
+    drop(inbox, "sub/inner.png", png(36))
+    info = (inbox / "sub" / "inner.png").stat()
+    entry = Entry(id=1, path="sub/inner.png", size=info.st_size, ctime_ns=info.st_ctime_ns, attempts=0, interrupted=0, first_seen=0.0)
+    victim.mkdir()
+    os.replace(inbox / "sub" / "inner.png", victim / "inner.png")  # same size and ctime as recorded
+    shutil.rmtree(inbox / "sub")
+    (inbox / "sub").symlink_to(victim)
+    item = read_claimed(inbox, entry, max_pixels=None)
+    assert item.error == "a symbolic link in its path: not followed; move the file itself into the inbox" and item.image is None
+    daemon = _Daemon.__new__(_Daemon)  # only what disposing of an input needs
+    daemon.watch = WatchSettings(done_policy=policy)
+    daemon.folders = WatchFolders(inbox, tmp_path / "output", tmp_path / "done", tmp_path / "failed", tmp_path / "state", None)
+    victim_info = (victim / "inner.png").stat()
+    daemon._dispose_input("sub/inner.png", victim_info.st_size, victim_info.st_ctime_ns)
+    assert (victim / "inner.png").read_bytes() == png(36) and not (tmp_path / "done").exists()
+
+
 def test_a_folder_that_cannot_be_read_for_a_while_costs_no_tries(tmp_path, tiny_model, monkeypatch):
     """A network mount that failed for longer than max_attempts x retry_delay_s sent every queued image to
     failed/, as if each were broken."""
@@ -1538,7 +1563,7 @@ def test_a_huge_file_that_is_no_image_is_hashed_without_being_held(tmp_path):
     entry = Entry(id=1, path="movie.mp4", size=info.st_size, ctime_ns=info.st_ctime_ns, attempts=0, interrupted=0, first_seen=0.0)
     tracemalloc.start()
     try:
-        item = read_claimed(path, entry, max_pixels=None)
+        item = read_claimed(tmp_path, entry, max_pixels=None)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
