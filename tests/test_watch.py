@@ -994,7 +994,7 @@ def test_a_folder_that_cannot_be_read_for_a_while_costs_no_tries(tmp_path, tiny_
     inbox, real_open, refusals = str(tmp_path / "inbox") + os.sep, os.open, [1, 1, 1]
 
     def stale(path, flags, *args, **kwargs):
-        if refusals and str(path).startswith(inbox):
+        if refusals and (str(path).startswith(inbox) or (kwargs.get("dir_fd") is not None and path == "a.png")):
             refusals.pop()
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
         return real_open(path, flags, *args, **kwargs)
