@@ -620,6 +620,16 @@ def test_animations_and_multi_page_tiff_take_the_first_frame_with_a_warning(tmp_
         assert any(text in m for m in logs), text
 
 
+def test_pages_are_counted_only_so_far(tmp_path, logs):
+    """Counting every page (Pillow's n_frames) took 24 s over a TIFF of 20,000 tiny pages: counting stops at 100."""
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tif:
+        for value in range(150):
+            tif.write(np.full((4, 4, 3), value, np.uint8), photometric="rgb", contiguous=False)
+    image = decode_image(buffer.getvalue(), "pages.tif")
+    assert (image.rgb == 0).all() and any("multi-page TIFF (over 100 pages)" in m for m in logs)
+
+
 # -- output options --------------------------------------------------------------------------
 
 
