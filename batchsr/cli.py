@@ -35,9 +35,31 @@ _EXIT_CODES = [
 ]
 
 
+# Control characters but the tab: a file name holding a newline forged log lines (journald splits them into
+# entries of their own), and escape sequences reached terminals through logs, `status` and failure lines.
+_CONTROLS = "[\x00-\x08\x0a-\x1f\x7f-\x9f]"
+
+
+def _printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` with control characters shown as escapes (``\\n``, ``\\x1b``); ``newlines`` keeps line breaks."""
+    import re
+
+    def shown(match) -> str:
+        char = match.group()
+        return char if newlines and char == "\n" else char.encode("unicode_escape").decode("ascii")
+
+    return re.sub(_CONTROLS, shown, text)
+
+
+def _escape_controls(record) -> None:
+    message = record["message"]
+    record["message"] = _printable(message, newlines=message.startswith("internal error:\n"))  # a traceback keeps its lines
+
+
 def _setup_logging(level: str, file: Path | None = None) -> None:
     from loguru import logger
 
+    logger.configure(patcher=_escape_controls)
     logger.remove()
     logger.add(sys.stderr, level=level, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}")
     if file is not None:
@@ -122,7 +144,7 @@ class _Command(click.Command):
             ctx.exit(128 + 13)  # as a shell tool killed by SIGPIPE
         except BatchSRError as exc:
             code = next(c for kind, c in _EXIT_CODES if isinstance(exc, kind))
-            click.echo(f"batchsr: error: {exc}", err=True)
+            click.echo(_printable(f"batchsr: error: {exc}"), err=True)
             ctx.exit(code)
         except KeyboardInterrupt:  # Ctrl-C: the shell's code for SIGINT, not click's "Aborted!" and 1
             click.echo("batchsr: interrupted (a later start resumes: finished outputs are recorded)", err=True)
@@ -279,7 +301,7 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
     if summary.report is not None:
         logger.info("report: {}", summary.report)
     for failure in summary.failed:
-        click.echo(f"batchsr: failed: {failure.path}: {failure.reason}", err=True)
+        click.echo(_printable(f"batchsr: failed: {failure.path}: {failure.reason}"), err=True)
     ctx.exit(EXIT_FAILED_IMAGES if summary.failed else EXIT_OK)
 
 
@@ -428,7 +450,7 @@ def status(ctx, state_dir, as_json, errors):
     if report.errors:
         click.echo("recent errors:")
         for error in report.errors:
-            click.echo(f"  {error['time']}  {error['state']:<8}  {error['file']}: {error['error']} (tries: {error['attempts']})")
+            click.echo(_printable(f"  {error['time']}  {error['state']:<8}  {error['file']}: {error['error']} (tries: {error['attempts']})"))
 
 
 @main.command()

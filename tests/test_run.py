@@ -368,6 +368,19 @@ def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(t
         "file of 300 MB is larger than an image within image.max_pixels (1,000) can be (at most 268 MB)"]
 
 
+def test_file_names_cannot_forge_log_lines_or_reach_the_terminal(tmp_path, tiny_model):
+    """A name holding a newline and escape sequences printed forged lines and drove the terminal."""
+    good = tmp_path / "in"
+    write_png(good / "a.png", np.full((12, 10, 3), 200, np.uint8))
+    evil = "evil\n23:59:59 INFO    batch: 9 done\x1b]0;pwned\x07\x1b[31mRED.png"
+    (good / evil).write_bytes(b"not an image")
+    result = _cli("run", str(good), str(tmp_path / "out"), "--model", str(tiny_model), "--progress", "none")
+    assert result.returncode == 65, result.stderr
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert not any(line.startswith("23:59:59") for line in result.stderr.splitlines())
+    assert "evil\\n23:59:59 INFO    batch: 9 done\\x1b]0;pwned\\x07\\x1b[31mRED.png" in result.stderr
+
+
 def test_cli_exit_codes(tree, tmp_path, tiny_model):
     out = tmp_path / "out"
     result = _cli("run", str(tree), str(out), "--model", str(tiny_model), "--tile", "32", "--progress", "none")
