@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from loguru import logger
 
 from batchsr.errors import ConfigError
 from batchsr.imageio import probe_decoding_mb, read_image, sniff_file, to_uint8, walk
@@ -78,17 +79,25 @@ CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 
 def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequence[float] = (1.0,)) -> list[np.ndarray]:
     """All HR images of ``folders`` as 8-bit RGB, each at every ``rescale`` factor
     (MATLAB bicubic, rounded to 8 bits); copies smaller than ``min_side`` are dropped."""
-    images = []
+    images, seen, small = [], set(), []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             raise ConfigError(f"train_dirs: {folder} does not exist or is not a folder")
         for path in find_images(folder):
+            if path.resolve() in seen:  # folders listed twice, or one inside another: each image counts once
+                continue
+            seen.add(path.resolve())
             rgb = to_uint8(read_image(path).rgb)
+            if min(rgb.shape[:2]) < min_side:
+                small.append(path)
             for factor in rescale:
                 copy = rgb if factor == 1.0 else imresize(rgb, factor)
                 if min(copy.shape[:2]) >= min_side:
                     images.append(copy)
+    if small:
+        logger.warning("{} training images smaller than a patch ({}px a side) are left out: {}", len(small), min_side,
+                       ", ".join(str(p) for p in small[:5]) + (", ..." if len(small) > 5 else ""))
     if not images:
         raise ConfigError(f"train_dirs {', '.join(str(f) for f in folders)}: no training images of at least {min_side}px a side "
                           "(patch_size x scale)")

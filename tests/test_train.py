@@ -479,3 +479,24 @@ def test_tensorboard_without_its_package_is_a_configuration_error(tmp_path, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError, match="tensorboard package"):
         train(_settings(tmp_path / "run", tensorboard=True), progress=False)
+
+
+def test_training_images_count_once_and_small_ones_are_named(tmp_path):
+    """A folder listed twice (or with one of its subfolders) counted its images twice; images smaller than a
+    patch were dropped without a word."""
+    from loguru import logger
+
+    from batchsr.data import load_training_images
+    from tests.conftest import write_png
+
+    write_png(tmp_path / "hr" / "big.png", np.full((40, 40, 3), 9, np.uint8))
+    write_png(tmp_path / "hr" / "sub" / "also.png", np.full((40, 48, 3), 9, np.uint8))
+    write_png(tmp_path / "hr" / "tiny.png", np.full((8, 40, 3), 9, np.uint8))
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        images = load_training_images([tmp_path / "hr", tmp_path / "hr", tmp_path / "hr" / "sub"], 32)
+    finally:
+        logger.remove(sink)
+    assert sorted(image.shape for image in images) == [(40, 40, 3), (40, 48, 3)]
+    assert any("1 training images smaller than a patch (32px a side) are left out" in m and "tiny.png" in m for m in messages)
