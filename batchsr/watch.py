@@ -267,8 +267,17 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
     file with no header, the file is rewritten atomically without the old
     rows; then the (image, content) keys of every row it holds are returned.
     """
-    if not replace and path.exists():
-        with open(path, "r+b", buffering=0) as handle:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        info = None
+    # A link, or a second name of another file, planted in its place: neither read nor appended to (that
+    # would write into, or copy into the CSV, a file elsewhere); the atomic rewrite replaces the name.
+    own = info is not None and stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+    if info is not None and not own:
+        logger.warning("{} is not a file of its own (a link?); written anew", path)
+    if not replace and own:
+        with open(path, "r+b", buffering=0, opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW)) as handle:
             end = _complete_lines_end(handle)
             if end:  # the header at least
                 handle.truncate(end)
@@ -284,7 +293,7 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
                     raise
                 return None
     existing: list[dict] = []
-    if path.exists():
+    if own:
         text = path.read_text(encoding="utf-8")
         existing = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
     keys = {(row["image"], row["input_sha256"]) for row in rows}

@@ -1574,6 +1574,22 @@ def test_a_huge_file_that_is_no_image_is_hashed_without_being_held(tmp_path):
     assert peak < 20e6, f"{peak / 1e6:.0f} MB allocated"
 
 
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_metrics_file_that_is_a_link_is_neither_written_through_nor_read(tmp_path, link):
+    """A watch-metrics.csv planted as a link to another file had that file cut and appended to (and, when
+    rewritten, its content copied into the CSV)."""
+    from batchsr.watch import append_metrics
+
+    victim, path = tmp_path / "victim.txt", tmp_path / METRICS_FILE
+    victim.write_text("image,input_sha256\nsecret,line\npartial")
+    (path.symlink_to if link == "symbolic" else path.hardlink_to)(victim)
+    for replace in (False, True):
+        append_metrics(path, [{"image": "a.png", "input_sha256": "1", "psnr_y": 30.0, "finished": "t", "model_id": "m"}],
+                       replace=replace)
+        assert victim.read_text() == "image,input_sha256\nsecret,line\npartial"
+        assert not path.is_symlink() and "secret" not in path.read_text() and "a.png" in path.read_text()
+
+
 def test_metrics_rows_are_appended_and_rewritten_only_to_replace_one(tmp_path):
     """Months of history cost a batch nothing: the CSV grows in place; a row cut by a crash is dropped."""
     from batchsr.watch import append_metrics
