@@ -881,6 +881,7 @@ class _Daemon:
                 entry, now, kept = item.entry, time.time(), False
                 if item.missing:
                     self.journal.vanish([entry.path])
+                    logger.info("{}: left the inbox before it was read; forgotten", entry.path)
                 elif item.changed:
                     self.journal.restart_settling([(entry.id, item.size, item.ctime_ns)], now)
                 elif item.sha256 is not None and (done := self._still_done(entry.path, item.sha256)) is not None:

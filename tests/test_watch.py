@@ -987,6 +987,24 @@ def test_a_queued_folder_swapped_for_a_link_leads_nothing_out_of_the_inbox(tmp_p
     assert (victim / "inner.png").read_bytes() == png(36) and not (tmp_path / "done").exists()
 
 
+def test_a_file_deleted_while_its_batch_starts_is_said_forgotten(tmp_path, tiny_model, monkeypatch):
+    """It vanished from the batch's summary without a line."""
+    import batchsr.watch
+
+    config = write_config(tmp_path, tiny_model)
+    real = batchsr.watch.read_claimed
+
+    def deleted_first(inbox, entry, max_pixels):
+        (inbox / entry.path).unlink(missing_ok=True)
+        return real(inbox, entry, max_pixels)
+
+    monkeypatch.setattr(batchsr.watch, "read_claimed", deleted_first)
+    drop(tmp_path / "inbox", "gone.png", png(37))
+    with serving_here(config) as messages:
+        wait_for(lambda: any("gone.png: left the inbox before it was read; forgotten" in m for m in messages), 60, what="the line")
+    assert journal_rows(tmp_path) == [] and files_under(tmp_path / "failed") == []
+
+
 def test_a_folder_that_cannot_be_read_for_a_while_costs_no_tries(tmp_path, tiny_model, monkeypatch):
     """A network mount that failed for longer than max_attempts x retry_delay_s sent every queued image to
     failed/, as if each were broken."""
