@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS files (
     model_id TEXT,
     output TEXT,                       -- relative to the output folder
     output_identity TEXT,              -- inode:size:mtime of the output as written: another write replaces it
+    stale_since REAL,                  -- when a finished row was first found standing for nothing (forget_finished)
     metrics TEXT,                      -- JSON, when a reference was found
     finished REAL,
     updated REAL NOT NULL
@@ -218,6 +219,8 @@ class WatchJournal:
                     db.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             if "output_identity" not in columns:
                 db.execute("ALTER TABLE files ADD COLUMN output_identity TEXT")
+            if "stale_since" not in columns:
+                db.execute("ALTER TABLE files ADD COLUMN stale_since REAL")
 
     @contextmanager
     def _transaction(self):
@@ -454,35 +457,44 @@ class WatchJournal:
             db.execute("UPDATE files SET set_aside = 1 WHERE id = ? AND state = 'failed'", (entry_id,))
 
     def forget_finished(self, before: float, in_inbox: Callable[[str, int, int], bool],
-                        output_on_disk: Callable[[str, str | None], bool], *, after_id: int = 0,
-                        limit: int = 500) -> tuple[int, int]:
+                        output_on_disk: Callable[[str, str | None], bool], now: float, *, confirm_s: float = 72000.0,
+                        after_id: int = 0, limit: int = 500) -> tuple[int, int]:
         """Forgets finished rows from before ``before`` that no longer stand for anything, so the journal
         of a daemon running for years does not grow with every file it ever saw.
 
-        A row stays while its file is still in the inbox as recorded (``in_inbox(path, size, ctime_ns)``:
+        A row stands while its file is still in the inbox as recorded (``in_inbox(path, size, ctime_ns)``:
         ``done_policy: keep``, or a move not yet made), and a done row while its output is on disk as its
         version wrote it (``output_on_disk(output, identity)``): it protects that output's name and
-        recognises the same content dropped again. The rest go: the same file dropped again is processed
-        as new. Looks at up to ``limit`` rows after ``after_id``; returns the last id looked at (0 once past
-        the end) and the count forgotten.
+        recognises the same content dropped again. A row found standing for nothing is forgotten only when
+        found so again ``confirm_s`` later: an inbox or output not mounted yet looks empty once. Looks at up
+        to ``limit`` rows after ``after_id``; returns the last id looked at (0 once past the end) and the
+        count forgotten.
         """
         rows = self.db.execute(
-            "SELECT id, path, size, ctime_ns, state, output, output_identity, EXISTS (SELECT 1 FROM files AS later "
+            "SELECT id, path, size, ctime_ns, state, output, output_identity, stale_since, EXISTS (SELECT 1 FROM files AS later "
             "WHERE later.state = 'done' AND later.output = d.output AND later.id != d.id AND (later.finished > d.finished "
             "OR (later.finished = d.finished AND later.id > d.id))) FROM files AS d "
             "WHERE id > ? AND state IN ('done', 'failed') AND finished < ? ORDER BY id LIMIT ?",
             (after_id, before, limit),
         ).fetchall()
-        stale = [
-            row_id for row_id, path, size, ctime_ns, state, output, identity, superseded in rows
-            if not in_inbox(path, size, ctime_ns)
-            and (state == "failed" or superseded or output is None or not output_on_disk(output, identity))
-        ]
-        if stale:
+        forget, mark, standing = [], [], []
+        for row_id, path, size, ctime_ns, state, output, identity, stale_since, superseded in rows:
+            stale = not in_inbox(path, size, ctime_ns) and (
+                state == "failed" or superseded or output is None or not output_on_disk(output, identity))
+            if not stale:
+                if stale_since is not None:
+                    standing.append(row_id)
+            elif stale_since is None:
+                mark.append(row_id)
+            elif stale_since <= now - confirm_s:
+                forget.append(row_id)
+        if forget or mark or standing:
             with self._transaction() as db:
                 db.executemany("DELETE FROM files WHERE id = ? AND state IN ('done', 'failed') AND finished < ?",
-                               [(i, before) for i in stale])
-        return (rows[-1][0] if len(rows) == limit else 0), len(stale)
+                               [(i, before) for i in forget])
+                db.executemany("UPDATE files SET stale_since = ? WHERE id = ?", [(now, i) for i in mark])
+                db.executemany("UPDATE files SET stale_since = NULL WHERE id = ?", [(i,) for i in standing])
+        return (rows[-1][0] if len(rows) == limit else 0), len(forget)
 
     def last_result(self, path: str) -> Result | None:
         row = self.db.execute(

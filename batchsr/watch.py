@@ -69,8 +69,6 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".crdownload", ".filepart", ".partial", ".o
 IGNORED_NAMES = ("thumbs.db", "desktop.ini")
 # Errors of the output folder rather than of the image: they do not count as a try.
 OUTPUT_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-# Errors of a mount rather than of a file: reading the inbox is retried, not counted as a try.
-_MOUNT_ERRORS = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.ETIMEDOUT}
 _EVENT_KINDS = {EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED}
 _FORGET_EVERY_S = 86400.0  # a pass over finished journal entries a day; each pass walks them in slices
 
@@ -415,7 +413,7 @@ def read_claimed(inbox: Path, entry: Entry, max_pixels: int | None) -> _Read:
             item.error, item.digest = _LINK_REASON, None
         else:
             item.error, item.digest = f"cannot read: {exc.strerror or exc}", traceback_digest(exc)
-            item.folder_error = exc.errno in _MOUNT_ERRORS or not _listable(path.parent)
+            item.folder_error = not _listable(path.parent)  # a bad sector of the file alone is the file's failure
         return item
     item.size, item.ctime_ns = after.st_size, after.st_ctime_ns
     signature = (after.st_size, after.st_ctime_ns)
@@ -604,7 +602,7 @@ class _Daemon:
                         summary.done += counts.done
                         summary.failed += counts.failed
                         summary.model_id = self.model.engine.model_id
-                    if self.watch.journal_keep_days and tick_at >= next_forget and not self.stop.is_set():
+                    if self.watch.journal_keep_days and tick_at >= next_forget and not self.stop.is_set() and identity is not None:
                         if self._forget_some(now):  # a pass done: the next one in a day
                             next_forget = tick_at + _FORGET_EVERY_S
                     if ping_every is not None and time.monotonic() - last_ping >= ping_every:
@@ -626,16 +624,23 @@ class _Daemon:
         def in_inbox(path: str, size: int, ctime_ns: int) -> bool:
             try:
                 info = os.stat(inbox / path)
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
                 return False
+            except OSError:  # cannot tell (a stale mount...): it stays
+                return True
             return (info.st_size, info.st_ctime_ns) == (size, ctime_ns)
 
         def output_on_disk(rel: str, identity: str | None) -> bool:
-            current = _file_identity(output / rel)
-            return current is not None and (identity is None or current == identity)
+            try:
+                info = os.stat(output / rel)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError:
+                return True
+            return identity is None or _identity_of(info) == identity
 
         self.forget_after, forgotten = self.journal.forget_finished(
-            now - self.watch.journal_keep_days * 86400.0, in_inbox, output_on_disk, after_id=self.forget_after)
+            now - self.watch.journal_keep_days * 86400.0, in_inbox, output_on_disk, now, after_id=self.forget_after)
         self.forgotten += forgotten
         if self.forget_after:
             return False
@@ -653,12 +658,17 @@ class _Daemon:
         self.claims_cut_short = True
         _wait_for_space(exc, self.watch.retry_delay_s, self.stop, "retrying", lambda _: notify("WATCHDOG=1"))
 
+    def _polling_observer(self):
+        """Snapshots by lstat: with stat, polling walked into linked folders, never followed otherwise."""
+        from watchdog.observers.polling import PollingObserverVFS
+
+        return PollingObserverVFS(os.lstat, os.scandir, polling_interval=self.watch.poll_interval_s)
+
     def _start_observer(self):
         from watchdog.observers import Observer
-        from watchdog.observers.polling import PollingObserver
 
         handler = _InboxEvents(self.hints)
-        observer = PollingObserver(timeout=self.watch.poll_interval_s) if self.watch.polling else Observer()
+        observer = self._polling_observer() if self.watch.polling else Observer()
         observer.schedule(handler, str(self.folders.inbox), recursive=True)
         self.rescan_s = self.watch.rescan_interval_s
         try:
@@ -668,7 +678,7 @@ class _Daemon:
                 if self.watch.polling:
                     raise InputError(f"cannot watch {self.folders.inbox}: {exc.strerror or exc}") from None
                 logger.warning("no kernel file events for {} ({}); polling every {}s instead", self.folders.inbox, exc, self.watch.poll_interval_s)
-                observer = PollingObserver(timeout=self.watch.poll_interval_s)
+                observer = self._polling_observer()
                 observer.schedule(handler, str(self.folders.inbox), recursive=True)
                 observer.start()
         except RecursionError:  # the watcher library walks the tree recursively: a very deep inbox defeats it
@@ -717,6 +727,17 @@ class _Daemon:
             return rel, info.st_size, info.st_ctime_ns
         return None
 
+    def _through_link(self, rel: str) -> bool:
+        """Whether a folder on the way to ``rel`` is a link (a hint from inside a linked folder): reported once."""
+        folder = self.folders.inbox
+        for part in rel.split("/")[:-1]:
+            folder = folder / part
+            if folder.is_symlink():
+                self._report_once(str(folder.relative_to(self.folders.inbox)), "a symbolic link: not followed; "
+                                  "move the file itself into the inbox")
+                return True
+        return False
+
     def _report_once(self, rel: str, why: str) -> None:
         if (rel, why) not in self.reported:
             self.reported.add((rel, why))
@@ -753,6 +774,8 @@ class _Daemon:
                     gone.append(rel)
             elif os.path.isdir(path) and not os.path.islink(path):
                 files.extend(self._walk(path))
+            elif "/" in rel and self._through_link(rel):
+                continue
             elif (found := self._regular(path, rel)) is not None:
                 files.append(found)
         self._record(files, time.time())
@@ -1112,8 +1135,8 @@ class _Daemon:
             "traceback_digest": result.traceback_digest,
         }
         name = result.path.rsplit("/", 1)[-1]
-        target = _free_name(self.folders.failed / result.path, report)
         try:
+            target = _free_name(self.folders.failed / result.path, report)
             with _inbox_folder(self.folders.inbox, result.path) as folder:
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode) and (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
@@ -1141,12 +1164,20 @@ def _is_text(rel: str) -> bool:
     return True
 
 
+def _numbered(path: Path, k: int) -> Path:
+    """``stem.K.ext`` beside ``path``, the stem cut so that the name stays within 255 bytes."""
+    tail = f".{k}{path.suffix}"
+    room = 255 - len(tail.encode("utf-8", "surrogateescape"))
+    stem = path.stem.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return path.with_name(stem + tail)
+
+
 def _version_name(path: Path, size: int, source_digest: Callable[[], bytes]) -> Path:
     """``path`` in done/, or ``stem.2.ext``, ``stem.3.ext``... when another version of the input holds it: done/
     keeps the only copy of each input, so a new version dropped under the same name does not replace the
     last one's. A copy of the very same content is replaced, as before."""
     candidate, k, digest = path, 1, None
-    while candidate.exists():
+    while os.path.lexists(candidate):
         try:
             if os.path.getsize(candidate) == size:  # only then read: the source once at most
                 digest = digest or source_digest()
@@ -1155,7 +1186,7 @@ def _version_name(path: Path, size: int, source_digest: Callable[[], bytes]) -> 
         except OSError:
             pass
         k += 1
-        candidate = path.with_name(f"{path.stem}.{k}{path.suffix}")
+        candidate = _numbered(path, k)
     return candidate
 
 
@@ -1182,14 +1213,14 @@ def _free_name(path: Path, report: dict) -> Path:
     candidate, k = path, 1
     while True:
         sidecar = _report_path(candidate)
-        if not candidate.exists() and not sidecar.exists():
+        if not os.path.lexists(candidate) and not os.path.lexists(sidecar):
             return candidate
-        if not candidate.exists():
+        if not os.path.lexists(candidate):
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(sidecar.read_text(encoding="utf-8")) == report:
                     return candidate
         k += 1
-        candidate = path.with_name(f"{path.stem}.{k}{path.suffix}")
+        candidate = _numbered(path, k)
 
 
 def _watching(observer) -> bool:
@@ -1204,6 +1235,10 @@ def _file_identity(path: Path) -> str | None:
         info = os.stat(path)
     except OSError:
         return None
+    return _identity_of(info)
+
+
+def _identity_of(info: os.stat_result) -> str:
     return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 

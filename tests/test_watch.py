@@ -463,25 +463,38 @@ def test_old_finished_entries_are_forgotten_once_their_file_and_output_are_gone(
     _finished_row(journal, "kept-input.png", "done", 0.0, output="elsewhere.png", size=10, ctime_ns=info.st_ctime_ns)
     _finished_row(journal, "recent.png", "done", 95 * day, identity="1:2:3")
 
+    mounted = True  # False: the inbox and output folders look empty, as before their mounts come up
+
     def in_inbox(path, size, ctime_ns):
         try:
             info = os.stat(inbox / path)
         except OSError:
             return False
-        return (info.st_size, info.st_ctime_ns) == (size, ctime_ns)
+        return mounted and (info.st_size, info.st_ctime_ns) == (size, ctime_ns)
 
     def on_disk(rel, recorded):
         current = _file_identity(output / rel)
-        return current is not None and recorded in (None, current)
+        return mounted and current is not None and recorded in (None, current)
 
-    cursor, forgotten = 0, 0
-    while True:  # in slices of two rows, as the daemon walks a long journal between batches
-        cursor, count = journal.forget_finished(90 * day + 1, in_inbox, on_disk, after_id=cursor, limit=2)
-        forgotten += count
-        if not cursor:
-            break
-    remaining = sorted(r[0] for r in journal.db.execute("SELECT path FROM files"))
-    assert remaining == ["kept-input.png", "kept.png", "old-format.png", "recent.png"] and forgotten == 3
+    def sweep(now: float) -> int:
+        cursor, forgotten = 0, 0
+        while True:  # in slices of two rows, as the daemon walks a long journal between batches
+            cursor, count = journal.forget_finished(90 * day + 1, in_inbox, on_disk, now, after_id=cursor, limit=2)
+            forgotten += count
+            if not cursor:
+                return forgotten
+
+    def remaining() -> list[str]:
+        return sorted(r[0] for r in journal.db.execute("SELECT path FROM files"))
+
+    everything = remaining()
+    mounted = False
+    assert sweep(100 * day) == 0 and remaining() == everything  # standing for nothing at one look: not enough
+    mounted = True
+    assert sweep(101 * day) == 3  # gone, replaced and bad: stale at both looks, a day apart
+    mounted = False
+    assert sweep(102 * day) == 0  # the others stood at the last look: the wait starts again
+    assert remaining() == ["kept-input.png", "kept.png", "old-format.png", "recent.png"]
     journal.close()
 
 
@@ -495,7 +508,8 @@ def test_the_daemon_forgets_old_entries_and_a_file_dropped_again_is_processed(tm
     wait_for(lambda: (tmp_path / "done" / "a.png").exists(), 60, daemon, "a.png")
     assert daemon.stop() == 0
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "journal.sqlite")) as db, db:
-        db.execute("UPDATE files SET finished = finished - 31 * 86400")  # done a month ago
+        # Done a month ago, and found standing for nothing by a pass two days ago: this start's pass forgets it.
+        db.execute("UPDATE files SET finished = finished - 31 * 86400, stale_since = ?", (time.time() - 2 * 86400,))
     (output / "a.png").unlink()  # and its output taken away since
     (tmp_path / "done" / "a.png").unlink()
     again = start(config)
@@ -891,7 +905,7 @@ def test_names_of_up_to_255_bytes_are_processed_and_set_aside_with_their_report(
     """A legal name of 242-255 bytes could never be written (the temporary added 14 bytes to it), and a failed
     one stayed in the inbox, its NAME.error.json too long, logged again at every scan."""
     config = write_config(tmp_path, tiny_model, max_attempts=1)
-    good, bad = "g" * 247 + ".png", "\u00e9" * 124 + ".png"  # 251 and 252 bytes
+    good, bad = "g" * 251 + ".png", "\u00e9" * 125 + ".png"  # 255 and 254 bytes
     staging = tmp_path / "staging"
     staging.mkdir()
     daemon = start(config)
@@ -908,12 +922,24 @@ def test_names_of_up_to_255_bytes_are_processed_and_set_aside_with_their_report(
     (report,) = [name for name in failed if name.endswith(".error.json")]
     assert report.startswith("\u00e9" * 100) and len(report.encode()) <= 255
     assert "not a supported image" in json.loads((tmp_path / "failed" / report).read_text())["reason"]
+    # Second versions of both names: numbered names that fit (a 257-byte name crashed every start).
+    again = start(config)
+    again.wait_message("READY=1")
+    for name, data in ((good, png(6)), (bad, b"not an image either")):
+        (staging / name).write_bytes(data)
+        os.replace(staging / name, tmp_path / "inbox" / name)
+    wait_for(lambda: len(files_under(tmp_path / "done")) == 2 and len(files_under(tmp_path / "failed")) == 4
+             and not files_under(tmp_path / "inbox"), 60, again, "the second versions")
+    assert again.stop() == 0
+    assert all(len(name.encode()) <= 255 for name in files_under(tmp_path / "done") + files_under(tmp_path / "failed"))
 
 
-def test_symbolic_links_in_the_inbox_are_never_followed(tmp_path, tiny_model, start):
+@pytest.mark.parametrize("polling", [False, True])
+def test_symbolic_links_in_the_inbox_are_never_followed(tmp_path, tiny_model, start, polling):
     """A link to a folder made while the daemon ran was walked: the files it led to (here an output) were upscaled
-    and moved out of their folder into done/. A link loop crashed the daemon at every start (exit 70)."""
-    config = write_config(tmp_path, tiny_model)
+    and moved out of their folder into done/. A link loop crashed the daemon at every start (exit 70). The
+    polling observer took its snapshots through links."""
+    config = write_config(tmp_path, tiny_model, polling=polling)
     inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "x.png").write_bytes(png(30))
@@ -930,8 +956,11 @@ def test_symbolic_links_in_the_inbox_are_never_followed(tmp_path, tiny_model, st
     drop(inbox, "second.png", png(32))
     wait_for(lambda: states(tmp_path).get("done") == ["first.png", "second.png"], 60, daemon, "second.png")
     wait_for(lambda: "live_output: a symbolic link: not followed" in daemon.log(), 30, daemon, "the live links seen")
+    (elsewhere / "later.png").write_bytes(png(38))  # a new file behind a link: no event, no poll, no row
+    time.sleep(1.0)
     assert daemon.stop() == 0
-    assert files_under(elsewhere) == ["x.png"] and files_under(tmp_path / "output") == ["first.png", "second.png"]
+    assert [r["path"] for r in journal_rows(tmp_path)] == ["first.png", "second.png"]
+    assert files_under(elsewhere) == ["later.png", "x.png"] and files_under(tmp_path / "output") == ["first.png", "second.png"]
     assert files_under(tmp_path / "done") == ["first.png", "second.png"] and files_under(tmp_path / "failed") == []
     for link in ("at_start", "file_link.png", "loop.png", "live", "live_output"):
         assert (inbox / link).is_symlink() and daemon.log().count(f"{link}: a symbolic link: not followed") == 1, link
@@ -1005,19 +1034,41 @@ def test_a_file_deleted_while_its_batch_starts_is_said_forgotten(tmp_path, tiny_
     assert journal_rows(tmp_path) == [] and files_under(tmp_path / "failed") == []
 
 
+def test_a_file_that_cannot_be_read_in_a_readable_folder_counts_its_tries(tmp_path, tiny_model, monkeypatch):
+    """An I/O error of the file alone (a bad sector) was deferred for ever, never set aside."""
+    config = write_config(tmp_path, tiny_model, max_attempts=2)
+    real_open = os.open
+
+    def bad_sector(path, flags, *args, **kwargs):
+        if kwargs.get("dir_fd") is not None and path == "bad.png":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", bad_sector)
+    drop(tmp_path / "inbox", "bad.png", png(39))
+    with serving_here(config) as messages:
+        wait_for(lambda: states(tmp_path).get("failed") == ["bad.png"], 60, what="bad.png set aside")
+    assert not any("its folder cannot be read now" in m for m in messages)
+
+
 def test_a_folder_that_cannot_be_read_for_a_while_costs_no_tries(tmp_path, tiny_model, monkeypatch):
     """A network mount that failed for longer than max_attempts x retry_delay_s sent every queued image to
     failed/, as if each were broken."""
     config = write_config(tmp_path, tiny_model, max_attempts=2)
-    inbox, real_open, refusals = str(tmp_path / "inbox") + os.sep, os.open, [1, 1, 1]
+    inbox, real_open, refusals, stale_since = str(tmp_path / "inbox") + os.sep, os.open, [1, 1, 1], []
 
     def stale(path, flags, *args, **kwargs):
         if refusals and (str(path).startswith(inbox) or (kwargs.get("dir_fd") is not None and path == "a.png")):
+            stale_since.append(1)
             refusals.pop()
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
         return real_open(path, flags, *args, **kwargs)
 
+    import batchsr.watch
+
     monkeypatch.setattr(os, "open", stale)
+    # The folder of each refused read cannot be listed either, while the mount is stale.
+    monkeypatch.setattr(batchsr.watch, "_listable", lambda folder: not stale_since.pop() if stale_since else True)
     drop(tmp_path / "inbox", "a.png", png(33))
     with serving_here(config) as messages:
         wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
