@@ -144,7 +144,7 @@ class _Command(click.Command):
             ctx.exit(128 + 13)  # as a shell tool killed by SIGPIPE
         except BatchSRError as exc:
             code = next(c for kind, c in _EXIT_CODES if isinstance(exc, kind))
-            click.echo(_printable(f"batchsr: error: {exc}"), err=True)
+            click.echo(_printable(f"batchsr: error: {exc}", newlines=True), err=True)  # one problem a line
             ctx.exit(code)
         except KeyboardInterrupt:  # Ctrl-C: the shell's code for SIGINT, not click's "Aborted!" and 1
             click.echo("batchsr: interrupted (a later start resumes: finished outputs are recorded)", err=True)

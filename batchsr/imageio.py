@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -135,7 +136,7 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         raise
     except PILImage.UnidentifiedImageError:
         if fmt == "tiff":  # layouts Pillow has no mode for, such as 16-bit gray + alpha (which batchsr writes)
-            rgb, alpha, gray = _decode_tiff_with_tifffile(data, path, max_pixels)
+            rgb, alpha, gray = _decode_tiff_with_tifffile(data, path, max_pixels, warn_pages=True)
             return _upright(rgb, alpha, gray, tiff_metadata(data, path)[0], fmt, stored_orientation, path)
         raise ImageError(path, f"corrupt or truncated {fmt.upper()} data (no valid header)") from None
     except Exception as exc:  # Pillow signals bad headers with many exception types
@@ -148,7 +149,7 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         gray_key = _png_gray_key(data) if fmt == "png" else None
         if gray_key is not None:
             pil.info.pop("transparency", None)  # Pillow compares it unscaled with 1-, 2- and 4-bit levels
-        if _sixteen_bit(pil, data, fmt, path) and fmt == "tiff" and pil.tag_v2.get(284) == 2:
+        if _sixteen_bit(pil, data, fmt, path) and fmt == "tiff" and pil.tag_v2.get(284) == 2 and pil.tag_v2.get(277, 1) > 1:
             rgb, alpha, gray = _decode_tiff_with_tifffile(data, path, max_pixels)  # planar: OpenCV mixes the planes up
         elif _sixteen_bit(pil, data, fmt, path):
             rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
@@ -159,7 +160,11 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         else:
             rgb, alpha, gray = _decode_with_pillow(pil, fmt, path)
         # Only once the pixels decoded: a broken file gets one line, its reason, not warnings about its parts too.
-        if getattr(pil, "is_animated", False):
+        try:
+            more = getattr(pil, "is_animated", False)
+        except Exception:  # a broken pointer to the next frame: the first one decoded, which is all that is used
+            more = True
+        if more:
             what = ("multi-page", "page") if fmt == "tiff" else ("animated", "frame")
             logger.warning("{}: {} {} ({} {}s): only the first {} is upscaled", path, what[0], fmt.upper(), _frames(pil), what[1], what[1])
         meta, orientation = read_metadata(pil, path)
@@ -178,17 +183,20 @@ _MOST_FRAMES_COUNTED = 100
 def _frames(pil: PILImage.Image) -> str:
     """How many frames or pages, counted up to 100 where counting means seeking through them (TIFF, GIF):
     Pillow's n_frames took 24 s over a TIFF of 20,000 pages."""
-    if pil.format not in ("TIFF", "GIF"):
-        return str(pil.n_frames)  # read from the header
     count = 1
     try:
+        if pil.format not in ("TIFF", "GIF"):
+            return str(pil.n_frames)  # read from the header
         while count <= _MOST_FRAMES_COUNTED:
             pil.seek(count)
             count += 1
     except EOFError:
         pass
+    except Exception:  # a broken frame after the first: counted so far
+        return f"at least {count + 1}"
     finally:
-        pil.seek(0)
+        with contextlib.suppress(Exception):
+            pil.seek(0)
     return str(count) if count <= _MOST_FRAMES_COUNTED else f"over {_MOST_FRAMES_COUNTED}"
 
 
@@ -262,7 +270,7 @@ def _upright(rgb, alpha, gray: bool, meta: Metadata, fmt: str, orientation: int,
     return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, neutral=not gray and _channels_equal(rgb), meta=meta, source=str(path))
 
 
-def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None):
+def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None, *, warn_pages: bool = False):
     """A TIFF that Pillow cannot open (or reads wrong): 8/16-bit gray or RGB, with an alpha sample or not, read
     by tifffile. Returns ``(rgb, alpha, gray)`` as stored (not yet upright)."""
     import tifffile
@@ -275,11 +283,14 @@ def _decode_tiff_with_tifffile(data: bytes, path, max_pixels: int | None):
             if int(page.planarconfig) == 2 and pixels.ndim == 3:  # one plane per sample: samples last, as interleaved
                 pixels = np.moveaxis(pixels, 0, -1)
             photometric, extra = int(page.photometric), tuple(page.extrasamples or ())
-            if len(tif.pages) > 1:
+            if warn_pages and len(tif.pages) > 1:
                 logger.warning("{}: multi-page TIFF ({} pages): only the first page is upscaled", path, len(tif.pages))
     except ImageError:
         raise
     except Exception as exc:  # tifffile signals bad files with many exception types
+        if "imagecodecs" in str(exc):  # a compression tifffile decodes only with that package
+            raise ImageError(path, f"unsupported compression for this TIFF layout ({exc}); save it uncompressed or "
+                                   "with deflate") from None
         raise ImageError(path, f"corrupt or truncated TIFF data ({exc})") from None
     if pixels.dtype not in (np.uint8, np.uint16):
         raise ImageError(path, f"unsupported sample type {pixels.dtype} (8- or 16-bit integers only)")
@@ -455,8 +466,9 @@ def read_bounded(handle, path, max_pixels: int | None) -> bytes:
     size = os.fstat(handle.fileno()).st_size
     data = handle.read(limit + 1) if size <= limit else b""
     if size > limit or len(data) > limit:
-        raise ImageError(path, f"file of {max(size, len(data)) / 1e6:,.0f} MB is larger than an image within image.max_pixels "
-                               f"({max_pixels:,}) can be (at most {limit / 1e6:,.0f} MB)")
+        raise ImageError(path, f"file of {max(size, len(data)) / 1e6:,.0f} MB is larger than batchsr reads: "
+                               f"{limit / 1e6:,.0f} MB, 8 bytes a pixel of image.max_pixels ({max_pixels:,}) and 256 MB "
+                               "of metadata; raise image.max_pixels to read it")
     return data
 
 
@@ -632,6 +644,7 @@ def atomic_file(path: Path):
     sync_folder(path.parent)
 
 
+_OLD_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
 TEMPORARY_PREFIX = ".batchsr-"  # of every temporary batchsr writes: others' hidden *.tmp files are not ours to remove
 
 
@@ -692,8 +705,10 @@ def remove_temporaries(folder: Path) -> int:
     under ``folder``; call it only while holding the folder's lock (no writer is live)."""
     removed = 0
     for root, _dirs, names in walk(folder):
+        present = set(names)
         for name in names:
-            if name.startswith(TEMPORARY_PREFIX) and name.endswith(".tmp"):
+            older = _OLD_TEMPORARY.fullmatch(name)  # named by an earlier version: ours beside the file it became
+            if (name.startswith(TEMPORARY_PREFIX) and name.endswith(".tmp")) or (older and older.group(1) in present):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(root, name))
                     removed += 1

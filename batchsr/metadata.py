@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from loguru import logger
 from PIL import Image as PILImage
-from PIL import TiffImagePlugin
+from PIL import TiffImagePlugin, TiffTags
 
 ORIENTATION = 0x0112
 X_RESOLUTION, Y_RESOLUTION = 282, 283
@@ -69,7 +69,7 @@ def tiff_metadata(tiff: bytes, path) -> tuple[Metadata, int]:
     info: dict = {}
     if ICC_TAG in ifd0:
         info["icc_profile"] = bytes(ifd0[ICC_TAG])
-    if X_RESOLUTION in ifd0 and Y_RESOLUTION in ifd0:
+    if X_RESOLUTION in ifd0 and Y_RESOLUTION in ifd0 and ifd0.get(296) != 1:  # unit "none": an aspect ratio only
         per_cm = ifd0.get(296) == 3  # ResolutionUnit centimetre; inch otherwise, as Pillow reads it
         info["dpi"] = tuple(float(ifd0[tag]) * (2.54 if per_cm else 1.0) for tag in (X_RESOLUTION, Y_RESOLUTION))
     return _metadata(info, ifd0, lambda: ifd0, path)
@@ -127,19 +127,20 @@ def _carried_exif(source: PILImage.Exif) -> PILImage.Exif:
             continue  # tifffile's description of the input's array shape: wrong for the output
 
         if tag == EXIF_IFD:
-            value = {k: _stored_text(v) for k, v in source.get_ifd(EXIF_IFD).items()}
+            value = {k: _stored_text(v, k) for k, v in source.get_ifd(EXIF_IFD).items()}
             if INTEROP_IFD in value:
-                value[INTEROP_IFD] = {k: _stored_text(v) for k, v in source.get_ifd(INTEROP_IFD).items()}
+                value[INTEROP_IFD] = {k: _stored_text(v, k) for k, v in source.get_ifd(INTEROP_IFD).items()}
         elif tag == GPS_IFD:
-            value = {k: _stored_text(v) for k, v in source.get_ifd(GPS_IFD).items()}
-        exif[tag] = _stored_text(value)
+            value = {k: _stored_text(v, k) for k, v in source.get_ifd(GPS_IFD).items()}
+        exif[tag] = _stored_text(value, tag)
     return exif
 
 
-def _stored_text(value):
+def _stored_text(value, tag: int | None = None):
     """Text as the file stored it: Pillow reads EXIF text as Latin-1 and writes it back as ASCII, which
-    turned the UTF-8 of a "© José" copyright into "?? Jos??"; bytes are written unchanged."""
-    if isinstance(value, str) and not value.isascii():
+    turned the UTF-8 of a "© José" copyright into "?? Jos??"; bytes are written unchanged. Only for a tag
+    Pillow knows as text: others given bytes would change type (left as they were, their non-ASCII lost)."""
+    if isinstance(value, str) and not value.isascii() and (tag is None or TiffTags.lookup(tag).type == TiffTags.ASCII):
         return value.encode("latin-1") if max(map(ord, value)) < 256 else value.encode("utf-8")
     return value
 

@@ -412,6 +412,9 @@ def test_sixteen_bit_gray_alpha_tiff_keeps_its_metadata(tmp_path):
     again = decode_image(encode_image(image, "tiff"), "again")  # and through batchsr's own output
     for meta in (image.meta, again.meta):
         assert meta.dpi == (300.0, 300.0) and meta.xmp == xmp and _load_exif(meta.exif)[271] == "Acme"
+    tifffile.imwrite(tmp_path / "ratio.tif", np.full((6, 8, 2), 30000, np.uint16), photometric="minisblack",
+                     extrasamples=["unassalpha"], resolution=(150, 150), resolutionunit="NONE")
+    assert read_image(tmp_path / "ratio.tif").meta.dpi is None  # unit "none": an aspect ratio, not dots per inch
 
 
 def test_a_jpeg_or_webp_output_too_large_is_refused_before_the_model(tmp_path):
@@ -452,6 +455,23 @@ def test_sixteen_bit_planar_tiffs_keep_their_colours(tmp_path, channels):
     assert image.rgb.dtype == np.uint16 and np.array_equal(image.rgb, np.moveaxis(colour, 0, -1))
     assert image.alpha is None if channels == 3 else np.array_equal(image.alpha, planes[-1])
     assert image.gray == (channels == 2)
+
+
+def test_planar_gray_with_lzw_still_reads_and_planar_rgb_with_lzw_is_refused_by_its_compression(tmp_path, monkeypatch):
+    """One sample a pixel is the same planar or not, and OpenCV reads its LZW; several samples go to tifffile,
+    which decodes LZW only with another package: the reason called that corrupt data."""
+    gray = (np.arange(6 * 8).reshape(6, 8) * 1000).astype(np.uint16)
+    PILImage.fromarray(gray).save(tmp_path / "g.tif", compression="tiff_lzw", tiffinfo={284: 2})
+    assert np.array_equal(read_image(tmp_path / "g.tif").rgb[:, :, 0], gray)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 6, 8), np.uint16), photometric="rgb", planarconfig="separate")
+
+    def without_the_codec(self, *args, **kwargs):  # what tifffile says of LZW without imagecodecs
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", without_the_codec)
+    with pytest.raises(ImageError, match="unsupported compression for this TIFF layout") as info:
+        read_image(tmp_path / "rgb.tif")
+    assert "corrupt" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -556,6 +576,14 @@ def test_exif_text_beyond_ascii_is_carried_byte_for_byte(tmp_path):
         out = encode_image(image, fmt)
         assert text in out, fmt
         assert PILImage.open(io.BytesIO(out)).getexif()[33432] == PILImage.open(buffer).getexif()[33432], fmt
+        assert isinstance(PILImage.open(io.BytesIO(out)).getexif()[33432], str), fmt  # still text (ASCII type), not bytes
+    # A text tag Pillow does not know keeps its type (as bytes it became BYTE), though not its non-ASCII.
+    private = "Priv\u00e9".encode() + b"\0"
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 50000, 2, len(private), 26) + struct.pack("<I", 0)
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(buffer, "JPEG", exif=b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd + private)
+    out = encode_image(decode_image(buffer.getvalue(), "in.jpg"), "jpg")
+    assert isinstance(PILImage.open(io.BytesIO(out)).getexif()[50000], str)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -628,6 +656,11 @@ def test_pages_are_counted_only_so_far(tmp_path, logs):
             tif.write(np.full((4, 4, 3), value, np.uint8), photometric="rgb", contiguous=False)
     image = decode_image(buffer.getvalue(), "pages.tif")
     assert (image.rgb == 0).all() and any("multi-page TIFF (over 100 pages)" in m for m in logs)
+    data = bytearray(buffer.getvalue())  # the second page's directory pointing past the end of the file
+    first_ifd = struct.unpack_from("<I", data, 4)[0]
+    entries = struct.unpack_from("<H", data, first_ifd)[0]
+    struct.pack_into("<I", data, first_ifd + 2 + 12 * entries, len(data) + 1000)
+    assert (decode_image(bytes(data), "broken.tif").rgb == 0).all()  # was a TypeError: exit 70 for the whole run
 
 
 # -- output options --------------------------------------------------------------------------

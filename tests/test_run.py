@@ -308,6 +308,9 @@ def test_problem_files_and_folders_are_reported_and_links_followed(tmp_path, tin
     stale = out / "sub" / ".batchsr-x.png.k2j3h4ab.tmp"  # what a run killed while writing leaves
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
+    older = out / "sub" / ".y.png.k2j3h4ab.tmp"  # the same, named by an earlier version, beside its output
+    older.write_bytes(b"partial")
+    (out / "sub" / "y.png").write_bytes(b"an output")
     notes = out / "sub" / ".notes.tmp"  # someone else's: not removed (it was, as a "temporary")
     notes.write_bytes(b"mine")
     summary = run_folder(src, out, _settings(tiny_model))
@@ -316,7 +319,7 @@ def test_problem_files_and_folders_are_reported_and_links_followed(tmp_path, tin
     reasons = {f.path.name: f.reason for f in summary.failed}
     assert set(reasons) == {"gone.png", "empty.png", odd}
     assert "broken link" in reasons["gone.png"] and "not valid UTF-8" in reasons[odd]
-    assert not stale.exists() and notes.read_bytes() == b"mine"
+    assert not stale.exists() and not older.exists() and notes.read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("layout", ["same", "input inside output"])
@@ -365,7 +368,8 @@ def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(t
     settings = base.model_copy(update={"image": base.image.model_copy(update={"max_pixels": 1000})})
     summary = run_folder(tmp_path / "in", tmp_path / "out", settings)
     assert summary.done == 0 and [f.reason for f in summary.failed] == [
-        "file of 300 MB is larger than an image within image.max_pixels (1,000) can be (at most 268 MB)"]
+        "file of 300 MB is larger than batchsr reads: 268 MB, 8 bytes a pixel of image.max_pixels (1,000) and 256 MB "
+        "of metadata; raise image.max_pixels to read it"]
 
 
 def test_file_names_cannot_forge_log_lines_or_reach_the_terminal(tmp_path, tiny_model):
@@ -397,9 +401,11 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
     unwritable = _cli("run", str(good), str(blocker / "sub"), "--model", str(tiny_model))
     assert unwritable.returncode == 73 and "not writable" in unwritable.stderr
     bad_config = tmp_path / "bad.yaml"
-    bad_config.write_text("engine:\n  tile: -5\n")
+    bad_config.write_text("engine:\n  tile: -5\n  batch_size: 0\n")
     config_error = _cli("--config", str(bad_config), "run", str(good), str(tmp_path / "o4"))
     assert config_error.returncode == 78 and "engine.tile" in config_error.stderr and "-5" in config_error.stderr
+    lines = config_error.stderr.splitlines()  # one problem a line, not flattened into "\n"s
+    assert any("engine.tile" in line and "batch_size" not in line for line in lines) and any("engine.batch_size" in line for line in lines)
     folder_as_config = _cli("--config", str(tmp_path), "config")
     assert folder_as_config.returncode == 78 and "Is a directory" in folder_as_config.stderr
     flag_error = _cli("run", str(good), str(tmp_path / "o4"), "--tile", "8")
