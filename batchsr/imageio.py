@@ -464,9 +464,17 @@ def read_bounded(handle, path, max_pixels: int | None) -> bytes:
         return handle.read()
     limit = max_pixels * 8 + _METADATA_ALLOWANCE
     size = os.fstat(handle.fileno()).st_size
-    data = handle.read(limit + 1) if size <= limit else b""
-    if size > limit or len(data) > limit:
-        raise ImageError(path, f"file of {max(size, len(data)) / 1e6:,.0f} MB is larger than batchsr reads: "
+    chunks = [handle.read(size)] if size <= limit else []  # read(n) sets n bytes aside at once: the size, not the limit
+    total = sum(map(len, chunks))
+    while chunks and total <= limit:  # a file still growing: the rest, a piece at a time
+        more = handle.read(1 << 20)
+        if not more:
+            break
+        chunks.append(more)
+        total += len(more)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if size > limit or total > limit:
+        raise ImageError(path, f"file of {max(size, total) / 1e6:,.0f} MB is larger than batchsr reads: "
                                f"{limit / 1e6:,.0f} MB, 8 bytes a pixel of image.max_pixels ({max_pixels:,}) and 256 MB "
                                "of metadata; raise image.max_pixels to read it")
     return data

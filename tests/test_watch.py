@@ -988,7 +988,7 @@ def test_a_sparse_file_behind_an_image_header_is_refused_unread(tmp_path, tiny_m
     with serving_here(config) as messages:
         os.replace(tmp_path / "staging" / "sparse.png", tmp_path / "inbox" / "sparse.png")
         wait_for(lambda: states(tmp_path).get("failed") == ["sparse.png"], 60, what="sparse.png failed")
-    assert any("file of 300 MB is larger than an image within image.max_pixels" in m for m in messages)
+    assert any("file of 300 MB is larger than batchsr reads" in m for m in messages)
 
 
 @pytest.mark.parametrize("policy", ["move", "delete"])
