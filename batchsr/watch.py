@@ -55,7 +55,10 @@ from watchdog.events import (
 from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder, temporary_prefix, walk
+from batchsr.imageio import (
+    Image, atomic_write, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
+    temporary_prefix, walk,
+)
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
 from batchsr.lock import DAEMON, FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
@@ -372,6 +375,7 @@ def _no_follow(folder_fd: int):
     return lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, dir_fd=folder_fd)
 
 
+_LINK_NOTE = "a symbolic link: not followed; move the file itself into the inbox"
 _LINK_REASON = "a symbolic link in its path: not followed; move the file itself into the inbox"
 
 
@@ -500,7 +504,6 @@ class _InboxEvents(FileSystemEventHandler):
             self.hints.put(os.fsdecode(event.dest_path))  # a move into the inbox counts at its destination
 
 
-@dataclass
 class _NoEvents:
     """In place of a file watcher that cannot start: the daemon finds new files by scans alone."""
 
@@ -519,6 +522,7 @@ class _NoEvents:
         return True
 
 
+@dataclass
 class _BatchCounts:
     done: int = 0
     failed: int = 0
@@ -722,7 +726,7 @@ class _Daemon:
             self._report_once(rel, f"cannot look at it: {exc.strerror or exc}; retried at each scan")
             return None
         if stat.S_ISLNK(info.st_mode):
-            self._report_once(rel, "a symbolic link: not followed; move the file itself into the inbox")
+            self._report_once(rel, _LINK_NOTE)
         elif stat.S_ISREG(info.st_mode):
             return rel, info.st_size, info.st_ctime_ns
         return None
@@ -733,8 +737,7 @@ class _Daemon:
         for part in rel.split("/")[:-1]:
             folder = folder / part
             if folder.is_symlink():
-                self._report_once(str(folder.relative_to(self.folders.inbox)), "a symbolic link: not followed; "
-                                  "move the file itself into the inbox")
+                self._report_once(str(folder.relative_to(self.folders.inbox)), _LINK_NOTE)
                 return True
         return False
 
