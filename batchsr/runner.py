@@ -28,7 +28,8 @@ from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
-    NO_ALPHA, Image, atomic_write, decode_image, encode_image, read_bounded, read_image, remove_temporaries, sniff_file, sniff_format, to_uint8,
+    NO_ALPHA, Image, atomic_write, decode_image, encode_image, read_bounded, read_image, remove_temporaries, sniff_file,
+    sniff_format, to_uint8,
 )
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
