@@ -8,6 +8,7 @@ nowhere else.  Heavy modules (TensorFlow, OpenCV) load inside the commands, so
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,18 +38,17 @@ _EXIT_CODES = [
 
 # Control characters but the tab: a file name holding a newline forged log lines (journald splits them into
 # entries of their own), and escape sequences reached terminals through logs, `status` and failure lines.
-_CONTROLS = "[\x00-\x08\x0a-\x1f\x7f-\x9f]"
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def _printable(text: str, *, newlines: bool = False) -> str:
     """``text`` with control characters shown as escapes (``\\n``, ``\\x1b``); ``newlines`` keeps line breaks."""
-    import re
 
     def shown(match) -> str:
         char = match.group()
         return char if newlines and char == "\n" else char.encode("unicode_escape").decode("ascii")
 
-    return re.sub(_CONTROLS, shown, text)
+    return _CONTROLS.sub(shown, text)
 
 
 def _escape_controls(record) -> None:
@@ -269,15 +269,14 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
 
     if report_dir is not None and reference_dir is None:
         raise ConfigError("--report needs --reference")
+    info = None
     if engine != "beam":  # a mistyped folder or model is answered before TensorFlow's seconds of import
-        from batchsr.runner import check_run
+        from batchsr.runner import check_output_dir, check_run
 
-        check_run(Path(input_dir), Path(output_dir), settings, reference_dir=reference_dir)
+        info = check_run(Path(input_dir), Path(output_dir), settings, reference_dir=reference_dir)
+        if report_dir is not None:
+            check_output_dir(report_dir, "--report folder")
     _import_tensorflow()
-    if report_dir is not None and engine != "beam":
-        from batchsr.runner import check_output_dir
-
-        check_output_dir(report_dir, "--report folder")
     if engine == "beam":
         if report_dir is not None:
             raise ConfigError("--report is not available with --engine beam")
@@ -291,7 +290,7 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
 
         summary = run_folder(Path(input_dir), Path(output_dir), settings, force=force,
                              reference_dir=Path(reference_dir) if reference_dir is not None else None,
-                             report_dir=report_dir)
+                             report_dir=report_dir, info=info)
     logger.info(
         "done {}, skipped {}, failed {}, ignored {} in {:.1f}s ({:.2f} img/s, {:.1f} output MP)",
         summary.done, summary.skipped, len(summary.failed), summary.ignored, summary.seconds, summary.throughput, summary.megapixels,

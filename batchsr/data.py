@@ -85,9 +85,10 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
         if not folder.is_dir():
             raise ConfigError(f"train_dirs: {folder} does not exist or is not a folder")
         for path in find_images(folder):
-            if path.resolve() in seen:  # folders listed twice, or one inside another: each image counts once
+            real = path.resolve()
+            if real in seen:  # folders listed twice, or one inside another: each image counts once
                 continue
-            seen.add(path.resolve())
+            seen.add(real)
             rgb = to_uint8(read_image(path).rgb)
             if min(rgb.shape[:2]) < min_side:
                 small.append(path)

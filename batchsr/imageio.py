@@ -149,9 +149,10 @@ def decode_image(data: bytes, path: Path | str = "<bytes>", *, max_pixels: int |
         gray_key = _png_gray_key(data) if fmt == "png" else None
         if gray_key is not None:
             pil.info.pop("transparency", None)  # Pillow compares it unscaled with 1-, 2- and 4-bit levels
-        if _sixteen_bit(pil, data, fmt, path) and fmt == "tiff" and pil.tag_v2.get(284) == 2 and pil.tag_v2.get(277, 1) > 1:
+        sixteen = _sixteen_bit(pil, data, fmt, path)
+        if sixteen and fmt == "tiff" and pil.tag_v2.get(284) == 2 and pil.tag_v2.get(277, 1) > 1:
             rgb, alpha, gray = _decode_tiff_with_tifffile(data, path, max_pixels)  # planar: OpenCV mixes the planes up
-        elif _sixteen_bit(pil, data, fmt, path):
+        elif sixteen:
             rgb, alpha, gray = _decode_with_opencv(data, fmt, path, _gray_header(pil, data, fmt))
             if fmt == "tiff" and pil.tag_v2.get(262) == 0:  # WhiteIsZero: OpenCV returns the stored values
                 rgb = np.iinfo(rgb.dtype).max - rgb
@@ -463,21 +464,23 @@ def read_bounded(handle, path, max_pixels: int | None) -> bytes:
     if max_pixels is None:
         return handle.read()
     limit = max_pixels * 8 + _METADATA_ALLOWANCE
+
+    def too_large_file(size: int) -> ImageError:
+        return ImageError(path, f"file of {size / 1e6:,.0f} MB is larger than batchsr reads: {limit / 1e6:,.0f} MB, "
+                                f"8 bytes a pixel of image.max_pixels ({max_pixels:,}) and 256 MB of metadata; "
+                                "raise image.max_pixels to read it")
+
     size = os.fstat(handle.fileno()).st_size
-    chunks = [handle.read(size)] if size <= limit else []  # read(n) sets n bytes aside at once: the size, not the limit
-    total = sum(map(len, chunks))
-    while chunks and total <= limit:  # a file still growing: the rest, a piece at a time
-        more = handle.read(1 << 20)
-        if not more:
-            break
+    if size > limit:
+        raise too_large_file(size)
+    chunks = [handle.read(size)]  # read(n) sets n bytes aside at once: the size, not the limit
+    total = len(chunks[0])
+    while total <= limit and (more := handle.read(1 << 20)):  # a file still growing: the rest, a piece at a time
         chunks.append(more)
         total += len(more)
-    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if size > limit or total > limit:
-        raise ImageError(path, f"file of {max(size, total) / 1e6:,.0f} MB is larger than batchsr reads: "
-                               f"{limit / 1e6:,.0f} MB, 8 bytes a pixel of image.max_pixels ({max_pixels:,}) and 256 MB "
-                               "of metadata; raise image.max_pixels to read it")
-    return data
+    if total > limit:
+        raise too_large_file(total)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def too_large(fmt: str, width: int, height: int) -> str:
@@ -656,10 +659,15 @@ _OLD_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
 TEMPORARY_PREFIX = ".batchsr-"  # of every temporary batchsr writes: others' hidden *.tmp files are not ours to remove
 
 
+def cut_name(name: str, max_bytes: int) -> str:
+    """``name`` cut to at most ``max_bytes`` bytes of UTF-8, at a character's edge: a file name holds at most 255."""
+    return name.encode("utf-8", "surrogateescape")[:max_bytes].decode("utf-8", "ignore")
+
+
 def temporary_prefix(name: str) -> str:
     """``.batchsr-NAME.``, the name cut to 200 bytes: with mkstemp's 8 characters and ``.tmp`` the temporary's
     name stays within the 255 bytes a file name may have, where NAME itself may take them all."""
-    return TEMPORARY_PREFIX + name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore") + "."
+    return TEMPORARY_PREFIX + cut_name(name, 200) + "."
 
 
 def sync_folder(folder: Path) -> None:
@@ -694,18 +702,19 @@ def walk(top, *, follow_links: bool = False, onerror=None):
             if onerror is not None:
                 onerror(exc)
             continue
-        dirs, names = [], []
+        dirs, names, links = [], [], set()
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # a link to a folder is listed as a folder, as os.walk does
             except OSError:
                 is_dir = False
             (dirs if is_dir else names).append(entry.name)
+            if is_dir and entry.is_symlink():
+                links.add(entry.name)
         yield root, dirs, names
         for name in reversed(dirs):
-            path = os.path.join(root, name)
-            if follow_links or not os.path.islink(path):
-                stack.append(path)
+            if follow_links or name not in links:
+                stack.append(os.path.join(root, name))
 
 
 def remove_temporaries(folder: Path) -> int:

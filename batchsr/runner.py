@@ -408,10 +408,13 @@ def run_folder(
     reference_dir: Path | None = None,
     report_dir: Path | None = None,
     engine=None,
+    info: ModelInfo | None = None,
 ) -> RunSummary:
-    """Upscales every image under ``input_dir`` into ``output_dir``; see the module docstring."""
+    """Upscales every image under ``input_dir`` into ``output_dir``; see the module docstring. ``info``: what
+    ``check_run`` returned, when the caller asked it first (the model's weights are hashed once)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    info = check_run(input_dir, output_dir, settings, reference_dir=reference_dir, engine=engine)
+    if info is None:
+        info = check_run(input_dir, output_dir, settings, reference_dir=reference_dir, engine=engine)
     check_output_dir(output_dir)
     with FolderLock(output_dir / STATE_DIR / "lock"):
         removed = remove_temporaries(output_dir)

@@ -110,11 +110,12 @@ class _Checkpoints:
         name = pointer.read_text().strip() if pointer.is_file() else ""
         if name and (self.root / name / "state.json").is_file():
             return self.root / name
-        complete = [folder for folder in sorted(self.root.glob("step-*")) if (folder / "state.json").is_file()]
+        steps = sorted(self.root.glob("step-*"))
+        complete = [folder for folder in steps if (folder / "state.json").is_file()]
         if complete:
             logger.warning("{}: the pointer is missing or names no checkpoint; the newest complete one is {}", pointer, complete[-1].name)
             return complete[-1]
-        if any(self.root.glob("step-*")):
+        if steps:
             raise ModelError(f"{self.root}: checkpoint folders without their state.json; move them away to start afresh")
         return None
 

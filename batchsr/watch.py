@@ -56,7 +56,7 @@ from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
 from batchsr.imageio import (
-    Image, atomic_write, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
+    Image, atomic_write, cut_name, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
     temporary_prefix, walk,
 )
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
@@ -238,9 +238,8 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None) ->
         if exc.errno != errno.EXDEV:
             raise
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=".tmp", dir=target.parent)
-    opener = _no_follow(dir_fd) if dir_fd is not None else None
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb", opener=opener) as src:
+        with os.fdopen(fd, "wb") as out, open(source, "rb", opener=_no_follow(dir_fd) if dir_fd is not None else None) as src:
             copied = os.fstat(src.fileno())
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
@@ -278,7 +277,7 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
     if info is not None and not own:
         logger.warning("{} is not a file of its own (a link?); written anew", path)
     if not replace and own:
-        with open(path, "r+b", buffering=0, opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW)) as handle:
+        with open(path, "r+b", buffering=0, opener=_no_follow()) as handle:
             end = _complete_lines_end(handle)
             if end:  # the header at least
                 handle.truncate(end)
@@ -370,13 +369,18 @@ def _inbox_folder(inbox: Path, rel: str):
         os.close(fd)
 
 
-def _no_follow(folder_fd: int):
-    """An ``open`` opener for names in ``folder_fd`` that refuses a symbolic link."""
+def _no_follow(folder_fd: int | None = None):
+    """An ``open`` opener for names in ``folder_fd`` (None: paths) that refuses a symbolic link."""
     return lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, dir_fd=folder_fd)
 
 
 _LINK_NOTE = "a symbolic link: not followed; move the file itself into the inbox"
 _LINK_REASON = "a symbolic link in its path: not followed; move the file itself into the inbox"
+_LINK_ERRORS = (errno.ELOOP, errno.ENOTDIR)  # what opening through a folder swapped for a link gives
+
+
+def _os_reason(exc: OSError) -> str:
+    return _LINK_REASON if exc.errno in _LINK_ERRORS else str(exc.strerror or exc)
 
 
 def _listable(folder: Path) -> bool:
@@ -413,7 +417,7 @@ def read_claimed(inbox: Path, entry: Entry, max_pixels: int | None) -> _Read:
         item.error, item.digest = exc.reason, None
         return item
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        if exc.errno in _LINK_ERRORS:
             item.error, item.digest = _LINK_REASON, None
         else:
             item.error, item.digest = f"cannot read: {exc.strerror or exc}", traceback_digest(exc)
@@ -714,12 +718,12 @@ class _Daemon:
                 if rel is not None and (found := self._regular(path, rel)) is not None:
                     yield found
 
-    def _regular(self, path: str, rel: str) -> tuple[str, int, int] | None:
-        """``(rel, size, ctime_ns)`` of a regular file; None for anything else. A symbolic link is not followed:
-        it could bring files from outside the inbox in, to be moved out of their folder into done/. A file that
-        cannot be looked at is reported once, and the scan goes on."""
+    def _regular(self, path: str, rel: str, info: os.stat_result | None = None) -> tuple[str, int, int] | None:
+        """``(rel, size, ctime_ns)`` of a regular file (``info``: its lstat, when taken already); None for anything
+        else. A symbolic link is not followed: it could bring files from outside the inbox in, to be moved out of
+        their folder into done/. A file that cannot be looked at is reported once, and the scan goes on."""
         try:
-            info = os.lstat(path)
+            info = info or os.lstat(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -772,14 +776,17 @@ class _Daemon:
             rel = self._relative(path)
             if rel is None:
                 continue
-            if not os.path.lexists(path):
+            try:
+                info = os.lstat(path)  # one look: what it is decides the rest
+            except OSError:
                 if _is_text(rel):  # the journal only ever held names that are text
                     gone.append(rel)
-            elif os.path.isdir(path) and not os.path.islink(path):
+                continue
+            if stat.S_ISDIR(info.st_mode):
                 files.extend(self._walk(path))
             elif "/" in rel and self._through_link(rel):
                 continue
-            elif (found := self._regular(path, rel)) is not None:
+            elif (found := self._regular(path, rel, info)) is not None:
                 files.append(found)
         self._record(files, time.time())
         if gone:
@@ -1121,8 +1128,7 @@ class _Daemon:
         except FileNotFoundError:
             return
         except OSError as exc:
-            why = _LINK_REASON if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror or exc
-            logger.error("{}: output done, but the input could not be {}d: {}; retried at the next scan", rel, policy, why)
+            logger.error("{}: output done, but the input could not be {}d: {}; retried at the next scan", rel, policy, _os_reason(exc))
 
     def _set_aside(self, result: Result) -> None:
         """Writes ``failed/NAME.error.json``, then moves the input beside it."""
@@ -1154,8 +1160,7 @@ class _Daemon:
         except FileNotFoundError:
             return
         except OSError as exc:
-            why = _LINK_REASON if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror or exc
-            logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, why)
+            logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, _os_reason(exc))
 
 
 def _is_text(rel: str) -> bool:
@@ -1170,9 +1175,7 @@ def _is_text(rel: str) -> bool:
 def _numbered(path: Path, k: int) -> Path:
     """``stem.K.ext`` beside ``path``, the stem cut so that the name stays within 255 bytes."""
     tail = f".{k}{path.suffix}"
-    room = 255 - len(tail.encode("utf-8", "surrogateescape"))
-    stem = path.stem.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
-    return path.with_name(stem + tail)
+    return path.with_name(cut_name(path.stem, 255 - len(tail.encode("utf-8", "surrogateescape"))) + tail)
 
 
 def _version_name(path: Path, size: int, source_digest: Callable[[], bytes]) -> Path:
@@ -1205,7 +1208,7 @@ def _report_path(failed: Path) -> Path:
     raw = failed.name.encode("utf-8", "surrogateescape")
     if len(raw) + len(".error.json") > 255:
         digest = hashlib.sha256(raw).hexdigest()[:12]
-        name = f"{raw[:200].decode('utf-8', 'ignore')}.{digest}.error.json"
+        name = f"{cut_name(failed.name, 200)}.{digest}.error.json"
     return failed.with_name(name)
 
 
@@ -1262,16 +1265,12 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
     daemon holds the state folder or the inbox, or anyone holds the output folder), ModelError.
     """
     folders = WatchFolders.from_settings(settings.watch)
-
-    def extend(seconds: float) -> None:  # tells systemd that start-up goes on
-        notify(f"EXTEND_TIMEOUT_USEC={int(3 * seconds * 1e6)}")
-
     while True:  # a full disk is waited out, not made exit 73 until systemd's restarts run out
         try:
             folders.create()
             break
         except FolderFullError as exc:
-            if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again", extend):
+            if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again", _extend_start):
                 return WatchSummary()
     with FolderLock(folders.state / LOCK_FILE, DAEMON):
         output_lock = _wait_for_runs(FolderLock(folders.output / STATE_DIR / "lock", DAEMON), stop)
@@ -1282,10 +1281,15 @@ def serve(settings: Settings, stop: threading.Event) -> WatchSummary:
                 try:
                     return _serve_locked(settings, folders, stop)
                 except JournalWriteError as exc:  # refused before the loop (opening, the first scan): start again
-                    if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again", extend):
+                    if not _wait_for_space(exc, settings.watch.retry_delay_s, stop, "starting again", _extend_start):
                         return WatchSummary()
         finally:
             output_lock.release()
+
+
+def _extend_start(seconds: float) -> None:
+    """Tells systemd that start-up goes on for a while yet (its start timeout would fail the unit)."""
+    notify(f"EXTEND_TIMEOUT_USEC={int(3 * seconds * 1e6)}")
 
 
 def _wait_for_space(exc: OutputError, delay_s: float, stop: threading.Event, then: str, ping) -> bool:
@@ -1319,7 +1323,7 @@ def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float
                 logger.warning("{}; waiting for it to finish", exc)
                 notify(f"STATUS=waiting for the output folder: {holder}")
                 waiting = True
-            notify(f"EXTEND_TIMEOUT_USEC={int(3 * poll_s * 1e6)}")
+            _extend_start(poll_s)
             stop.wait(poll_s)
             continue
         if waiting:
