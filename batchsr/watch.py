@@ -73,6 +73,8 @@ IGNORED_NAMES = ("thumbs.db", "desktop.ini")
 # Errors of the output folder rather than of the image: they do not count as a try.
 OUTPUT_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _EVENT_KINDS = {EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED}
+_DEGRADED_RESCAN_S = 10.0  # the scan interval while file events miss part of the inbox
+_SUSPECT_RESCAN_S = 2.0  # a scan that found folders without file events is confirmed this soon
 _FORGET_EVERY_S = 86400.0  # a pass over finished journal entries a day; each pass walks them in slices
 
 
@@ -508,6 +510,35 @@ class _InboxEvents(FileSystemEventHandler):
             self.hints.put(os.fsdecode(event.dest_path))  # a move into the inbox counts at its destination
 
 
+@dataclass
+class _TreeShape:
+    """What a full scan saw of the inbox's folders (links and hidden folders left out)."""
+
+    folders: int = 0
+    depth: int = 0
+
+
+def _kernel_watches() -> int | None:
+    """The inotify watches this process holds, as the kernel counts them (None without /proc or inotify)."""
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    count = None
+    for fd in descriptors:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
+                    count = (count or 0) + sum(line.startswith("inotify wd:") for line in info)
+    return count
+
+
+def _watch_limit() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/fs/inotify/max_user_watches").read_text(encoding="ascii"))
+    return None
+
+
 class _NoEvents:
     """In place of a file watcher that cannot start: the daemon finds new files by scans alone."""
 
@@ -544,7 +575,10 @@ class _Daemon:
         self.loaded_mb = loaded_mb  # the process with the model loaded, before any model call: the memory budget's base
         self.folders, self.journal, self.model, self.writers, self.stop = folders, journal, model, writers, stop
         self.inbox_lock = inbox_lock
-        self.rescan_s = self.watch.rescan_interval_s  # shorter while no file watcher runs
+        self.events = "none"  # what finds new files between scans: "kernel" (inotify...), "polling" or "none"
+        self.too_deep_at: int | None = None  # no file watcher: how deep the inbox's tree was then
+        self.short_of_watches: tuple[int, int | None] | None = None  # (folders, watch limit) when events missed some
+        self.shortfall_suspected = False
         self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
         self.prefix = str(folders.inbox) + os.sep
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
@@ -561,7 +595,7 @@ class _Daemon:
         summary = WatchSummary(model_id=self.model.engine.model_id)
         observer = self._start_observer()
         try:
-            self._scan(time.time())
+            observer = self._review_events(observer, self._scan(time.time()))
             status = self.journal.status(time.time())
             logger.info("watching {} with model {}; {} files queued", self.folders.inbox, self.model.engine.model_id, status.queue)
             notify(f"READY=1\nSTATUS=watching, {status.queue} queued")
@@ -569,7 +603,7 @@ class _Daemon:
             ping_every, last_ping = _watchdog_interval(), 0.0
             # Timers of this process run on the monotonic clock; the journal's times are wall-clock
             # (they outlive the process), so a clock stepped back is caught and clamped below.
-            next_scan = time.monotonic() + self.rescan_s
+            next_scan = time.monotonic() + (_SUSPECT_RESCAN_S if self.shortfall_suspected else self.rescan_s)
             identity, next_check = _identity(self.folders.inbox), time.monotonic() + 1.0
             last_wall = time.time()
             next_forget = time.monotonic()
@@ -601,8 +635,8 @@ class _Daemon:
                                 self.inbox_lock.release()  # so that its filesystem can be unmounted meanwhile
                         identity = current
                     if tick_at >= next_scan:
-                        self._scan(now)
-                        next_scan = tick_at + self.rescan_s
+                        observer = self._review_events(observer, self._scan(now))
+                        next_scan = tick_at + (_SUSPECT_RESCAN_S if self.shortfall_suspected else self.rescan_s)
                     self._settle(now)
                     if not self.stop.is_set() and self._batch_due(now):
                         self.model.reload_if_replaced()
@@ -666,6 +700,13 @@ class _Daemon:
         self.claims_cut_short = True
         _wait_for_space(exc, self.watch.retry_delay_s, self.stop, "retrying", lambda _: notify("WATCHDOG=1"))
 
+    @property
+    def rescan_s(self) -> float:
+        """Scans come often while file events miss part of the inbox."""
+        if self.events == "none" or self.short_of_watches is not None:
+            return min(self.watch.rescan_interval_s, _DEGRADED_RESCAN_S)
+        return self.watch.rescan_interval_s
+
     def _polling_observer(self):
         """Snapshots by lstat: with stat, polling walked into linked folders, never followed otherwise."""
         from watchdog.observers.polling import PollingObserverVFS
@@ -678,7 +719,7 @@ class _Daemon:
         handler = _InboxEvents(self.hints)
         observer = self._polling_observer() if self.watch.polling else Observer()
         observer.schedule(handler, str(self.folders.inbox), recursive=True)
-        self.rescan_s = self.watch.rescan_interval_s
+        self.events = "polling" if self.watch.polling else "kernel"
         try:
             try:
                 observer.start()
@@ -688,14 +729,62 @@ class _Daemon:
                 logger.warning("no kernel file events for {} ({}); polling every {}s instead", self.folders.inbox, exc, self.watch.poll_interval_s)
                 observer = self._polling_observer()
                 observer.schedule(handler, str(self.folders.inbox), recursive=True)
+                self.events = "polling"
                 observer.start()
         except RecursionError:  # the watcher library walks the tree recursively: a very deep inbox defeats it
-            self.rescan_s = min(self.watch.rescan_interval_s, 10.0)
+            self.events = "none"
             logger.warning("the inbox {} holds folders too deep for file events; new files are found by a scan every {:g}s",
                            self.folders.inbox, self.rescan_s)
             with contextlib.suppress(Exception):
                 observer.stop()
             return _NoEvents()
+        return observer
+
+    def _review_events(self, observer, shape: _TreeShape | None):
+        """After a full scan: whether file events cover the inbox. The watcher library skips a folder it cannot
+        watch in silence (the kernel's watch limit reached) and gives up on a very deep tree; files there are
+        found by scans alone. The watcher is started again once a smaller tree or a higher limit may let it
+        cover the inbox."""
+        if shape is None:
+            return observer
+        if self.events == "none":
+            if self.too_deep_at is not None and shape.depth < self.too_deep_at:
+                observer = self._start_observer()
+                if self.events != "none":
+                    logger.info("file events for the inbox {} again", self.folders.inbox)
+            if self.events == "none":
+                self.too_deep_at = shape.depth
+            return observer
+        if self.events != "kernel":
+            return observer
+        watched = _kernel_watches()
+        if watched is None or watched >= shape.folders:
+            if watched is not None and self.short_of_watches is not None:
+                logger.info("file events cover the inbox {} again", self.folders.inbox)
+            self.short_of_watches, self.shortfall_suspected = None, False
+            return observer
+        if self.short_of_watches is None and not self.shortfall_suspected:
+            self.shortfall_suspected = True  # a folder made a moment ago may not be watched yet: the next scan tells
+            return observer
+        self.shortfall_suspected = False
+        limit = _watch_limit()
+        if self.short_of_watches is None:
+            self.short_of_watches = (shape.folders, limit)
+            logger.warning(
+                "file events reach only {} of the {} folders of the inbox {}, most likely for the system's limit on "
+                "inotify watches (fs.inotify.max_user_watches = {}, shared by all processes of the user); files in the "
+                "others are found by a scan every {:g}s. Raise the limit, or set watch.polling: true",
+                watched, shape.folders, self.folders.inbox, limit if limit is not None else "unknown", self.rescan_s)
+        elif shape.folders < self.short_of_watches[0] or limit != self.short_of_watches[1]:
+            observer.stop()  # releases its watches
+            observer.join(timeout=5)
+            observer = self._start_observer()
+            watched = _kernel_watches()
+            if self.events != "kernel" or (watched is not None and watched >= shape.folders):
+                logger.info("file events cover the inbox {} again", self.folders.inbox)
+                self.short_of_watches = None
+                return observer
+            self.short_of_watches = (shape.folders, limit)
         return observer
 
     # -- observing --
@@ -706,11 +795,15 @@ class _Daemon:
         rel = path[len(self.prefix) :]
         return None if not rel or is_ignored(rel) else rel
 
-    def _walk(self, top: str) -> Iterator[tuple[str, int, int]]:
+    def _walk(self, top: str, shape: _TreeShape | None = None) -> Iterator[tuple[str, int, int]]:
         def report(error: OSError) -> None:
             logger.warning("cannot list {}: {}", error.filename, error.strerror or error)
 
+        base = top.count(os.sep)
         for root, dirs, names in walk(top, onerror=report):
+            if shape is not None:
+                shape.folders += 1
+                shape.depth = max(shape.depth, root.count(os.sep) - base)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
                 path = os.path.join(root, name)
@@ -750,16 +843,19 @@ class _Daemon:
             self.reported.add((rel, why))
             logger.warning("{}: {}", rel, why)
 
-    def _scan(self, now: float) -> None:
-        """The whole inbox: new and changed files, and queued files that are gone."""
+    def _scan(self, now: float) -> _TreeShape | None:
+        """The whole inbox: new and changed files, and queued files that are gone. Returns the shape of its
+        folder tree (None when the inbox is missing)."""
         if not self.folders.inbox.is_dir():
             logger.error("the inbox {} is missing or not a folder (unmounted?); retrying at the next scan", self.folders.inbox)
-            return
-        files = list(self._walk(str(self.folders.inbox)))
+            return None
+        shape = _TreeShape()
+        files = list(self._walk(str(self.folders.inbox), shape))
         self._record(files, now)
         gone = self.journal.active_paths() - {rel for rel, _, _ in files}
         if gone:
             self.journal.vanish(sorted(gone))
+        return shape
 
     def _take_hints(self, timeout: float) -> None:
         try:

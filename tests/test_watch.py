@@ -976,6 +976,51 @@ def test_a_tree_a_thousand_folders_deep_neither_stops_the_daemon_nor_its_restart
     assert os.path.isfile(deep_tmp_path / "done" / rel) and os.path.isfile(deep_tmp_path / "output" / rel)
 
 
+def test_file_events_come_back_once_a_deep_tree_leaves_the_inbox(deep_tmp_path, tiny_model):
+    """Without them the daemon scanned every 10 s until its next start."""
+    config = write_config(deep_tmp_path, tiny_model, rescan_interval_s=600.0)
+    deep_file(deep_tmp_path / "staging", 1100, ".keep", b"")  # hidden: never queued
+    (deep_tmp_path / "inbox").mkdir()
+    os.rename(deep_tmp_path / "staging" / "d", deep_tmp_path / "inbox" / "d")
+    with serving_here(config) as messages:
+        assert any("too deep for file events" in m for m in messages)
+        os.rename(deep_tmp_path / "inbox" / "d", deep_tmp_path / "staging" / "d")
+        wait_for(lambda: any("file events for the inbox" in m for m in messages), 60, what="file events again")
+        drop(deep_tmp_path / "inbox", "after.png", png(39))  # found by its event: no scan is due for 600 s
+        wait_for(lambda: states(deep_tmp_path).get("done") == ["after.png"], 30, what="after.png")
+
+
+def test_folders_the_kernel_cannot_watch_are_said_scanned_often_and_watched_once_they_can_be(tmp_path, tiny_model, monkeypatch):
+    """The watcher library skips a folder the kernel refuses to watch (its inotify watch limit reached) in
+    silence: a file dropped there waited for the next full scan, 60 s by default, and nothing said why."""
+    import ctypes
+
+    import watchdog.observers.inotify_c as inotify_c
+
+    config = write_config(tmp_path, tiny_model, rescan_interval_s=600.0)
+    inbox, full, real = tmp_path / "inbox", [True], inotify_c.inotify_add_watch
+    for name in ("a", "b", "c"):
+        (inbox / "crowd" / name).mkdir(parents=True)
+
+    def limited(fd, path, mask):
+        if full[0] and b"/crowd/" in path:  # what the kernel answers past fs.inotify.max_user_watches
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        return real(fd, path, mask)
+
+    monkeypatch.setattr(inotify_c, "inotify_add_watch", limited)
+    with serving_here(config) as messages:
+        wait_for(lambda: any("file events reach only 2 of the 5 folders" in m for m in messages), 30, what="the warning")
+        drop(inbox, "crowd/a/one.png", png(40))  # no event: found by a scan within 10 s
+        wait_for(lambda: states(tmp_path).get("done") == ["crowd/a/one.png"], 60, what="one.png")
+        full[0] = False
+        shutil.rmtree(inbox / "crowd" / "c")  # fewer folders: the watcher is started again
+        wait_for(lambda: any("file events cover the inbox" in m for m in messages), 60, what="events again")
+        drop(inbox, "crowd/b/two.png", png(41))  # found by its event
+        wait_for(lambda: states(tmp_path).get("done") == ["crowd/a/one.png", "crowd/b/two.png"], 30, what="two.png")
+    assert sum("file events reach only" in m for m in messages) == 1
+
+
 def test_a_sparse_file_behind_an_image_header_is_refused_unread(tmp_path, tiny_model):
     config = write_config(tmp_path, tiny_model, max_attempts=1)
     settings = yaml.safe_load(config.read_text(encoding="utf-8"))
