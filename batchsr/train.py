@@ -143,6 +143,22 @@ class _Checkpoints:
         return folder
 
 
+_FILE_OVERHEAD = 1 << 20  # an HDF5 or NPZ file's own structure beside its arrays, generously
+
+
+def _bytes_of(variables) -> int:
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+def _check_room(folder: Path, needed: int, what: str) -> None:
+    """h5py crashes the process (a segfault) when the disk fills while it writes: a save first makes sure of
+    its room, so that a full disk is an error with the last checkpoint kept."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(f"{folder}: {free / 1e6:.1f} MB free, saving {what} needs about {needed / 1e6:.1f} MB; "
+                          f"free some space, then continue with --resume (the last checkpoint is kept)")
+
+
 # What decides the patch stream: changing one on --resume would not continue the run, but start another.
 # (train_dirs may change: the same images at another path, as on another machine, give the same stream.)
 _STREAM_KEYS = ("rescale", "patch_size", "batch_size", "seed", "augment", "permute_channels")
@@ -535,6 +551,9 @@ def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, prog
             if not (np.isfinite(loss) and all(np.isfinite(v).all() for v in ema)):
                 raise ConfigError(f"training diverged by step {state['step']} (loss {loss}): lower lr (or warm up longer); "
                                   f"the last checkpoint before it is kept for --resume")
+            # the checkpoint, and the best weights if they improve
+            needed = _bytes_of(model.weights) + _bytes_of(optimizer.variables) + _bytes_of(eval_model.weights)
+            _check_room(out_dir, needed + 4 * _FILE_OVERHEAD, f"step {state['step']}")
             for var, value in zip(eval_model.trainable_variables, ema):
                 var.assign(value)
             val = validate(eval_model, val_pairs, scale) if val_pairs else None
@@ -589,6 +608,7 @@ def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, prog
     for var, value in zip(eval_model.trainable_variables, _ema_values(optimizer, model)):
         var.assign(value)
     final_val = validate(eval_model, val_pairs, scale) if val_pairs else None
+    _check_room(out_dir, _bytes_of(eval_model.weights) + _FILE_OVERHEAD, "the final weights")
     save_model(eval_model, config, final_path, training=metadata(),
                metrics={"val_psnr_y": round(final_val, 4)} if final_val is not None else {})
     logger.info("saved {} (validation Y-PSNR {})", final_path, "-" if final_val is None else f"{final_val:.4f}")

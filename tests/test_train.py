@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from batchsr.checkpoint import load_model
 from batchsr.config import TrainSettings
-from batchsr.errors import ConfigError
+from batchsr.errors import ConfigError, OutputError
 from batchsr.train import train
 from tests.conftest import data_dir
 
@@ -437,6 +438,20 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert train(_settings(out), resume=True, progress=False).step == 60  # the kept checkpoint still resumes
     with pytest.raises(ValidationError, match="lr"):
         _settings(out, lr=float("inf"))
+
+
+def test_a_disk_too_full_for_a_checkpoint_stops_before_writing_it(tmp_path, monkeypatch):
+    """h5py crashed the process (a segfault, exit 139) when the disk filled while it wrote a checkpoint."""
+    out = tmp_path / "run"
+    train(_settings(out), progress=False, until=20)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=200_000))
+    with pytest.raises(OutputError, match=r"0\.2 MB free, saving step 40 needs about [0-9.]+ MB"):
+        train(_settings(out), resume=True, progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000020"]
+    assert [row["step"] for row in _log(out)] == ["20"]
+    monkeypatch.undo()
+    assert train(_settings(out), resume=True, progress=False).step == 60
 
 
 def test_resume_problems_are_named_and_nothing_is_lost(tmp_path, monkeypatch):
