@@ -126,23 +126,44 @@ def _carried_exif(source: PILImage.Exif) -> PILImage.Exif:
         if tag == 270 and isinstance(value, str) and value.lstrip().startswith('{"shape":'):
             continue  # tifffile's description of the input's array shape: wrong for the output
 
-        if tag == EXIF_IFD:
-            value = {k: _stored_text(v, k) for k, v in source.get_ifd(EXIF_IFD).items()}
-            if INTEROP_IFD in value:
-                value[INTEROP_IFD] = {k: _stored_text(v, k) for k, v in source.get_ifd(INTEROP_IFD).items()}
-        elif tag == GPS_IFD:
-            value = {k: _stored_text(v, k) for k, v in source.get_ifd(GPS_IFD).items()}
-        exif[tag] = _stored_text(value, tag)
+        exif[tag] = _stored_ifd(source, tag) if tag in (EXIF_IFD, GPS_IFD) else _stored_text(value, tag)
     return exif
+
+
+def _stored_ifd(exif: PILImage.Exif, tag: int) -> dict:
+    """The EXIF or GPS sub-IFD of ``exif``, its text as stored and its interoperability IFD loaded."""
+    values = {k: _stored_text(v, k) for k, v in exif.get_ifd(tag).items()}
+    if tag == EXIF_IFD and INTEROP_IFD in values:
+        values[INTEROP_IFD] = {k: _stored_text(v, k) for k, v in exif.get_ifd(INTEROP_IFD).items()}
+    return values
+
+
+class _StoredText(str):
+    """EXIF text of a tag Pillow has no type for (LensModel, a maker's private tag): still a str, so that
+    Pillow writes it as text (given bytes, it wrote them as BYTE), whose encoding is the stored bytes."""
+
+    stored: bytes
+
+    def __new__(cls, stored: bytes):
+        text = super().__new__(cls, stored.decode("latin-1"))
+        text.stored = stored
+        return text
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.stored
 
 
 def _stored_text(value, tag: int | None = None):
     """Text as the file stored it: Pillow reads EXIF text as Latin-1 and writes it back as ASCII, which
-    turned the UTF-8 of a "© José" copyright into "?? Jos??"; bytes are written unchanged. Only for a tag
-    Pillow knows as text: others given bytes would change type (left as they were, their non-ASCII lost)."""
-    if isinstance(value, str) and not value.isascii() and (tag is None or TiffTags.lookup(tag).type == TiffTags.ASCII):
-        return value.encode("latin-1") if max(map(ord, value)) < 256 else value.encode("utf-8")
-    return value
+    turned the UTF-8 of a "© José" copyright into "?? Jos??"; bytes are written unchanged, for a tag
+    Pillow knows as text (and for tifffile, ``tag`` None). A tag of a known other type is left as it is."""
+    if not isinstance(value, str) or value.isascii():
+        return value
+    stored = value.encode("latin-1") if max(map(ord, value)) < 256 else value.encode("utf-8")
+    known = TiffTags.lookup(tag).type if tag is not None else TiffTags.ASCII
+    if known == TiffTags.ASCII:
+        return stored
+    return _StoredText(stored) if known is None else value
 
 
 def _strip_header(exif: bytes) -> bytes:
@@ -327,11 +348,8 @@ def append_tiff_exif(handle, meta: Metadata) -> None:
         if end % 2:
             handle.write(b"\x00")
             end += 1
-        values = dict(exif.get_ifd(tag))
-        if tag == EXIF_IFD and isinstance(values.get(INTEROP_IFD), int):
-            values[INTEROP_IFD] = exif.get_ifd(INTEROP_IFD)  # a nested IFD, written with it
         ifd = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
-        for key, value in values.items():
+        for key, value in _stored_ifd(exif, tag).items():
             ifd[key] = value
         handle.write(ifd.tobytes(end))
         handle.seek(first + 2 + 12 * i)

@@ -577,13 +577,28 @@ def test_exif_text_beyond_ascii_is_carried_byte_for_byte(tmp_path):
         assert text in out, fmt
         assert PILImage.open(io.BytesIO(out)).getexif()[33432] == PILImage.open(buffer).getexif()[33432], fmt
         assert isinstance(PILImage.open(io.BytesIO(out)).getexif()[33432], str), fmt  # still text (ASCII type), not bytes
-    # A text tag Pillow does not know keeps its type (as bytes it became BYTE), though not its non-ASCII.
-    private = "Priv\u00e9".encode() + b"\0"
-    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 50000, 2, len(private), 26) + struct.pack("<I", 0)
+
+
+def test_exif_text_of_tags_pillow_has_no_type_for_keeps_its_type_and_bytes():
+    """LensModel (EXIF sub-IFD) and private text tags: "Objectif Ø" became "Objectif ??" (as bytes they
+    would have become BYTE-typed)."""
+    from batchsr.imageio import encode_image
+
+    lens, private = "Objectif \u00d8 50".encode() + b"\0", "Priv\u00e9".encode() + b"\0"
+    # IFD0 at 8: one private text tag and the EXIF pointer; the EXIF IFD at 38: LensModel; then the texts
+    exif_at, texts_at = 8 + 2 + 2 * 12 + 4, 8 + 2 + 2 * 12 + 4 + 2 + 12 + 4
+    ifd0 = struct.pack("<H", 2) + struct.pack("<HHII", 34665, 4, 1, exif_at) + struct.pack("<HHII", 50000, 2, len(private), texts_at)
+    sub = struct.pack("<H", 1) + struct.pack("<HHII", 0xA434, 2, len(lens), texts_at + len(private))
+    exif = b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd0 + struct.pack("<I", 0) + sub + struct.pack("<I", 0) + private + lens
     buffer = io.BytesIO()
-    PILImage.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(buffer, "JPEG", exif=b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd + private)
-    out = encode_image(decode_image(buffer.getvalue(), "in.jpg"), "jpg")
-    assert isinstance(PILImage.open(io.BytesIO(out)).getexif()[50000], str)
+    PILImage.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(buffer, "JPEG", exif=exif)
+    image = decode_image(buffer.getvalue(), "in.jpg")
+    for fmt in ("jpg", "png", "tiff", "webp"):
+        out = encode_image(image, fmt)
+        back = PILImage.open(io.BytesIO(out)).getexif()
+        assert lens in out and back.get_ifd(34665)[0xA434] == lens[:-1].decode("latin-1"), fmt
+        if fmt != "tiff":  # a TIFF's first IFD carries the descriptive tags only
+            assert private in out and back[50000] == private[:-1].decode("latin-1"), fmt
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
