@@ -103,9 +103,11 @@ def test_empty_paths_and_control_characters_in_names_are_refused_by_key(tmp_path
 
 
 def test_training_configs_in_the_repository_are_valid():
-    for path in sorted((REPO / "configs").glob("train_*.yaml")):
+    paths = sorted((REPO / "configs").glob("train_*.yaml"))
+    assert paths
+    for path in paths:
         settings = load_train_settings(path)
-        assert all(isinstance(p, Path) and p.is_absolute() for p in settings.train_dirs)
+        assert all(isinstance(p, Path) and p.is_absolute() and p.is_dir() for p in settings.train_dirs), path
 
 
 def test_training_paths_from_the_file_follow_it_and_flags_follow_the_current_folder(tmp_path, monkeypatch):
