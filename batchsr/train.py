@@ -367,14 +367,11 @@ def train(
 
     keras.utils.set_random_seed(settings.seed)
     out_dir = Path(settings.out_dir)
-    try:  # before any work: a folder that cannot take checkpoints fails at once, not after an interval
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "checkpoints").mkdir(exist_ok=True)
-        probe = out_dir / f".batchsr-probe-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink(missing_ok=True)
-    except OSError as exc:
-        raise OutputError(f"out_dir {out_dir} cannot be written: {exc.strerror or exc}") from None
+    from batchsr.runner import check_output_dir
+
+    # before any work: a folder that cannot take checkpoints fails at once, not after an interval
+    check_output_dir(out_dir, "out_dir")
+    check_output_dir(out_dir / "checkpoints", "checkpoint folder")
     with FolderLock(out_dir / ".batchsr-train.lock"):  # two trainings in one out_dir would mix their checkpoints
         return _train_locked(settings, resume, init, progress, until, out_dir)
 

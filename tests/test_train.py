@@ -440,6 +440,16 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         _settings(out, lr=float("inf"))
 
 
+def test_an_out_dir_that_cannot_be_written_fails_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OutputError, match="out_dir .*file/run is not writable"):
+        train(_settings(tmp_path / "file" / "run"), progress=False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("not a folder")
+    with pytest.raises(OutputError, match="checkpoint folder .*checkpoints is not writable"):
+        train(_settings(tmp_path / "run"), progress=False)
+
+
 def test_a_disk_too_full_for_a_checkpoint_stops_before_writing_it(tmp_path, monkeypatch):
     """h5py crashed the process (a segfault, exit 139) when the disk filled while it wrote a checkpoint."""
     out = tmp_path / "run"
