@@ -16,9 +16,11 @@ PNG and TIFF, which Pillow would cut to 8 bits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -633,10 +635,10 @@ def _encode_tiff(pixels: np.ndarray, gray: bool, meta: Metadata) -> bytes:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path):
+def atomic_file(path: Path, within: Path | None = None):
     """A binary file handle whose content appears at ``path`` only once complete (see ``atomic_write``)."""
     path = Path(path)
-    make_folders(path.parent)
+    make_folders(path.parent, within)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users
@@ -679,8 +681,32 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def make_folders(folder: Path) -> None:
-    """``folder.mkdir(parents=True, exist_ok=True)`` without recursion, for the same deep trees as ``walk``."""
+class LinkedFolderError(OSError):
+    """A folder inside a tree batchsr writes is a symbolic link: it could lead the writes anywhere, onto the
+    inputs too, so it is not written through (the tree's own top folder may be a link)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(errno.ELOOP, f"{folder} is a symbolic link; batchsr does not write through links inside "
+                                      f"the folders it writes (link the top folder itself instead)")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def make_folders(folder: Path, within: Path | None = None) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)`` without recursion, for the same deep trees as ``walk``.
+    With ``within`` (a folder above ``folder``), each folder below it must be a folder, not a link:
+    ``LinkedFolderError`` (checked at each write; a link made in the instant between would still be followed)."""
+    if within is not None:
+        make_folders(within)
+        at = Path(within)
+        for part in Path(folder).relative_to(within).parts:
+            at = at / part
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(at)
+            if stat.S_ISLNK(os.lstat(at).st_mode):
+                raise LinkedFolderError(at)
+        return
     missing, at = [], Path(folder)
     while not at.is_dir() and at != at.parent:
         missing.append(at)
@@ -732,9 +758,10 @@ def remove_temporaries(folder: Path) -> int:
     return removed
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete."""
-    with atomic_file(path) as handle:
+def atomic_write(path: Path, data: bytes, within: Path | None = None) -> None:
+    """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete (``within``: see
+    ``make_folders``)."""
+    with atomic_file(path, within) as handle:
         handle.write(data)
 
 

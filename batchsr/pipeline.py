@@ -307,8 +307,10 @@ class MemoryBudget:
             self.ahead.resume(key)
 
 
-def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "model") -> tuple[int, int]:
-    """Upscales ``image`` and writes it to ``path`` (PNG or TIFF) a row of tiles at a time.
+def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "model", *,
+                   within: Path | None = None) -> tuple[int, int]:
+    """Upscales ``image`` and writes it to ``path`` (PNG or TIFF) a row of tiles at a time (``within``: see
+    ``imageio.make_folders``).
 
     Returns the output (width, height).  Memory: the input, one band of
     ``engine.tile * scale`` output rows and the encoder's buffers.
@@ -346,7 +348,7 @@ def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "mod
                     pixels = np.concatenate([pixels, from_float(plane, dtype)[:, :, None]], axis=2)
                 yield pixels
 
-    with atomic_file(path) as handle:
+    with atomic_file(path, within) as handle:
         if fmt == "png":
             from batchsr.pngwriter import PNGWriter
 

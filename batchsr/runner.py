@@ -260,6 +260,7 @@ class Written:
 def write_output(
     image: Image, upscaled: np.ndarray, alpha: np.ndarray | None, destination: Path | Callable[[bytes], None], settings: Settings,
     scale: int, *, name: str | Path, rel: PurePath, references: ReferenceFolder | None = None, ms: float = 0.0,
+    within: Path | None = None,
 ) -> Written:
     """Finishes, encodes and atomically writes one model output, then scores it when ``references`` are given.
 
@@ -267,7 +268,8 @@ def write_output(
     same from each.  ``destination`` is the output file, or a function that
     writes the bytes atomically (a file on another filesystem); ``name`` is the
     input in log lines; ``rel`` its path relative to INPUT, where its
-    reference is looked for; ``ms`` the model time per image, for the metrics.
+    reference is looked for; ``ms`` the model time per image, for the metrics; ``within`` the output
+    folder, below which no folder may be a link (``imageio.make_folders``).
     """
     run = settings.run
     factor = run.outscale or scale
@@ -277,7 +279,7 @@ def write_output(
     if callable(destination):
         destination(data)
     else:
-        atomic_write(destination, data)
+        atomic_write(destination, data, within)
     if references is None:
         return Written(result)
     found = references.find(rel)
@@ -505,7 +507,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
     def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, alpha: np.ndarray | None, ms: float) -> dict | None:
         written = write_output(item.image, upscaled, alpha, output_dir / out_rel, settings, scale,
-                               name=item.path, rel=item.rel, references=references, ms=ms)
+                               name=item.path, rel=item.rel, references=references, ms=ms, within=output_dir)
         if report_dir is not None and written.reference is not None:
             reference = written.reference
             report_images.append(ReportImage(item.rel.as_posix(), to_uint8(item.image.rgb), to_uint8(reference.bicubic),
@@ -567,7 +569,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         """A huge image on its own, band by band (see pipeline.write_streamed)."""
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
         try:
-            write_streamed(get_engine(), item.image, output_dir / out_rel, written_as(item), settings.image.alpha)
+            write_streamed(get_engine(), item.image, output_dir / out_rel, written_as(item), settings.image.alpha,
+                           within=output_dir)
         except Exception as exc:  # noqa: BLE001 (as in settle)
             conclude(item, exc)
         else:  # not scored (too large to score whole), but recorded against the reference, as any unscored image

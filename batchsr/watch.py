@@ -56,7 +56,7 @@ from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
 from batchsr.imageio import (
-    Image, atomic_write, cut_name, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
+    Image, LinkedFolderError, atomic_write, cut_name, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
     temporary_prefix, walk,
 )
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
@@ -108,16 +108,19 @@ class WatchFolders:
             return None if path is None else Path(os.path.abspath(path.expanduser()))
 
         folders = cls(*(absolute(getattr(watch, key)) for key in ("inbox", "output", "done", "failed", "state", "reference")))
-        trees = {key: getattr(folders, key) for key in ("inbox", "output", "done", "failed")}
-        names = list(trees)
+        # Compared where they really are: an output folder that is a link into the inbox fed outputs back in.
+        real = {key: Path(os.path.realpath(path)) for key in ("inbox", "output", "done", "failed", "state", "reference")
+                if (path := getattr(folders, key)) is not None}
+        names = ["inbox", "output", "done", "failed"]
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
-                if _nested(trees[a], trees[b]):
-                    raise ConfigError(f"watch.{a} ({trees[a]}) and watch.{b} ({trees[b]}) must be separate folders, neither inside the other")
+                if _nested(real[a], real[b]):
+                    raise ConfigError(f"watch.{a} ({_shown(getattr(folders, a), real[a])}) and watch.{b} "
+                                      f"({_shown(getattr(folders, b), real[b])}) must be separate folders, neither inside the other")
         for key in ("state", "reference"):
-            path = getattr(folders, key)
-            if path is not None and (path == folders.inbox or folders.inbox in path.parents):
-                raise ConfigError(f"watch.{key} ({path}) must not be inside watch.inbox ({folders.inbox})")
+            if key in real and (real[key] == real["inbox"] or real["inbox"] in real[key].parents):
+                raise ConfigError(f"watch.{key} ({_shown(getattr(folders, key), real[key])}) must not be inside "
+                                  f"watch.inbox ({_shown(folders.inbox, real['inbox'])})")
         return folders
 
     def create(self) -> None:
@@ -147,6 +150,10 @@ class FolderFullError(OutputError):
 
 def _nested(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
+
+
+def _shown(path: Path, real: Path) -> str:
+    return str(path) if path == real else f"{path}, that is {real}"
 
 
 @dataclass
@@ -228,11 +235,12 @@ def _exit_now(signum: int, why: str, state: Path | None) -> None:
 # -- files ----------------------------------------------------------------------------
 
 
-def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None) -> bool:
-    """Renames ``source`` (a name in the folder ``dir_fd``, when given, never followed if a link) onto ``target``;
-    across filesystems, a synced copy under a temporary name, then an unlink.  False: the copy is made, but
-    ``source`` was replaced or rewritten meanwhile and stays (it is a new version, not the one copied)."""
-    make_folders(target.parent)
+def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, within: Path | None = None) -> bool:
+    """Renames ``source`` (a name in the folder ``dir_fd``, when given, never followed if a link) onto ``target``
+    (``within``: see ``make_folders``); across filesystems, a synced copy under a temporary name, then an unlink.
+    False: the copy is made, but ``source`` was replaced or rewritten meanwhile and stays (it is a new version,
+    not the one copied)."""
+    make_folders(target.parent, within)
     try:
         os.replace(source, target, src_dir_fd=dir_fd)
         return True
@@ -382,6 +390,8 @@ _LINK_ERRORS = (errno.ELOOP, errno.ENOTDIR)  # what opening through a folder swa
 
 
 def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, LinkedFolderError):  # on the done/ or failed/ side
+        return str(exc)
     return _LINK_REASON if exc.errno in _LINK_ERRORS else str(exc.strerror or exc)
 
 
@@ -1082,7 +1092,8 @@ class _Daemon:
             logger.info("{}: {}x{} upscaled band by band", item.entry.path, *item.image.size)
             job = Future()
             try:
-                write_streamed(engine, item.image, self.folders.output / out_rel, fmt, image_settings.alpha)
+                write_streamed(engine, item.image, self.folders.output / out_rel, fmt, image_settings.alpha,
+                               within=self.folders.output)
                 job.set_result(None)
             except Exception as exc:  # judged with the other writes' outcomes
                 job.set_exception(exc)
@@ -1136,7 +1147,8 @@ class _Daemon:
         """Writes one output as ``run`` does (``runner.write_output``); returns its metrics row when a reference exists."""
         references = ReferenceFolder(self.folders.reference) if self.folders.reference is not None else None
         written = write_output(item.image, colour, alpha, self.folders.output / out_rel, self.settings, engine.scale,
-                               name=item.entry.path, rel=Path(item.entry.path), references=references, ms=ms)
+                               name=item.entry.path, rel=Path(item.entry.path), references=references, ms=ms,
+                               within=self.folders.output)
         if written.metrics is None or "psnr_y" not in written.metrics:  # no reference, or none usable
             return None
         return {"image": item.entry.path, "scale": int(factor), "model_id": engine.model_id, **written.metrics,
@@ -1217,7 +1229,7 @@ class _Daemon:
                     return
                 if policy == "move":
                     target = _version_name(self.folders.done / rel, size, lambda: _sha256(name, folder))
-                    if not move_file(name, target, dir_fd=folder):
+                    if not move_file(name, target, dir_fd=folder, within=self.folders.done):
                         logger.info("{} was replaced while it was moved to {}; the new version is queued", rel, self.folders.done)
                 else:
                     os.unlink(name, dir_fd=folder)
@@ -1245,8 +1257,8 @@ class _Daemon:
             with _inbox_folder(self.folders.inbox, result.path) as folder:
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode) and (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
-                    atomic_write(_report_path(target), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
-                    if move_file(name, target, dir_fd=folder):
+                    atomic_write(_report_path(target), (json.dumps(report, indent=2) + "\n").encode("utf-8"), self.folders.failed)
+                    if move_file(name, target, dir_fd=folder, within=self.folders.failed):
                         logger.info("{} moved to {}", result.path, target)
                     else:
                         logger.info("{} was replaced while it was moved to {}; the new version is queued", result.path, self.folders.failed)

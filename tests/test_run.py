@@ -334,6 +334,25 @@ def test_an_output_folder_holding_the_input_is_refused(tmp_path, tiny_model, lay
     assert not (out / ".batchsr").exists() and [p.name for p in src.iterdir()] == ["a.png"]
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_linked_folder_inside_the_output_is_not_written_through(tmp_path, tiny_model, streamed):
+    """OUT/sub, a link to IN/sub: each run wrote its output over the input, 4x larger at each run."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "sub" / "deeper" / "bird.png", np.full((6, 7, 3), 40, np.uint8))
+    write_png(src / "top.png", np.full((5, 5, 3), 90, np.uint8))
+    before = (src / "sub" / "deeper" / "bird.png").read_bytes()
+    out.mkdir()
+    (out / "sub").symlink_to(src / "sub")
+    settings = _settings(tiny_model)
+    settings = settings.model_copy(update={"run": settings.run.model_copy(update={"stream_megapixels": 0.0001 if streamed else 16.0})})
+    summary = run_folder(src, out, settings)
+    assert summary.done == 1 and [f.reason for f in summary.failed] == [
+        f"output not written: {out / 'sub'} is a symbolic link; batchsr does not write through links inside the folders "
+        f"it writes (link the top folder itself instead)"]
+    assert (src / "sub" / "deeper" / "bird.png").read_bytes() == before and os.listdir(src / "sub" / "deeper") == ["bird.png"]
+    assert (out / "top.png").is_file()
+
+
 def test_names_of_up_to_255_bytes_are_written(tmp_path, tiny_model):
     """The temporary of an output named by 242 to 255 bytes was too long a name: the image failed."""
     names = ["a" * 251 + ".png", "\u6587" * 83 + ".png"]  # 255 and 253 bytes

@@ -1492,6 +1492,42 @@ def test_overlapping_folders_are_refused(field, value):
         WatchFolders.from_settings(watch.model_copy(update={field: Path(value)}))
 
 
+@pytest.mark.parametrize("field", ["output", "done", "state"])
+def test_folders_overlapping_through_a_link_are_refused(tmp_path, field):
+    """Compared as written, watch.output as a link into the inbox fed each output back in (32, 128, 512... px);
+    watch.done so looped about once a second, nesting done/d/d/d/..."""
+    (tmp_path / "inbox" / "d").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "inbox" / "d")
+    watch = WatchSettings(inbox=tmp_path / "inbox", output=tmp_path / "out", done=tmp_path / "done", failed=tmp_path / "failed",
+                          state=tmp_path / "state")
+    with pytest.raises(ConfigError, match=f"watch.{field} \\({tmp_path / 'link'}, that is {tmp_path / 'inbox' / 'd'}\\)"):
+        WatchFolders.from_settings(watch.model_copy(update={field: tmp_path / "link"}))
+
+
+def test_linked_folders_inside_output_and_done_are_not_written_through(tmp_path, tiny_model):
+    """output/sub or done/sub, a link elsewhere: outputs and inputs were written and moved wherever it led."""
+    config = write_config(tmp_path, tiny_model, max_attempts=1)
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("out", "done"):
+        (elsewhere / name).mkdir(parents=True)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "sub").symlink_to(elsewhere / "out")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "keep").symlink_to(elsewhere / "done")
+    with serving_here(config) as messages:
+        drop(tmp_path / "inbox", "sub/a.png", png(42))
+        drop(tmp_path / "inbox", "keep/b.png", png(43))
+        wait_for(lambda: states(tmp_path).get("failed") == ["sub/a.png"] and states(tmp_path).get("done") == ["keep/b.png"], 60,
+                 what="a.png failed, b.png done")
+        wait_for(lambda: any("keep/b.png: output done, but the input could not be moved" in m for m in messages), 30, what="the line")
+    assert files_under(elsewhere) == [] and files_under(tmp_path / "output") == ["keep/b.png"]
+    assert files_under(tmp_path / "inbox") == ["keep/b.png"] and files_under(tmp_path / "failed") == ["sub/a.png", "sub/a.png.error.json"]
+    report = json.loads((tmp_path / "failed" / "sub" / "a.png.error.json").read_text())
+    assert report["reason"] == (f"output not written: {tmp_path / 'output' / 'sub'} is a symbolic link; batchsr does not write "
+                                f"through links inside the folders it writes (link the top folder itself instead)")
+    assert any(f"{tmp_path / 'done' / 'keep'} is a symbolic link" in m for m in messages if "keep/b.png" in m)
+
+
 def test_every_watch_folder_can_be_given_on_the_command_line(tmp_path):
     """Without --done and --failed the inputs would go to the configured (or built-in) folders unasked."""
     inbox = tmp_path / "in"
