@@ -16,7 +16,7 @@ import numpy as np
 from loguru import logger
 
 from batchsr.errors import ConfigError
-from batchsr.imageio import probe_decoding_mb, read_image, sniff_file, to_uint8, walk
+from batchsr.imageio import STATE_DIR, probe_decoding_mb, read_image, sniff_file, to_uint8, walk
 from batchsr.resize import imresize, resize_matrix
 
 
@@ -28,12 +28,15 @@ def is_image_file(path: Path) -> bool:
         return False
 
 
-def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, str]] | None = None) -> list[Path]:
+def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, str]] | None = None,
+               outputs: list[Path] | None = None) -> list[Path]:
     """Regular files under ``folder``, sorted; hidden files and folders skipped.
 
     Links to folders are followed, each real folder once (a link loop ends there).
     ``problems`` collects, as ``(path, reason)``, what could not be looked into:
-    unreadable folders and broken links.
+    unreadable folders and broken links. With ``outputs``, a subfolder holding a
+    batchsr output's state (another run's OUTPUT) is left out and collected there:
+    sibling output folders inside one input folder fed each other, nesting deeper at each run.
     """
     folder = Path(folder)
     found: list[Path] = []
@@ -55,6 +58,10 @@ def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, 
             continue
         visited.add((info.st_dev, info.st_ino))
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        if outputs is not None:
+            kept = [d for d in dirs if not os.path.isdir(os.path.join(root, d, STATE_DIR))]
+            outputs.extend(Path(root) / d for d in dirs if d not in kept)
+            dirs[:] = kept
         for name in names:
             path = Path(root) / name
             if name.startswith("."):

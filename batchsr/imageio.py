@@ -657,6 +657,7 @@ def atomic_file(path: Path, within: Path | None = None):
     sync_folder(path.parent)
 
 
+STATE_DIR = ".batchsr"  # in an output folder: its journal and lock; a folder holding one is another batchsr tree
 _OLD_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
 TEMPORARY_PREFIX = ".batchsr-"  # of every temporary batchsr writes: others' hidden *.tmp files are not ours to remove
 
@@ -745,9 +746,11 @@ def walk(top, *, follow_links: bool = False, onerror=None):
 
 def remove_temporaries(folder: Path) -> int:
     """Deletes the ``.batchsr-NAME.XXXX.tmp`` files of ``atomic_file`` (and probes) that a killed writer left
-    under ``folder``; call it only while holding the folder's lock (no writer is live)."""
+    under ``folder``; call it only while holding the folder's lock (no writer is live). Another batchsr output
+    folder nested inside has its own lock and writers, live perhaps: it is left alone."""
     removed = 0
-    for root, _dirs, names in walk(folder):
+    for root, dirs, names in walk(folder):
+        dirs[:] = [d for d in dirs if not os.path.isdir(os.path.join(root, d, STATE_DIR))]
         present = set(names)
         for name in names:
             older = _OLD_TEMPORARY.fullmatch(name)  # named by an earlier version: ours beside the file it became

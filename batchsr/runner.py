@@ -28,7 +28,7 @@ from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
-    NO_ALPHA, Image, atomic_write, decode_image, encode_image, read_bounded, read_image, remove_temporaries, sniff_file,
+    NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, read_bounded, read_image, remove_temporaries, sniff_file,
     sniff_format, to_uint8,
 )
 from batchsr.lock import FolderLock
@@ -40,7 +40,6 @@ from batchsr.pipeline import (
 from batchsr.report import ReportImage, write_report
 from batchsr.resize import imresize
 
-STATE_DIR = ".batchsr"
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = [
     "image", "width", "height", "scale", "model_id",
@@ -352,13 +351,17 @@ def check_output_dir(output_dir: Path, what: str = "output folder") -> None:
 
 def list_inputs(input_dir: Path, output_dir: Path, recursive: bool,
                 problems: list[tuple[Path, str]] | None = None) -> list[Path]:
-    """Every regular, non-hidden file under INPUT (outside OUTPUT when nested); what could not
-    be looked into goes to ``problems`` (see ``data.list_files``)."""
+    """Every regular, non-hidden file under INPUT (outside OUTPUT when nested, and outside the OUTPUT folders
+    of other runs); what could not be looked into goes to ``problems`` (see ``data.list_files``)."""
     from batchsr.data import list_files
 
-    out = output_dir.resolve()
-    return [path for path in list_files(input_dir, recursive, problems)
-            if not ((real := path.resolve()) == out or out in real.parents)]
+    out, outputs = output_dir.resolve(), []
+    paths = [path for path in list_files(input_dir, recursive, problems, outputs)
+             if not ((real := path.resolve()) == out or out in real.parents)]
+    for folder in outputs:
+        if folder.resolve() != out:
+            logger.warning("{}: the output folder of another batchsr run (it holds {}); not read as input", folder, STATE_DIR)
+    return paths
 
 
 def memory_budget(settings: Settings, ahead=None) -> MemoryBudget:

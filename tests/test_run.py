@@ -353,6 +353,27 @@ def test_a_linked_folder_inside_the_output_is_not_written_through(tmp_path, tiny
     assert (out / "top.png").is_file()
 
 
+def test_output_folders_of_other_runs_inside_the_input_are_not_read_and_their_temporaries_not_removed(tmp_path, tiny_model):
+    """photos/x2 and photos/x4 of two cron jobs on photos/: each run upscaled the other's outputs, nesting deeper
+    (photos/x2/x4/x2/baby.png); and a run's start removed the live temporaries of a run into a folder inside its
+    own OUTPUT."""
+    photos = tmp_path / "photos"
+    write_png(photos / "baby.png", np.full((6, 7, 3), 40, np.uint8))
+    settings = _settings(tiny_model)
+    for out in ("x2", "x4", "x2"):
+        run_folder(photos, photos / out, settings)
+    assert sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.png") if ".batchsr" not in p.parts) == [
+        "baby.png", "x2/baby.png", "x4/baby.png"]
+    live = photos / "x2" / "inner" / ".batchsr-live.png.abcdefgh.tmp"  # another run writing into photos/x2/inner
+    (photos / "x2" / "inner" / ".batchsr").mkdir(parents=True)
+    live.write_bytes(b"being written")
+    left = photos / "x2" / "sub" / ".batchsr-left.png.abcdefgh.tmp"  # this tree's own, left by a kill
+    left.parent.mkdir()
+    left.write_bytes(b"cut off")
+    run_folder(photos, photos / "x2", settings)
+    assert live.exists() and not left.exists()
+
+
 def test_names_of_up_to_255_bytes_are_written(tmp_path, tiny_model):
     """The temporary of an output named by 242 to 255 bytes was too long a name: the image failed."""
     names = ["a" * 251 + ".png", "\u6587" * 83 + ".png"]  # 255 and 253 bytes
