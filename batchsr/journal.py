@@ -13,6 +13,7 @@ This module does not import TensorFlow, so ``batchsr status`` starts at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -183,6 +184,20 @@ def _storage_error(path: Path, exc: sqlite3.OperationalError) -> OutputError:
     return OutputError(f"cannot write the journal {path}: {exc} (check the state folder's permissions and mount)")
 
 
+def open_journal(path: Path, **options) -> sqlite3.Connection:
+    """Connects to the SQLite file at ``path``, made first with the umask's mode (SQLite's own 0644 kept
+    a group-shared folder's journal, and its -wal file, from the group)."""
+    with contextlib.suppress(OSError):  # an error here is SQLite's to report
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666))
+    return sqlite3.connect(path, **options)
+
+
+def damaged_journal(path: Path, exc: sqlite3.DatabaseError) -> OutputError:
+    """A journal that is not a database (or a damaged one) is the state folder's problem, not a bug (exit 70)."""
+    return OutputError(f"the journal {path} is damaged ({exc}); move it aside and start again (a new journal "
+                       f"redoes the outputs it does not know)")
+
+
 def _entry(row) -> Entry:
     return Entry(*row)
 
@@ -199,7 +214,7 @@ class WatchJournal:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db = open_journal(self.path, timeout=30, isolation_level=None)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.OperationalError as exc:  # a full disk at start-up: the same error as for any write
@@ -207,6 +222,9 @@ class WatchJournal:
             if not _is_storage_error(exc):
                 raise
             raise _storage_error(self.path, exc) from None
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise damaged_journal(self.path, exc) from None
         self.db.execute("PRAGMA synchronous=FULL")  # a committed 'done' survives power loss, not only a crash
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -236,6 +254,10 @@ class WatchJournal:
             if not _is_storage_error(exc):
                 raise
             raise _storage_error(self.path, exc) from None
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:  # an integrity error...: a bug
+                raise
+            raise damaged_journal(self.path, exc) from None
 
     def close(self) -> None:
         self.db.close()

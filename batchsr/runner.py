@@ -31,6 +31,7 @@ from batchsr.imageio import (
     NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, read_bounded, read_image, remove_temporaries, sniff_file,
     sniff_format, to_uint8,
 )
+from batchsr.journal import damaged_journal, open_journal
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
@@ -88,16 +89,23 @@ class Journal:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS outputs (input TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
-            "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL, options TEXT)"
-        )
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(outputs)")}
-        if "options" not in columns:  # a journal from before output options were recorded
-            self.db.execute("ALTER TABLE outputs ADD COLUMN options TEXT")
-        self.db.commit()
+        self.db = open_journal(path, check_same_thread=False)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS outputs (input TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
+                "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL, options TEXT)"
+            )
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(outputs)")}
+            if "options" not in columns:  # a journal from before output options were recorded
+                self.db.execute("ALTER TABLE outputs ADD COLUMN options TEXT")
+            self.db.commit()
+        except sqlite3.OperationalError as exc:  # read-only, unopenable: the folder's to fix
+            self.db.close()
+            raise OutputError(f"cannot write the journal {path}: {exc} (check the folder's permissions and mount)") from None
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise damaged_journal(path, exc) from None
 
     def entries(self) -> dict[str, tuple[str, str, str, dict | None, str | None]]:
         rows = self.db.execute("SELECT input, sha256, model_id, output, metrics, options FROM outputs")

@@ -204,12 +204,13 @@ STOPPED_FILE = "stopped"  # in the state folder: the daemon was cut off on purpo
 def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None = None) -> None:
     """First SIGTERM/SIGINT: take no new files, finish the current batch, return.
     A second one exits at once; so does ``timeout_s`` passing. Either way the exit leaves
-    ``STOPPED_FILE`` in ``state``, so that the next start charges no file in flight with it."""
+    ``STOPPED_FILE`` in ``state``, so that the next start charges no file in flight with it.
+    SIGHUP (which killed the daemon mid-batch, a death systemd does not restart) is said and ignored."""
 
     def first(signum, frame) -> None:
         for other in (signal.SIGTERM, signal.SIGINT):
             signal.signal(other, second)
-        logger.info("{}: finishing the current batch, then stopping (a second signal stops at once)", signal.Signals(signum).name)
+        _log_soon("INFO", "{}: finishing the current batch, then stopping (a second signal stops at once)", signal.Signals(signum).name)
         notify("STOPPING=1")
         stop.set()
         why = f"the current batch did not finish within watch.stop_timeout_s = {timeout_s}s"
@@ -220,8 +221,18 @@ def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None 
     def second(signum, frame) -> None:
         _exit_now(signum, f"a second {signal.Signals(signum).name}", state)
 
+    def hangup(signum, frame) -> None:
+        _log_soon("WARNING", "SIGHUP ignored: batchsr watch has no reload; restart it to apply a changed configuration")
+
     signal.signal(signal.SIGTERM, first)
     signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGHUP, hangup)
+
+
+def _log_soon(level: str, message: str, *args) -> None:
+    """Logs from a signal handler: loguru is not re-entrant, and the handler may interrupt one of its calls
+    (the line was lost, with a "Logging error" trace); a thread logs once that call is done."""
+    threading.Thread(target=logger.log, args=(level, message, *args), daemon=True).start()
 
 
 def _exit_now(signum: int, why: str, state: Path | None) -> None:
@@ -592,6 +603,7 @@ class _Daemon:
         self.hints: queue.Queue = queue.Queue()  # not SimpleQueue: its timed get() can hang after a signal (CPython 3.11)
         self.prefix = str(folders.inbox) + os.sep
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
+        self.inbox_missing = False
         self.reported: set[tuple[str, str]] = set()  # (name, why) of what a scan skips, reported once
         self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
         self.claims_cut_short = False  # a refused journal write left a batch claimed: queue it again before the next
@@ -608,7 +620,8 @@ class _Daemon:
             observer = self._review_events(observer, self._scan(time.time()))
             status = self.journal.status(time.time())
             logger.info("watching {} with model {}; {} files queued", self.folders.inbox, self.model.engine.model_id, status.queue)
-            notify(f"READY=1\nSTATUS=watching, {status.queue} queued")
+            if not self.stop.is_set():  # after STOPPING=1, READY=1 would mark a stopping unit running
+                notify(f"READY=1\nSTATUS=watching, {status.queue} queued")
             tick = min(0.25, max(0.02, min(self.watch.settle_s, self.watch.max_wait_s) / 4))
             ping_every, last_ping = _watchdog_interval(), 0.0
             # Timers of this process run on the monotonic clock; the journal's times are wall-clock
@@ -657,7 +670,7 @@ class _Daemon:
                     if self.watch.journal_keep_days and tick_at >= next_forget and not self.stop.is_set() and identity is not None:
                         if self._forget_some(now):  # a pass done: the next one in a day
                             next_forget = tick_at + _FORGET_EVERY_S
-                    if ping_every is not None and time.monotonic() - last_ping >= ping_every:
+                    if ping_every is not None and time.monotonic() - last_ping >= ping_every and not self.stop.is_set():
                         notify("WATCHDOG=1")
                         last_ping = time.monotonic()
                 except JournalWriteError as exc:  # a full disk under the state folder: wait, as for a full output folder
@@ -806,8 +819,8 @@ class _Daemon:
         return None if not rel or is_ignored(rel) else rel
 
     def _walk(self, top: str, shape: _TreeShape | None = None) -> Iterator[tuple[str, int, int]]:
-        def report(error: OSError) -> None:
-            logger.warning("cannot list {}: {}", error.filename, error.strerror or error)
+        def report(error: OSError) -> None:  # once, not at every scan
+            self._report_once(os.path.relpath(error.filename, self.folders.inbox), f"cannot list it: {error.strerror or error}")
 
         base = top.count(os.sep)
         for root, dirs, names in walk(top, onerror=report):
@@ -857,8 +870,11 @@ class _Daemon:
         """The whole inbox: new and changed files, and queued files that are gone. Returns the shape of its
         folder tree (None when the inbox is missing)."""
         if not self.folders.inbox.is_dir():
-            logger.error("the inbox {} is missing or not a folder (unmounted?); retrying at the next scan", self.folders.inbox)
+            if not self.inbox_missing:  # said once, not at every scan while a share is unmounted
+                logger.error("the inbox {} is missing or not a folder (unmounted?); looked for at each scan", self.folders.inbox)
+            self.inbox_missing = True
             return None
+        self.inbox_missing = False
         shape = _TreeShape()
         files = list(self._walk(str(self.folders.inbox), shape))
         self._record(files, now)

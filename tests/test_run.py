@@ -374,6 +374,29 @@ def test_output_folders_of_other_runs_inside_the_input_are_not_read_and_their_te
     assert live.exists() and not left.exists()
 
 
+def test_a_damaged_journal_is_exit_73_naming_it(tmp_path, tiny_model):
+    """It was exit 70, "internal error ... (a bug)"."""
+    write_png(tmp_path / "in" / "a.png", np.full((6, 7, 3), 40, np.uint8))
+    journal = tmp_path / "out" / ".batchsr" / "journal.sqlite"
+    journal.parent.mkdir(parents=True)
+    journal.write_bytes(os.urandom(8192))
+    run = _cli("run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model))
+    assert run.returncode == 73 and f"the journal {journal} is damaged (file is not a database); move it aside" in run.stderr, run.stderr
+
+
+def test_a_group_shared_output_folder_stays_writable_by_the_group(tmp_path, tiny_model):
+    """Under umask 002 the lock was made 0644 by batchsr and the journal 0644 by SQLite: another member of the
+    group got exit 73, then (the lock made writable) exit 70 on the read-only journal."""
+    write_png(tmp_path / "in" / "a.png", np.full((6, 7, 3), 40, np.uint8))
+    old = os.umask(0o002)
+    try:
+        run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    finally:
+        os.umask(old)
+    for name in ("lock", "journal.sqlite"):
+        assert (tmp_path / "out" / ".batchsr" / name).stat().st_mode & 0o777 == 0o664, name
+
+
 def test_names_of_up_to_255_bytes_are_written(tmp_path, tiny_model):
     """The temporary of an output named by 242 to 255 bytes was too long a name: the image failed."""
     names = ["a" * 251 + ".png", "\u6587" * 83 + ".png"]  # 255 and 253 bytes

@@ -378,6 +378,38 @@ def test_sigterm_during_a_batch_finishes_it_and_exits_0(tmp_path, tiny_model, st
         assert any(message in m for m in daemon.messages), daemon.messages
 
 
+def test_a_missing_inbox_is_said_once_not_at_every_scan(tmp_path, tiny_model):
+    """An unmounted share gave an error line at every rescan: 1,440 a day at the default 60 s."""
+    config = write_config(tmp_path, tiny_model, rescan_interval_s=0.2)
+    with serving_here(config) as messages:
+        os.rmdir(tmp_path / "inbox")
+        time.sleep(2.0)  # some ten scans
+        drop(tmp_path / "inbox", "back.png", png(45))
+        wait_for(lambda: states(tmp_path).get("done") == ["back.png"], 60, what="back.png")
+    assert sum("is missing or not a folder" in m for m in messages) == 1
+
+
+def test_a_damaged_journal_stops_the_daemon_with_exit_73_naming_it(tmp_path, tiny_model):
+    """It was exit 70, "internal error ... (a bug)", restarted by systemd five times over."""
+    config = write_config(tmp_path, tiny_model)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "journal.sqlite").write_bytes(os.urandom(8192))
+    run = cli("--config", str(config), "watch")
+    assert run.returncode == 73 and "journal.sqlite is damaged (file is not a database); move it aside" in run.stderr, run.stderr
+
+
+def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
+    """It killed the daemon, mid-batch too (status 129, a death systemd does not restart), charging the file in flight."""
+    config = write_config(tmp_path, tiny_model)
+    daemon = start(config)
+    daemon.wait_message("READY=1")
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP ignored: batchsr watch has no reload" in daemon.log(), 30, daemon, "the line")
+    drop(tmp_path / "inbox", "after.png", png(44))
+    wait_for(lambda: states(tmp_path).get("done") == ["after.png"], 60, daemon, "after.png")
+    assert daemon.stop() == 0
+
+
 @pytest.mark.parametrize("how", ["second signal", "stop timeout"])
 def test_an_abrupt_stop_inside_a_batch_is_resumed_by_the_next_start(tmp_path, tiny_model, start, how):
     config = write_config(tmp_path, tiny_model, batch_images=4, max_wait_s=1.0, stop_timeout_s=0.3 if how == "stop timeout" else 60.0)
