@@ -679,8 +679,21 @@ class _Daemon:
         finally:
             observer.stop()
             observer.join(timeout=10)
+            if self.claims_cut_short:
+                self._release_cut_short()
         summary.seconds = time.time() - started
         return summary
+
+    def _release_cut_short(self) -> None:
+        """A stop while a refused journal write was waited out: the batch it cut short is queued again, charged
+        nothing; or, the journal still refusing, the stop is recorded so that the next start charges nobody
+        either (it took the claims left for a crash's)."""
+        try:
+            self.journal.recover_claims(time.time(), blame=False)
+        except JournalWriteError:
+            with contextlib.suppress(OSError):
+                atomic_write(self.folders.state / STOPPED_FILE,
+                             f"pid {os.getpid()}: stopped with a batch cut short by a refused journal write\n".encode("utf-8"))
 
     def _forget_some(self, now: float) -> bool:
         """One slice of the pass over finished journal entries, between batches; True once the pass is done."""

@@ -633,6 +633,37 @@ def test_a_full_disk_under_the_journal_is_waited_out_not_fatal(tmp_path, tiny_mo
     assert files_under(tmp_path / "output") == ["a.png", "b.png", "c.png"] and not files_under(tmp_path / "inbox")
 
 
+@pytest.mark.parametrize("queued_again", [True, False])
+def test_a_stop_while_a_full_disk_is_waited_out_charges_nobody(tmp_path, tiny_model, monkeypatch, queued_again):
+    """The batch cut short stayed claimed, and the next start took it for a crash's: a try charged, the file
+    made to go alone; a few such stops sent a good image to failed/."""
+    from batchsr.journal import JournalWriteError, WatchJournal
+
+    config = write_config(tmp_path, tiny_model, retry_delay_s=30.0)
+    full, refused, real_complete, real_recover = [True], [], WatchJournal.complete, WatchJournal.recover_claims
+
+    def complete(self, *args, **kwargs):
+        if full[0]:
+            refused.append(1)
+            raise JournalWriteError(f"cannot write the journal {self.path}: database or disk is full")
+        return real_complete(self, *args, **kwargs)
+
+    def recover(self, now, blame=True):
+        if full[0] and refused and not queued_again:
+            raise JournalWriteError(f"cannot write the journal {self.path}: database or disk is full")
+        return real_recover(self, now, blame=blame)
+
+    monkeypatch.setattr(WatchJournal, "complete", complete)
+    monkeypatch.setattr(WatchJournal, "recover_claims", recover)
+    with serving_here(config) as messages:
+        drop(tmp_path / "inbox", "a.png", png(1))
+        wait_for(lambda: any("database or disk is full; retrying in" in m for m in messages), 60, what="the wait")
+    full[0] = False
+    with serving_here(config) as messages:
+        wait_for(lambda: states(tmp_path).get("done") == ["a.png"], 60, what="a.png done")
+    assert [(row["attempts"], row["interrupted"], row["alone"]) for row in journal_rows(tmp_path)] == [(0, 0, 0)]
+
+
 def test_a_full_disk_at_start_up_is_waited_out_too(tmp_path, tiny_model, monkeypatch):
     """A refused write before the loop (here queueing again what a crash left) ended the daemon: exit 73, and
     systemd's restarts could run out while the disk stayed full."""
