@@ -628,6 +628,7 @@ class _Daemon:
             # (they outlive the process), so a clock stepped back is caught and clamped below.
             next_scan = time.monotonic() + (_SUSPECT_RESCAN_S if self.shortfall_suspected else self.rescan_s)
             identity, next_check = _identity(self.folders.inbox), time.monotonic() + 1.0
+            journal_file = _file_key(self.journal.path)
             last_wall = time.time()
             next_forget = time.monotonic()
             while not self.stop.is_set():
@@ -643,6 +644,9 @@ class _Daemon:
                     last_wall = now
                     if tick_at >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
                         next_check = tick_at + 1.0
+                        if _file_key(self.journal.path) != journal_file:  # all it records from now on would be lost
+                            raise OutputError(f"the journal {self.journal.path} was deleted or replaced while the daemon ran "
+                                              f"(the state folder removed?); stopping, so that the next start opens the one there")
                         current = _identity(self.folders.inbox)
                         if current is not None and (current != identity or not _watching(observer)):
                             logger.warning("the inbox {} was replaced or its file watcher stopped; watching it again", self.folders.inbox)
@@ -1383,6 +1387,14 @@ def _file_identity(path: Path) -> str | None:
 
 def _identity_of(info: os.stat_result) -> str:
     return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

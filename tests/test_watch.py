@@ -38,7 +38,7 @@ import yaml
 from loguru import logger
 
 from batchsr.config import Settings, WatchSettings, load_settings
-from batchsr.errors import ConfigError
+from batchsr.errors import ConfigError, OutputError
 from batchsr.imageio import decode_image, read_image
 from batchsr.resize import degrade
 from batchsr.watch import METRICS_COLUMNS, METRICS_FILE, WatchFolders, is_ignored, serve
@@ -398,6 +398,16 @@ def test_a_damaged_journal_stops_the_daemon_with_exit_73_naming_it(tmp_path, tin
     assert run.returncode == 73 and "journal.sqlite is damaged (file is not a database); move it aside" in run.stderr, run.stderr
 
 
+def test_a_state_folder_deleted_while_running_stops_the_daemon(tmp_path, tiny_model):
+    """The daemon went on recording into the deleted journal, feeding systemd's watchdog, and all it recorded
+    (what was done, tries, output owners) was lost at the next start."""
+    config = write_config(tmp_path, tiny_model)
+    with pytest.raises(OutputError, match="the journal .*journal.sqlite was deleted or replaced while the daemon ran"):
+        with serving_here(config):
+            shutil.rmtree(tmp_path / "state")
+            time.sleep(3.0)
+
+
 def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
     """It killed the daemon, mid-batch too (status 129, a death systemd does not restart), charging the file in flight."""
     config = write_config(tmp_path, tiny_model)
@@ -554,7 +564,6 @@ def test_the_daemon_forgets_old_entries_and_a_file_dropped_again_is_processed(tm
 
 
 def test_a_full_state_folder_is_an_output_error_not_a_bug(tmp_path):
-    from batchsr.errors import OutputError
     from batchsr.journal import WatchJournal
 
     class FullDisk:  # what SQLite says when the state folder's filesystem is full
