@@ -310,7 +310,9 @@ def _check_writable_file(path: Path, what: str) -> None:
 
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder, not a file")
-    folder = path.parent
+    if path.exists() and not path.is_file():  # a device or a pipe (/dev/stdout): written as it is
+        return
+    folder = Path(os.path.realpath(path)).parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {path}: folder {folder} does not exist or cannot be written")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -149,7 +150,12 @@ def write_csv(results: list[SetResult], path: Path) -> None:
         first = result.rows[0]
         writer.writerow({"set": result.name, "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
                          **column_means(result.rows, COLUMNS)})
-    atomic_write(Path(path), buffer.getvalue().encode("utf-8"))
+    data, path = buffer.getvalue().encode("utf-8"), Path(path)
+    if path.exists() and not path.is_file():  # /dev/stdout, a pipe: written as they are, not replaced
+        with open(path, "wb") as handle:
+            handle.write(data)
+    else:  # through a link, to the file it names: replacing the link left its target as it was
+        atomic_write(Path(os.path.realpath(path)), data)
 
 
 def markdown_table(results: list[SetResult], scale: int, with_model: bool) -> str:

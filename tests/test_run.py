@@ -501,6 +501,19 @@ def test_unwritable_outputs_of_eval_and_logging_fail_up_front(tmp_path):
     assert bad_log.returncode == 78 and "logging.file" in bad_log.stderr
 
 
+def test_eval_csv_through_a_link_or_to_standard_output_is_written_where_it_leads(tmp_path):
+    """--csv link.csv replaced the link with a file, its target left as it was."""
+    hr = tmp_path / "hr"
+    write_png(hr / "a.png", np.arange(24 * 24 * 3, dtype=np.uint8).reshape(24, 24, 3))
+    (tmp_path / "target.csv").write_text("old\n")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "target.csv")
+    linked = _cli("eval", "--bicubic-only", "--scale", "4", "--hr", str(hr), "--csv", str(tmp_path / "link.csv"))
+    assert linked.returncode == 0, linked.stderr
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "target.csv").read_text().startswith("set,image,")
+    piped = _cli("eval", "--bicubic-only", "--scale", "4", "--hr", str(hr), "--csv", "/dev/stdout")
+    assert piped.returncode == 0 and "set,image," in piped.stdout, piped.stderr
+
+
 def test_bicubic_only_eval_checks_the_scale_against_the_weights(tmp_path):
     """--bicubic-only with an x4 model and --scale 2 scored x2 without a word; with a model the clash is refused."""
     x4 = str(REPO / "batchsr" / "weights" / "unet_x4.weights.h5")
