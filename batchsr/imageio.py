@@ -635,13 +635,13 @@ def _encode_tiff(pixels: np.ndarray, gray: bool, meta: Metadata) -> bytes:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, within: Path | None = None):
+def atomic_file(path: Path, within: Path | None = None, mode: int | None = None):
     """A binary file handle whose content appears at ``path`` only once complete (see ``atomic_write``)."""
     path = Path(path)
     make_folders(path.parent, within)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users
+        os.fchmod(fd, 0o666 & ~_UMASK if mode is None else mode)  # mkstemp's 0600 would hide outputs from other users
         os.close(fd)
         with open(tmp, "w+b") as handle:  # by name, so that writers needing a path (tifffile) can use it
             yield handle
@@ -761,10 +761,10 @@ def remove_temporaries(folder: Path) -> int:
     return removed
 
 
-def atomic_write(path: Path, data: bytes, within: Path | None = None) -> None:
+def atomic_write(path: Path, data: bytes, within: Path | None = None, mode: int | None = None) -> None:
     """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete (``within``: see
-    ``make_folders``)."""
-    with atomic_file(path, within) as handle:
+    ``make_folders``; ``mode``: the file's, else what the umask gives)."""
+    with atomic_file(path, within, mode) as handle:
         handle.write(data)
 
 

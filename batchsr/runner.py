@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 
 import numpy as np
 from loguru import logger
@@ -739,13 +739,27 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
 
 
 def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int, model_id: str) -> Path | None:
-    """Rewrites metrics.csv from the journal; removes it when no output has scores (a stale file would lie)."""
-    data = metrics_csv(journal.entries(), inputs, scale, model_id)
+    """Rewrites metrics.csv from the journal: rows of this run's inputs, and of earlier outputs still on disk whose
+    input the run did not list (deleted since, or in a folder not mounted: an empty listing removed every row).
+    Removes it when no output has scores (a stale file would lie). A file of that name that batchsr did not
+    write is left alone; one whose content would not change is not rewritten (nor its mode, owner, links)."""
+    entries, listed = journal.entries(), set(inputs)
+    kept = [rel for rel, entry in entries.items() if rel not in listed and (output_dir / entry[2]).is_file()]
+    data = metrics_csv(entries, sorted([*inputs, *kept], key=lambda rel: PurePosixPath(rel).parts), scale, model_id)
     path = output_dir / METRICS_FILE
+    try:
+        with open(path, "rb") as handle:
+            old, mode = handle.read(), os.fstat(handle.fileno()).st_mode & 0o7777
+    except FileNotFoundError:
+        old = mode = None
+    if old is not None and not old.startswith(b"image,"):
+        logger.warning("{}: not a metrics file batchsr wrote (its first line differs); left as it is", path)
+        return None
     if data is None:
-        if path.exists():
+        if old is not None:
             path.unlink()
             logger.info("{} removed: no output has metrics now", path)
         return None
-    atomic_write(path, data)
+    if data != old:
+        atomic_write(path, data, mode=mode)  # a mode the user gave it is kept
     return path

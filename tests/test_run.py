@@ -272,6 +272,42 @@ def test_metrics_follow_the_reference_and_the_written_file(tmp_path, tiny_model)
     assert plain.done == 1 and not (out / "metrics.csv").exists()
 
 
+def test_metrics_keep_the_rows_of_outputs_on_disk_and_the_file_as_the_user_left_it(tmp_path, tiny_model):
+    """An empty (unmounted) input folder removed metrics.csv, a deleted input its row though its output stayed;
+    each run replaced the file even when unchanged (a new inode, the mode 0600 given to it widened to 0644); and
+    a metrics.csv of the user's own in OUTPUT was deleted."""
+    src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
+    for name, seed in (("a", 1), ("b", 2)):
+        pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        write_png(hr / f"{name}.png", pixels)
+        write_png(src / f"{name}.png", degrade(pixels, 4))
+    settings = _settings(tiny_model)
+    run_folder(src, out, settings, reference_dir=hr)
+    metrics = out / "metrics.csv"
+
+    def images() -> list[str]:
+        return [row["image"] for row in csv.DictReader(metrics.open())]
+
+    assert images() == ["a.png", "b.png", "MEAN"]
+    metrics.chmod(0o600)
+    inode = metrics.stat().st_ino
+    run_folder(src, out, settings, reference_dir=hr)  # nothing changed
+    assert metrics.stat().st_ino == inode
+    (src / "b.png").unlink()
+    run_folder(src, out, settings, reference_dir=hr)
+    assert images() == ["a.png", "b.png", "MEAN"]  # b's output is still there
+    (out / "b.png").unlink()
+    (src / "a.png").rename(tmp_path / "a.png")  # an empty input folder: a share not mounted
+    run_folder(src, out, settings, reference_dir=hr)
+    assert images() == ["a.png", "MEAN"] and metrics.stat().st_mode & 0o777 == 0o600
+    mine = tmp_path / "mine"
+    (mine / "metrics.csv").parent.mkdir()
+    (mine / "metrics.csv").write_text("my notes\n")
+    (tmp_path / "mine_in").mkdir()
+    run_folder(tmp_path / "mine_in", mine, settings)
+    assert (mine / "metrics.csv").read_text() == "my notes\n"
+
+
 def test_a_colliding_input_never_takes_an_up_to_date_output(tmp_path, tiny_model):
     """a.jpg and a.png both become a.png: the first keeps it on every run, the second fails each time."""
     src, out = tmp_path / "in", tmp_path / "out"
