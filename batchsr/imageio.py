@@ -761,6 +761,15 @@ def remove_temporaries(folder: Path) -> int:
     return removed
 
 
+def mode_like(source: Path | str) -> int | None:
+    """An output's mode, as ``cp`` gives it: the source's read and write bits the umask lets through (a private
+    input, 0600, gave a world-readable output); None when the source cannot be looked at."""
+    try:
+        return os.stat(source).st_mode & 0o666 & ~_UMASK
+    except OSError:
+        return None
+
+
 def atomic_write(path: Path, data: bytes, within: Path | None = None, mode: int | None = None) -> None:
     """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete (``within``: see
     ``make_folders``; ``mode``: the file's, else what the umask gives)."""

@@ -308,9 +308,9 @@ class MemoryBudget:
 
 
 def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "model", *,
-                   within: Path | None = None) -> tuple[int, int]:
-    """Upscales ``image`` and writes it to ``path`` (PNG or TIFF) a row of tiles at a time (``within``: see
-    ``imageio.make_folders``).
+                   within: Path | None = None, mode: int | None = None) -> tuple[int, int]:
+    """Upscales ``image`` and writes it to ``path`` (PNG or TIFF) a row of tiles at a time (``within`` and
+    ``mode``: see ``imageio.atomic_file``).
 
     Returns the output (width, height).  Memory: the input, one band of
     ``engine.tile * scale`` output rows and the encoder's buffers.
@@ -348,7 +348,7 @@ def write_streamed(engine, image: Image, path: Path, fmt: str, alpha: str = "mod
                     pixels = np.concatenate([pixels, from_float(plane, dtype)[:, :, None]], axis=2)
                 yield pixels
 
-    with atomic_file(path, within) as handle:
+    with atomic_file(path, within, mode) as handle:
         if fmt == "png":
             from batchsr.pngwriter import PNGWriter
 

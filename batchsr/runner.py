@@ -28,8 +28,8 @@ from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
-    NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, read_bounded, read_image, remove_temporaries, sniff_file,
-    sniff_format, to_uint8,
+    NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, mode_like, read_bounded, read_image, remove_temporaries,
+    sniff_file, sniff_format, to_uint8,
 )
 from batchsr.journal import damaged_journal, open_journal
 from batchsr.lock import FolderLock
@@ -267,7 +267,7 @@ class Written:
 def write_output(
     image: Image, upscaled: np.ndarray, alpha: np.ndarray | None, destination: Path | Callable[[bytes], None], settings: Settings,
     scale: int, *, name: str | Path, rel: PurePath, references: ReferenceFolder | None = None, ms: float = 0.0,
-    within: Path | None = None,
+    within: Path | None = None, mode: int | None = None,
 ) -> Written:
     """Finishes, encodes and atomically writes one model output, then scores it when ``references`` are given.
 
@@ -276,7 +276,8 @@ def write_output(
     writes the bytes atomically (a file on another filesystem); ``name`` is the
     input in log lines; ``rel`` its path relative to INPUT, where its
     reference is looked for; ``ms`` the model time per image, for the metrics; ``within`` the output
-    folder, below which no folder may be a link (``imageio.make_folders``).
+    folder, below which no folder may be a link (``imageio.make_folders``); ``mode`` the output file's
+    (``imageio.mode_like`` the input).
     """
     run = settings.run
     factor = run.outscale or scale
@@ -286,7 +287,7 @@ def write_output(
     if callable(destination):
         destination(data)
     else:
-        atomic_write(destination, data, within)
+        atomic_write(destination, data, within, mode)
     if references is None:
         return Written(result)
     found = references.find(rel)
@@ -518,7 +519,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
     def write_one(item: _Item, out_rel: Path, upscaled: np.ndarray, alpha: np.ndarray | None, ms: float) -> dict | None:
         written = write_output(item.image, upscaled, alpha, output_dir / out_rel, settings, scale,
-                               name=item.path, rel=item.rel, references=references, ms=ms, within=output_dir)
+                               name=item.path, rel=item.rel, references=references, ms=ms, within=output_dir,
+                               mode=mode_like(item.path))
         if report_dir is not None and written.reference is not None:
             reference = written.reference
             report_images.append(ReportImage(item.rel.as_posix(), to_uint8(item.image.rgb), to_uint8(reference.bicubic),
@@ -581,7 +583,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
         try:
             write_streamed(get_engine(), item.image, output_dir / out_rel, written_as(item), settings.image.alpha,
-                           within=output_dir)
+                           within=output_dir, mode=mode_like(item.path))
         except Exception as exc:  # noqa: BLE001 (as in settle)
             conclude(item, exc)
         else:  # not scored (too large to score whole), but recorded against the reference, as any unscored image

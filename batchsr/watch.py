@@ -56,7 +56,7 @@ from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
 from batchsr.imageio import (
-    Image, LinkedFolderError, atomic_write, cut_name, decode_image, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
+    Image, LinkedFolderError, atomic_write, cut_name, decode_image, mode_like, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
     temporary_prefix, walk,
 )
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
@@ -1126,7 +1126,7 @@ class _Daemon:
             job = Future()
             try:
                 write_streamed(engine, item.image, self.folders.output / out_rel, fmt, image_settings.alpha,
-                               within=self.folders.output)
+                               within=self.folders.output, mode=mode_like(self.folders.inbox / item.entry.path))
                 job.set_result(None)
             except Exception as exc:  # judged with the other writes' outcomes
                 job.set_exception(exc)
@@ -1181,7 +1181,7 @@ class _Daemon:
         references = ReferenceFolder(self.folders.reference) if self.folders.reference is not None else None
         written = write_output(item.image, colour, alpha, self.folders.output / out_rel, self.settings, engine.scale,
                                name=item.entry.path, rel=Path(item.entry.path), references=references, ms=ms,
-                               within=self.folders.output)
+                               within=self.folders.output, mode=mode_like(self.folders.inbox / item.entry.path))
         if written.metrics is None or "psnr_y" not in written.metrics:  # no reference, or none usable
             return None
         return {"image": item.entry.path, "scale": int(factor), "model_id": engine.model_id, **written.metrics,

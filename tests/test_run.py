@@ -433,6 +433,23 @@ def test_a_group_shared_output_folder_stays_writable_by_the_group(tmp_path, tiny
         assert (tmp_path / "out" / ".batchsr" / name).stat().st_mode & 0o777 == 0o664, name
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_output_keeps_a_private_inputs_mode_as_cp_does(tmp_path, tiny_model, streamed):
+    """A 0600 input gave a 0644 output, readable by everyone."""
+    src = tmp_path / "in"
+    write_png(src / "private.png", np.full((6, 7, 3), 40, np.uint8))
+    write_png(src / "shared.png", np.full((6, 7, 3), 90, np.uint8))
+    from batchsr.imageio import _UMASK
+
+    (src / "private.png").chmod(0o600)
+    (src / "shared.png").chmod(0o644)
+    settings = _settings(tiny_model)
+    settings = settings.model_copy(update={"run": settings.run.model_copy(update={"stream_megapixels": 0.0001 if streamed else 16.0})})
+    run_folder(src, tmp_path / "out", settings)
+    assert (tmp_path / "out" / "private.png").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "shared.png").stat().st_mode & 0o777 == 0o644 & ~_UMASK
+
+
 def test_names_of_up_to_255_bytes_are_written(tmp_path, tiny_model):
     """The temporary of an output named by 242 to 255 bytes was too long a name: the image failed."""
     names = ["a" * 251 + ".png", "\u6587" * 83 + ".png"]  # 255 and 253 bytes

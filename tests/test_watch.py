@@ -408,6 +408,19 @@ def test_a_state_folder_deleted_while_running_stops_the_daemon(tmp_path, tiny_mo
             time.sleep(3.0)
 
 
+def test_an_output_keeps_a_private_inputs_mode(tmp_path, tiny_model):
+    """A 0600 input gave a 0644 output, readable by everyone."""
+    config = write_config(tmp_path, tiny_model)
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "staging" / "private.png").write_bytes(png(46))
+    (tmp_path / "staging" / "private.png").chmod(0o600)
+    with serving_here(config):
+        (tmp_path / "inbox").mkdir(exist_ok=True)
+        os.replace(tmp_path / "staging" / "private.png", tmp_path / "inbox" / "private.png")
+        wait_for(lambda: states(tmp_path).get("done") == ["private.png"], 60, what="private.png")
+    assert (tmp_path / "output" / "private.png").stat().st_mode & 0o777 == 0o600
+
+
 def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
     """It killed the daemon, mid-batch too (status 129, a death systemd does not restart), charging the file in flight."""
     config = write_config(tmp_path, tiny_model)
