@@ -285,8 +285,11 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
     Appended and synced: a batch costs the same after months of history; a
     row cut short by a crash is dropped first, and a failed append is undone.
     With ``replace`` (a row of the same image and content may be there), or a
-    file with no header, the file is rewritten atomically without the old
-    rows; then the (image, content) keys of every row it holds are returned.
+    file with no header or another one (saved by a spreadsheet with a byte-order
+    mark, columns moved or taken out: appended rows went under the wrong
+    columns), the file is rewritten atomically, its rows matched to the columns
+    by name, without the old rows; then the (image, content) keys of every row
+    it holds are returned.
     """
     try:
         info = os.lstat(path)
@@ -298,9 +301,10 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
     if info is not None and not own:
         logger.warning("{} is not a file of its own (a link?); written anew", path)
     if not replace and own:
+        header = _csv_text([], header=True).encode("utf-8")
         with open(path, "r+b", buffering=0, opener=_no_follow()) as handle:
-            end = _complete_lines_end(handle)
-            if end:  # the header at least
+            end = _complete_lines_end(handle) if handle.read(len(header)) == header else 0
+            if end:  # the header at least, batchsr's
                 handle.truncate(end)
                 handle.seek(end)
                 data = memoryview(_csv_text(rows, header=False).encode("utf-8"))
@@ -315,7 +319,7 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
                 return None
     existing: list[dict] = []
     if own:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
         existing = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
     keys = {(row["image"], row["input_sha256"]) for row in rows}
     kept = [row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys] + rows

@@ -14,6 +14,7 @@ import contextlib
 import csv
 import errno
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -1823,6 +1824,21 @@ def test_a_metrics_file_that_is_a_link_is_neither_written_through_nor_read(tmp_p
                        replace=replace)
         assert victim.read_text() == "image,input_sha256\nsecret,line\npartial"
         assert not path.is_symlink() and "secret" not in path.read_text() and "a.png" in path.read_text()
+
+
+def test_a_metrics_file_a_spreadsheet_saved_is_rewritten_in_its_columns(tmp_path):
+    """Saved with a byte-order mark, its rows lost their image at the next rewrite; with columns moved or taken
+    out, appended rows went under the wrong columns (a model id under psnr_y)."""
+    from batchsr.watch import METRICS_COLUMNS, append_metrics
+
+    path = tmp_path / METRICS_FILE
+    row = {"image": "b.png", "input_sha256": "2", "psnr_y": 31.0, "finished": "t", "model_id": "m"}
+    path.write_bytes("\ufeffimage,input_sha256,psnr_y\r\na.png,1,30.0\r\n".encode("utf-8"))
+    append_metrics(path, [row])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == ",".join(METRICS_COLUMNS)
+    back = list(csv.DictReader(io.StringIO("\n".join(lines))))
+    assert [(r["image"], r["input_sha256"], r["psnr_y"], r["model_id"]) for r in back] == [("a.png", "1", "30.0", ""), ("b.png", "2", "31.0", "m")]
 
 
 def test_metrics_rows_are_appended_and_rewritten_only_to_replace_one(tmp_path):
