@@ -23,7 +23,7 @@ from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, read_i
 from batchsr.metrics import SSIM_WINDOW, score
 from batchsr.report import ReportImage
 from batchsr.resize import crop_to_multiple, degrade, imresize
-from batchsr.runner import column_means
+from batchsr.runner import column_means, spreadsheet_text
 from batchsr.tiling import plan_tiles
 
 # Images stored as RGB here whose published source was single-channel; the
@@ -146,9 +146,10 @@ def write_csv(results: list[SetResult], path: Path) -> None:
     writer.writeheader()
     for result in results:
         for row in result.rows:
-            writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({k: (round(v, 4) if isinstance(v, float) else spreadsheet_text(v) if k in ("set", "image") else v)
+                             for k, v in row.items()})
         first = result.rows[0]
-        writer.writerow({"set": result.name, "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
+        writer.writerow({"set": spreadsheet_text(result.name), "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
                          **column_means(result.rows, COLUMNS)})
     data, path = buffer.getvalue().encode("utf-8"), Path(path)
     if path.exists() and not path.is_file():  # /dev/stdout, a pipe: written as they are, not replaced

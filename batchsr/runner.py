@@ -708,6 +708,21 @@ def window_plan(settings: Settings, info: ModelInfo, image: Image):
     return plan_tiles(h, w, settings.engine.tile, settings.engine.overlap, info.multiple)
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_text(name: str) -> str:
+    """A file name as a CSV cell a spreadsheet shows as text: one starting like a formula (=, +, -, @, a tab)
+    gets an apostrophe before it, which spreadsheets do not show (a producer's ``=HYPERLINK(...).png`` ran as
+    one); a name starting with an apostrophe gets one more, so that ``file_name`` gives every name back."""
+    return "'" + name if name.startswith(_FORMULA_STARTS) else name
+
+
+def file_name(cell: str) -> str:
+    """The name a ``spreadsheet_text`` cell stands for."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_STARTS) else cell
+
+
 def column_means(rows: list[dict], columns: list[str]) -> dict:
     """The MEAN row's figures: each metric column the rows have, averaged (ms to 0.1, the rest to 4 places)."""
     labels = ("set", "image", "model_id", "width", "height", "scale")
@@ -726,7 +741,7 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
         entry = entries.get(rel)
         if entry is None or entry[3] is None or "psnr_y" not in entry[3]:  # not scored: no reference, or none usable
             continue
-        rows.append({"image": rel, "scale": scale, "model_id": entry[1], **entry[3]})  # the row's own scale when recorded
+        rows.append({"image": spreadsheet_text(rel), "scale": scale, "model_id": entry[1], **entry[3]})  # the row's own scale when recorded
     if not rows:
         return None
     scales = {r["scale"] for r in rows}

@@ -62,7 +62,9 @@ from batchsr.imageio import (
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
 from batchsr.lock import DAEMON, FolderLock, InboxLock
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
-from batchsr.runner import METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ahead_mb, memory_budget, write_output
+from batchsr.runner import (
+    METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ahead_mb, file_name, memory_budget, spreadsheet_text, write_output,
+)
 
 METRICS_FILE = "watch-metrics.csv"
 METRICS_COLUMNS = [*METRIC_COLUMNS, "input_sha256", "finished"]
@@ -320,7 +322,8 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
     existing: list[dict] = []
     if own:
         text = path.read_text(encoding="utf-8-sig", errors="replace")
-        existing = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
+        existing = [{**row, "image": file_name(row["image"] or "")} if "image" in row else row
+                    for row in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1]))]
     keys = {(row["image"], row["input_sha256"]) for row in rows}
     kept = [row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys] + rows
     atomic_write(path, _csv_text(kept, header=True).encode("utf-8"))
@@ -332,7 +335,7 @@ def _csv_text(rows: list[dict], header: bool) -> str:
     writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore", restval="")
     if header:
         writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**row, "image": spreadsheet_text(row["image"])} if row.get("image") else row for row in rows)
     return buffer.getvalue()
 
 

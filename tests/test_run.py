@@ -308,6 +308,23 @@ def test_metrics_keep_the_rows_of_outputs_on_disk_and_the_file_as_the_user_left_
     assert (mine / "metrics.csv").read_text() == "my notes\n"
 
 
+def test_names_that_look_like_spreadsheet_formulas_are_written_as_text(tmp_path, tiny_model):
+    """A producer's "=HYPERLINK(...).png" went into metrics.csv as it is: a formula once opened in a spreadsheet."""
+    from batchsr.runner import file_name, spreadsheet_text
+
+    src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
+    names = ["=HYPERLINK(1).png", "+a.png", "-b.png", "@c.png", "'d.png", "plain.png"]
+    for k, name in enumerate(names):
+        pixels = np.random.default_rng(k).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        write_png(hr / name, pixels)
+        write_png(src / name, degrade(pixels, 4))
+    run_folder(src, out, _settings(tiny_model), reference_dir=hr)
+    cells = [row["image"] for row in csv.DictReader((out / "metrics.csv").open())][:-1]
+    assert sorted(cells) == sorted(["'=HYPERLINK(1).png", "'+a.png", "'-b.png", "'@c.png", "''d.png", "plain.png"])
+    assert sorted(map(file_name, cells)) == sorted(names)
+    assert all(file_name(spreadsheet_text(n)) == n for n in ["'", "''", "'x", "=", "x=", "'=", ""])
+
+
 def test_a_colliding_input_never_takes_an_up_to_date_output(tmp_path, tiny_model):
     """a.jpg and a.png both become a.png: the first keeps it on every run, the second fails each time."""
     src, out = tmp_path / "in", tmp_path / "out"

@@ -1841,6 +1841,16 @@ def test_a_metrics_file_a_spreadsheet_saved_is_rewritten_in_its_columns(tmp_path
     assert [(r["image"], r["input_sha256"], r["psnr_y"], r["model_id"]) for r in back] == [("a.png", "1", "30.0", ""), ("b.png", "2", "31.0", "m")]
 
 
+def test_metrics_rows_of_names_like_formulas_are_text_and_replaced_not_doubled(tmp_path):
+    from batchsr.watch import append_metrics
+
+    path = tmp_path / METRICS_FILE
+    row = {"image": "=cmd.png", "input_sha256": "1", "psnr_y": 30.0, "finished": "t", "model_id": "m"}
+    assert append_metrics(path, [row]) == [("=cmd.png", "1")]  # a new file: rewritten, its keys returned
+    assert append_metrics(path, [{**row, "psnr_y": 31.0}], replace=True) == [("=cmd.png", "1")]
+    assert [(r["image"], r["psnr_y"]) for r in csv.DictReader(path.open())] == [("'=cmd.png", "31.0")]
+
+
 def test_metrics_rows_are_appended_and_rewritten_only_to_replace_one(tmp_path):
     """Months of history cost a batch nothing: the CSV grows in place; a row cut by a crash is dropped."""
     from batchsr.watch import append_metrics
