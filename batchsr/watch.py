@@ -657,11 +657,15 @@ class _Daemon:
                         current = _identity(self.folders.inbox)
                         if current is not None and (current != identity or not _watching(observer)):
                             logger.warning("the inbox {} was replaced or its file watcher stopped; watching it again", self.folders.inbox)
-                            if current != identity and self.inbox_lock is not None:
-                                self.inbox_lock.relock()  # another daemon holding the new folder: LockedError, exit 75
                             observer.stop()
                             observer.join(timeout=5)
-                            observer = self._start_observer()
+                            try:
+                                if current != identity and self.inbox_lock is not None:
+                                    self.inbox_lock.relock()  # another daemon holding the new folder: LockedError, exit 75
+                                observer = self._start_observer()
+                            except (OSError, InputError) as exc:  # gone again meanwhile (a flapping mount): tried again
+                                logger.warning("cannot watch the inbox {} yet ({}); trying again in a second", self.folders.inbox, exc)
+                                observer, current, self.events = _NoEvents(), None, "none"
                             next_scan = tick_at  # and look at everything in it
                         elif current is None and identity is not None:
                             logger.error("the inbox {} is gone; waiting for it to come back", self.folders.inbox)

@@ -422,6 +422,30 @@ def test_an_output_keeps_a_private_inputs_mode(tmp_path, tiny_model):
     assert (tmp_path / "output" / "private.png").stat().st_mode & 0o777 == 0o600
 
 
+def test_an_inbox_gone_again_while_it_is_watched_again_is_tried_again(tmp_path, tiny_model, monkeypatch):
+    """A flapping mount: the inbox gone between noticing it back and locking it again was exit 70 (or 66, which
+    systemd does not restart)."""
+    from batchsr.lock import InboxLock
+
+    config = write_config(tmp_path, tiny_model)
+    real, failures = InboxLock.relock, [FileNotFoundError(errno.ENOENT, "No such file or directory")]
+
+    def relock(self):
+        if failures:
+            raise failures.pop()
+        real(self)
+
+    monkeypatch.setattr(InboxLock, "relock", relock)
+    with serving_here(config) as messages:
+        os.rmdir(tmp_path / "inbox")
+        wait_for(lambda: any("is gone" in m for m in messages), 30, what="the inbox gone")
+        (tmp_path / "inbox").mkdir()
+        wait_for(lambda: any("cannot watch the inbox" in m for m in messages), 30, what="the failed try")
+        drop(tmp_path / "inbox", "later.png", png(47))
+        wait_for(lambda: states(tmp_path).get("done") == ["later.png"], 60, what="later.png")
+    assert not failures
+
+
 def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
     """It killed the daemon, mid-batch too (status 129, a death systemd does not restart), charging the file in flight."""
     config = write_config(tmp_path, tiny_model)
