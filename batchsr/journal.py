@@ -607,8 +607,12 @@ def _lock_holder(lock_path: Path) -> str | None:
 
 
 def _names_inode(line: str, info: os.stat_result) -> bool:
+    """Whether a /proc/locks line is a flock on the file of ``info``. On a filesystem of an anonymous device
+    (major 0: btrfs subvolumes, overlayfs), stat's device is not the one /proc/locks names: the inode decides
+    there (a daemon running was said not to)."""
     fields = line.split()
     if len(fields) < 6 or fields[1] != "FLOCK":
         return False
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    return fields[5] == device
+    if os.major(info.st_dev) == 0:
+        return fields[5].startswith("00:") and fields[5].rsplit(":", 1)[-1] == str(info.st_ino)
+    return fields[5] == f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"

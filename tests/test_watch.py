@@ -446,6 +446,21 @@ def test_an_inbox_gone_again_while_it_is_watched_again_is_tried_again(tmp_path, 
     assert not failures
 
 
+def test_status_finds_the_daemons_lock_on_a_filesystem_of_an_anonymous_device():
+    """On a btrfs subvolume (or overlayfs) stat names another device than /proc/locks: status said "not running"."""
+    from batchsr.journal import _names_inode
+
+    def info(major: int, minor: int, inode: int) -> os.stat_result:
+        return os.stat_result((0o100644, inode, os.makedev(major, minor), 1, 0, 0, 0, 0, 0, 0))
+
+    line = "1: FLOCK  ADVISORY  WRITE 4242 00:2e:1234 0 EOF"
+    assert _names_inode(line, info(0, 0x2e, 1234))  # the same device (tmpfs)
+    assert _names_inode(line, info(0, 0x31, 1234))  # a btrfs subvolume of that filesystem
+    assert not _names_inode(line, info(0, 0x31, 1235))
+    assert not _names_inode("1: FLOCK  ADVISORY  WRITE 4242 fd:00:1234 0 EOF", info(0xfd, 1, 1234))  # another disk
+    assert not _names_inode("1: POSIX  ADVISORY  WRITE 4242 00:2e:1234 0 EOF", info(0, 0x2e, 1234))
+
+
 def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
     """It killed the daemon, mid-batch too (status 129, a death systemd does not restart), charging the file in flight."""
     config = write_config(tmp_path, tiny_model)
