@@ -310,7 +310,9 @@ def _check_writable_file(path: Path, what: str) -> None:
 
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder, not a file")
-    if path.exists() and not path.is_file():  # a device or a pipe (/dev/stdout): written as it is
+    from batchsr.evaluate import written_in_place
+
+    if written_in_place(path):
         return
     folder = Path(os.path.realpath(path)).parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):

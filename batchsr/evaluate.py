@@ -152,11 +152,19 @@ def write_csv(results: list[SetResult], path: Path) -> None:
         writer.writerow({"set": spreadsheet_text(result.name), "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
                          **column_means(result.rows, COLUMNS)})
     data, path = buffer.getvalue().encode("utf-8"), Path(path)
-    if path.exists() and not path.is_file():  # /dev/stdout, a pipe: written as they are, not replaced
-        with open(path, "wb") as handle:
+    if written_in_place(path):
+        with open(path, "ab") as handle:  # appended: /dev/stdout may be a file the shell opened with >>
             handle.write(data)
     else:  # through a link, to the file it names: replacing the link left its target as it was
         atomic_write(Path(os.path.realpath(path)), data)
+
+
+def written_in_place(path: Path) -> bool:
+    """A device, a pipe or a descriptor (/dev/stdout, /proc/self/fd/N, even when it is a file the shell opened):
+    written into, never replaced (a temporary renamed over /dev/stdout, or over the log it was redirected to)."""
+    real = os.path.realpath(path)
+    return (os.path.abspath(path).startswith(("/dev/", "/proc/")) or real.startswith(("/dev/", "/proc/"))
+            or (path.exists() and not path.is_file()))
 
 
 def markdown_table(results: list[SetResult], scale: int, with_model: bool) -> str:
