@@ -207,7 +207,8 @@ def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None 
     """First SIGTERM/SIGINT: take no new files, finish the current batch, return.
     A second one exits at once; so does ``timeout_s`` passing. Either way the exit leaves
     ``STOPPED_FILE`` in ``state``, so that the next start charges no file in flight with it.
-    SIGHUP (which killed the daemon mid-batch, a death systemd does not restart) is said and ignored."""
+    SIGHUP killed the daemon mid-batch: under systemd (a death it does not restart) it is said and ignored;
+    from a terminal that closes, it stops the daemon as SIGTERM does."""
 
     def first(signum, frame) -> None:
         for other in (signal.SIGTERM, signal.SIGINT):
@@ -220,15 +221,15 @@ def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None 
         timer.daemon = True
         timer.start()
 
-    def second(signum, frame) -> None:
-        _exit_now(signum, f"a second {signal.Signals(signum).name}", state)
+    def second(signum, frame) -> None:  # exits from a thread: its log line could not be written from here
+        threading.Thread(target=_exit_now, args=(signum, f"a second {signal.Signals(signum).name}", state)).start()
 
     def hangup(signum, frame) -> None:
         _log_soon("WARNING", "SIGHUP ignored: batchsr watch has no reload; restart it to apply a changed configuration")
 
     signal.signal(signal.SIGTERM, first)
     signal.signal(signal.SIGINT, first)
-    signal.signal(signal.SIGHUP, hangup)
+    signal.signal(signal.SIGHUP, hangup if os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET") else first)
 
 
 def _log_soon(level: str, message: str, *args) -> None:
@@ -651,7 +652,9 @@ class _Daemon:
                     last_wall = now
                     if tick_at >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
                         next_check = tick_at + 1.0
-                        if _file_key(self.journal.path) != journal_file:  # all it records from now on would be lost
+                        key = _file_key(self.journal.path)
+                        journal_file = journal_file or key
+                        if key not in (journal_file, None):  # all it would record from now on would be lost
                             raise OutputError(f"the journal {self.journal.path} was deleted or replaced while the daemon ran "
                                               f"(the state folder removed?); stopping, so that the next start opens the one there")
                         current = _identity(self.folders.inbox)
@@ -705,10 +708,13 @@ class _Daemon:
         either (it took the claims left for a crash's)."""
         try:
             self.journal.recover_claims(time.time(), blame=False)
-        except JournalWriteError:
-            with contextlib.suppress(OSError):
+        except Exception as exc:  # noqa: BLE001 (the journal still refused, or gone: never mask why the loop ended)
+            logger.warning("the batch cut short could not be queued again ({}); the next start does it, charging nobody", exc)
+            try:
                 atomic_write(self.folders.state / STOPPED_FILE,
                              f"pid {os.getpid()}: stopped with a batch cut short by a refused journal write\n".encode("utf-8"))
+            except OSError as error:
+                logger.error("cannot record the stop either ({}): the next start charges the batch cut short a try", error)
 
     def _forget_some(self, now: float) -> bool:
         """One slice of the pass over finished journal entries, between batches; True once the pass is done."""
@@ -1401,8 +1407,12 @@ def _identity_of(info: os.stat_result) -> str:
 
 
 def _file_key(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; ("", 0) when there is none; None when it cannot be told now
+    (a network share's passing error is not a deleted journal)."""
     try:
         info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ("", 0)
     except OSError:
         return None
     return info.st_dev, info.st_ino

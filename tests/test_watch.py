@@ -473,6 +473,23 @@ def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
     assert daemon.stop() == 0
 
 
+def test_sighup_from_a_closing_terminal_stops_the_daemon_as_sigterm_does(monkeypatch):
+    """Ignored everywhere, a daemon started from a terminal kept running after it closed, holding its locks."""
+    from batchsr.watch import stop_on_signals
+
+    for name in ("INVOCATION_ID", "NOTIFY_SOCKET"):  # not under systemd
+        monkeypatch.delenv(name, raising=False)
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    stop = threading.Event()
+    try:
+        stop_on_signals(stop, 1e6)  # (the stop timeout's timer must not end this process)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(stop.is_set, 10, what="the stop")
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("how", ["second signal", "stop timeout"])
 def test_an_abrupt_stop_inside_a_batch_is_resumed_by_the_next_start(tmp_path, tiny_model, start, how):
     config = write_config(tmp_path, tiny_model, batch_images=4, max_wait_s=1.0, stop_timeout_s=0.3 if how == "stop timeout" else 60.0)
