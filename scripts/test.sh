@@ -5,5 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test,beam
-export BATCHSR_TEST_EXTRAS=beam  # installed: tests of it fail, not skip, when it cannot be imported
+# Installed extras: their tests fail, not skip, when they cannot be imported.
+export BATCHSR_TEST_EXTRAS=beam
+# The PyTorch backend check (tests/test_backends.py) where a CPU build of torch lies on disk:
+# PyPI's torch wheel brings CUDA, several GB, so it is not a dependency.
+shopt -s nullglob
+torch_wheels=("${TORCH_WHEEL_DIR:-/opt/wheels}"/torch-*+cpu-cp311-*.whl)
+if ((${#torch_wheels[@]})); then
+    .venv/bin/python -m pip install --quiet "${torch_wheels[0]}"
+    BATCHSR_TEST_EXTRAS+=,torch
+fi
 exec .venv/bin/python -m pytest "$@"
