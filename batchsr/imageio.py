@@ -697,18 +697,36 @@ class LinkedFolderError(OSError):
 def make_folders(folder: Path, within: Path | None = None) -> None:
     """``folder.mkdir(parents=True, exist_ok=True)`` without recursion, for the same deep trees as ``walk``.
     With ``within`` (a folder above ``folder``), each folder below it must be a folder, not a link:
-    ``LinkedFolderError`` (checked at each write; a link made in the instant between would still be followed)."""
-    if within is not None:
-        make_folders(within)
+    ``LinkedFolderError`` (checked at each write, folder by folder from ``within`` down through their
+    descriptors, in time linear in the depth; a link made in the instant before the write is still followed)."""
+    rel = os.path.relpath(folder, within) if within is not None else ".."
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):  # no within, or not below it: nothing to check
+        return _make_all(Path(folder))
+    _make_all(Path(within))
+    fd = os.open(within, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         at = Path(within)
-        for part in Path(folder).relative_to(within).parts:
+        for part in Path(rel).parts if rel != os.curdir else ():
             at = at / part
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(at)
-            if stat.S_ISLNK(os.lstat(at).st_mode):
-                raise LinkedFolderError(at)
-        return
-    missing, at = [], Path(folder)
+            try:
+                try:
+                    inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=fd)
+                    inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise LinkedFolderError(at) from None
+                raise
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+
+
+def _make_all(folder: Path) -> None:
+    missing, at = [], folder
     while not at.is_dir() and at != at.parent:
         missing.append(at)
         at = at.parent
