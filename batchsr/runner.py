@@ -28,7 +28,7 @@ from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
-    NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, mode_like, read_bounded, read_image, remove_temporaries,
+    NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, make_folders, mode_like, read_bounded, read_image, remove_temporaries,
     sniff_file, sniff_format, to_uint8,
 )
 from batchsr.journal import damaged_journal, open_journal
@@ -647,6 +647,13 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 continue
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
+            try:  # a folder the output cannot go into (a link) is found before the model's time is spent
+                make_folders((output_dir / out_rel).parent, output_dir)
+            except OSError as exc:
+                fail(item, f"output not written: {failure_reason(exc)}")
+                item.image = None
+                progress.update()
+                continue
             get_engine()  # loaded before the memory check, which counts it
             route = plan(item)
             if route is None:  # it would go better alone: the images in flight finish first

@@ -1015,7 +1015,7 @@ class _Daemon:
             try:
                 metrics = future.result()
             except OSError as exc:
-                if exc.errno in OUTPUT_FOLDER_ERRORS:
+                if exc.errno in OUTPUT_FOLDER_ERRORS or isinstance(exc, LinkedFolderError):
                     self._defer(item, f"cannot write {self.folders.output / out_rel}: {exc.strerror or exc}", counts)
                 else:
                     self._try_failed(item, f"output not written: {exc.strerror or exc}", traceback_digest(exc), counts)
@@ -1159,6 +1159,15 @@ class _Daemon:
                     # Final against an output recorded done; one claimed in this batch may yet fail and free the name.
                     self._try_failed(item, f"output {out_rel} would overwrite the output of {owner}", None, counts,
                                      final=owner == recorded)
+                    item.image = None
+                    continue
+                try:  # a folder the output cannot go into is found before the model's time is spent
+                    make_folders((self.folders.output / out_rel).parent, self.folders.output)
+                except OSError as exc:
+                    if exc.errno in OUTPUT_FOLDER_ERRORS or isinstance(exc, LinkedFolderError):
+                        self._defer(item, f"cannot write {self.folders.output / out_rel}: {exc.strerror or exc}", counts)
+                    else:
+                        self._try_failed(item, f"output not written: {exc.strerror or exc}", traceback_digest(exc), counts)
                     item.image = None
                     continue
                 taken[out_rel] = item.entry.path
