@@ -108,3 +108,32 @@ class InboxLock:
         a lock on the old one would let a second daemon watch the new one."""
         self.release()
         self.__enter__()
+
+
+def lock_holder(lock_path: Path) -> str | None:
+    """The line the lock file's holder wrote, if a process holds it now.
+
+    Read from ``/proc/locks`` rather than by trying the lock: a probe could make
+    a daemon that starts at that instant fail.
+    """
+    try:
+        info = os.stat(lock_path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            held = any(names_inode(line, info) for line in handle)
+        if not held:
+            return None
+        return lock_path.read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
+    except FileNotFoundError:
+        return None
+
+
+def names_inode(line: str, info: os.stat_result) -> bool:
+    """Whether a /proc/locks line is a flock on the file of ``info``. On a filesystem of an anonymous device
+    (major 0: btrfs subvolumes, overlayfs), stat's device is not the one /proc/locks names: the inode decides
+    there (a daemon running was said not to)."""
+    fields = line.split()
+    if len(fields) < 6 or fields[1] != "FLOCK":
+        return False
+    if os.major(info.st_dev) == 0:
+        return fields[5].startswith("00:") and fields[5].rsplit(":", 1)[-1] == str(info.st_ino)
+    return fields[5] == f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"

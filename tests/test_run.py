@@ -434,14 +434,20 @@ def test_output_folders_of_other_runs_inside_the_input_are_not_read_and_their_te
         run_folder(photos, photos / out, settings)
     assert sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.png") if ".batchsr" not in p.parts) == [
         "baby.png", "x2/baby.png", "x4/baby.png"]
+    from batchsr.lock import FolderLock
+
     live = photos / "x2" / "inner" / ".batchsr-live.png.abcdefgh.tmp"  # another run writing into photos/x2/inner
     (photos / "x2" / "inner" / ".batchsr").mkdir(parents=True)
     live.write_bytes(b"being written")
     left = photos / "x2" / "sub" / ".batchsr-left.png.abcdefgh.tmp"  # this tree's own, left by a kill
     left.parent.mkdir()
     left.write_bytes(b"cut off")
-    run_folder(photos, photos / "x2", settings)
-    assert live.exists() and not left.exists()
+    stale = photos / "x2" / "old" / ".batchsr-stale.png.abcdefgh.tmp"  # under a tree of an earlier run, over now
+    (stale.parent / ".batchsr").mkdir(parents=True)
+    stale.write_bytes(b"cut off too")
+    with FolderLock(photos / "x2" / "inner" / ".batchsr" / "lock"):
+        run_folder(photos, photos / "x2", settings)
+    assert live.exists() and not left.exists() and not stale.exists()
 
 
 def test_a_damaged_journal_is_exit_73_naming_it(tmp_path, tiny_model):

@@ -448,7 +448,7 @@ def test_an_inbox_gone_again_while_it_is_watched_again_is_tried_again(tmp_path, 
 
 def test_status_finds_the_daemons_lock_on_a_filesystem_of_an_anonymous_device():
     """On a btrfs subvolume (or overlayfs) stat names another device than /proc/locks: status said "not running"."""
-    from batchsr.journal import _names_inode
+    from batchsr.lock import names_inode as _names_inode
 
     def info(major: int, minor: int, inode: int) -> os.stat_result:
         return os.stat_result((0o100644, inode, os.makedev(major, minor), 1, 0, 0, 0, 0, 0, 0))
