@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator
 
@@ -541,25 +541,33 @@ class _InboxEvents(FileSystemEventHandler):
 
 @dataclass
 class _TreeShape:
-    """What a full scan saw of the inbox's folders (links and hidden folders left out)."""
+    """What a full scan saw of the inbox's folders (links and hidden folders left out): their inodes, once each
+    (a bind mount shows a folder twice, and the kernel watches it once)."""
 
-    folders: int = 0
+    inodes: set[int] = field(default_factory=set)
     depth: int = 0
 
+    @property
+    def folders(self) -> int:
+        return len(self.inodes)
 
-def _kernel_watches() -> int | None:
-    """The inotify watches this process holds, as the kernel counts them (None without /proc or inotify)."""
+
+def _kernel_watches() -> set[int] | None:
+    """The inodes of the folders this process holds inotify watches on, as the kernel lists them (None without
+    /proc or inotify): compared as sets, hidden folders watched beside them do not hide one left out."""
     try:
         descriptors = os.listdir("/proc/self/fd")
     except OSError:
         return None
-    count = None
+    watched = None
     for fd in descriptors:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
                 with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
-                    count = (count or 0) + sum(line.startswith("inotify wd:") for line in info)
-    return count
+                    found = {int(part[4:], 16) for line in info if line.startswith("inotify wd:")
+                             for part in line.split() if part.startswith("ino:")}
+                watched = (watched or set()) | found
+    return watched
 
 
 def _watch_limit() -> int | None:
@@ -815,7 +823,7 @@ class _Daemon:
         if self.events != "kernel":
             return observer
         watched = _kernel_watches()
-        if watched is None or watched >= shape.folders:
+        if watched is None or shape.inodes <= watched:
             if watched is not None and self.short_of_watches is not None:
                 logger.info("file events cover the inbox {} again", self.folders.inbox)
             self.short_of_watches, self.shortfall_suspected = None, False
@@ -831,13 +839,13 @@ class _Daemon:
                 "file events reach only {} of the {} folders of the inbox {}, most likely for the system's limit on "
                 "inotify watches (fs.inotify.max_user_watches = {}, shared by all processes of the user); files in the "
                 "others are found by a scan every {:g}s. Raise the limit, or set watch.polling: true",
-                watched, shape.folders, self.folders.inbox, limit if limit is not None else "unknown", self.rescan_s)
+                len(shape.inodes & watched), shape.folders, self.folders.inbox, limit if limit is not None else "unknown", self.rescan_s)
         elif shape.folders < self.short_of_watches[0] or limit != self.short_of_watches[1]:
             observer.stop()  # releases its watches
             observer.join(timeout=5)
             observer = self._start_observer()
             watched = _kernel_watches()
-            if self.events != "kernel" or (watched is not None and watched >= shape.folders):
+            if self.events != "kernel" or (watched is not None and shape.inodes <= watched):
                 logger.info("file events cover the inbox {} again", self.folders.inbox)
                 self.short_of_watches = None
                 return observer
@@ -859,7 +867,8 @@ class _Daemon:
         base = top.count(os.sep)
         for root, dirs, names in walk(top, onerror=report):
             if shape is not None:
-                shape.folders += 1
+                with contextlib.suppress(OSError):
+                    shape.inodes.add(os.lstat(root).st_ino)
                 shape.depth = max(shape.depth, root.count(os.sep) - base)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
