@@ -120,6 +120,8 @@ class _Job:
         rel = PurePosixPath(path[len(root):])
         if any(part.startswith(".") for part in rel.parts):
             return None
+        if is_local(self.source) and any(_holds_state(root + "/".join(rel.parts[:k])) for k in range(1, len(rel.parts))):
+            return None  # in the OUTPUT of another run: sibling outputs fed each other (see data.list_files)
         if self.local_target:
             out, real = Path(self.target).resolve(), Path(path).resolve()
             if real == out or out in real.parents:
@@ -172,10 +174,16 @@ def _read(path: str, size: int = -1) -> bytes:
         return handle.read(size)
 
 
-def _write(path: str, data: bytes) -> None:
-    """Atomic either way: a local file is renamed into place; an object store shows an object once closed."""
+@functools.lru_cache(maxsize=4096)
+def _holds_state(folder: str) -> bool:
+    return os.path.isdir(os.path.join(folder, STATE_DIR))
+
+
+def _write(path: str, data: bytes, within: str | None = None) -> None:
+    """Atomic either way: a local file is renamed into place (no linked folder below ``within`` written
+    through, as in ``run``); an object store shows an object once closed."""
     if is_local(path):
-        atomic_write(Path(path), data)
+        atomic_write(Path(path), data, Path(within) if within is not None and is_local(within) else None)
         return
     from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
@@ -304,7 +312,7 @@ def _stream(job: _Job, engine, work: _Work) -> _Upscaled:
     fmt = job.target_format(work.image)
     try:
         if job.local_target:
-            write_streamed(engine, work.image, Path(job.output(work.out_rel)), fmt, job.settings.image.alpha)
+            write_streamed(engine, work.image, Path(job.output(work.out_rel)), fmt, job.settings.image.alpha, within=Path(job.target))
         else:
             from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
@@ -331,7 +339,7 @@ def _finish(result, job: _Job):
         return
     try:
         if not upscaled.streamed:
-            written = write_output(image, upscaled.colour, upscaled.alpha, functools.partial(_write, job.output(work.out_rel)),
+            written = write_output(image, upscaled.colour, upscaled.alpha, functools.partial(_write, job.output(work.out_rel), within=job.target),
                                    job.settings, job.scale, name=work.path, rel=PurePosixPath(work.rel),
                                    references=_references(job.reference), ms=upscaled.ms)
             metrics = written.metrics

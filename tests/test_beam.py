@@ -149,6 +149,28 @@ def test_beam_streams_big_images_and_clashing_names_fail(tmp_path, tiny_model):
         assert (tmp_path / "beam" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_beam_writes_through_no_linked_folder_and_reads_no_other_runs_output(tmp_path, tiny_model, streamed):
+    """As run: OUT/sub linked to IN/sub had outputs written over the inputs; photos/x4, the OUTPUT of another
+    run inside INPUT, was read as input."""
+    _needs_beam()
+    from batchsr.beam import run_beam
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "sub" / "a.png", np.full((6, 7, 3), 40, np.uint8))
+    write_png(src / "b.png", np.full((5, 5, 3), 90, np.uint8))
+    write_png(src / "x4" / "b.png", np.full((20, 20, 3), 90, np.uint8))
+    (src / "x4" / ".batchsr").mkdir()
+    before = (src / "sub" / "a.png").read_bytes()
+    out.mkdir()
+    (out / "sub").symlink_to(src / "sub")
+    summary = run_beam(src, out, _settings(tiny_model, stream_megapixels=0.0001 if streamed else 16.0))
+    assert summary.done == 1 and [f.path.name for f in summary.failed] == ["a.png"]
+    assert "is a symbolic link; batchsr does not write through links" in summary.failed[0].reason
+    assert (src / "sub" / "a.png").read_bytes() == before and os.listdir(src / "sub") == ["a.png"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".batchsr") == ["b.png", "sub"]
+
+
 def test_beam_takes_folder_names_literally_and_fails_only_a_name_that_is_not_utf8(tmp_path, tiny_model):
     """"photos [2019]" matched nothing (a character class) and one Latin-1 name failed the whole job."""
     _needs_beam()
