@@ -194,7 +194,7 @@ def open_journal(path: Path, **options) -> sqlite3.Connection:
 
 
 def damaged_journal(path: Path, exc: sqlite3.DatabaseError) -> OutputError:
-    """A journal that is not a database (or a damaged one) is the state folder's problem, not a bug (exit 70)."""
+    """A journal that is not a database (or a damaged one): the state folder's problem (exit 73), not a bug."""
     return OutputError(f"the journal {path} is damaged ({exc}); move it aside and start again (a new journal "
                        f"redoes the outputs it does not know)")
 

@@ -25,6 +25,8 @@ class FolderLock:
             try:  # the umask decides who else may take it: a group-shared folder (umask 002) stays shared
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except PermissionError:  # another user's lock file: flock needs no write access (the line goes unsaid)
+                if not self.path.is_file():
+                    raise
                 fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:  # a full disk, a read-only or foreign folder: the user's to fix, not a bug
             raise OutputError(f"cannot create the lock {self.path}: {exc.strerror or exc}") from None

@@ -8,6 +8,7 @@ flight.  Outputs are written atomically; inputs are never modified.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -88,6 +89,7 @@ class Journal:
     """What each input became: ``input -> (content hash, model id, output, metrics, output options)``."""
 
     def __init__(self, path: Path):
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = open_journal(path, check_same_thread=False)
         try:
@@ -108,17 +110,29 @@ class Journal:
             raise damaged_journal(path, exc) from None
 
     def entries(self) -> dict[str, tuple[str, str, str, dict | None, str | None]]:
-        rows = self.db.execute("SELECT input, sha256, model_id, output, metrics, options FROM outputs")
-        return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows}
+        with self._damage_named():
+            rows = self.db.execute("SELECT input, sha256, model_id, output, metrics, options FROM outputs")
+            return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows}
 
     def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None) -> None:
-        # One owner per output: an input whose output was replaced no longer has it.
-        self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
-        self.db.execute(
-            "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options),
-        )
-        self.db.commit()
+        with self._damage_named():
+            # One owner per output: an input whose output was replaced no longer has it.
+            self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
+            self.db.execute(
+                "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options),
+            )
+            self.db.commit()
+
+    @contextlib.contextmanager
+    def _damage_named(self):
+        """Damage found past the opening (a malformed page) is named as at the opening, not a bug."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:  # an integrity or operational error: as it is
+                raise
+            raise damaged_journal(self.path, exc) from None
 
     def close(self) -> None:
         self.db.close()

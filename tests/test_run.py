@@ -460,6 +460,24 @@ def test_a_damaged_journal_is_exit_73_naming_it(tmp_path, tiny_model):
     assert run.returncode == 73 and f"the journal {journal} is damaged (file is not a database); move it aside" in run.stderr, run.stderr
 
 
+def test_a_journal_damaged_past_its_first_page_is_exit_73_naming_it(tmp_path, tiny_model):
+    """The opening went well, the first read raised "database disk image is malformed": exit 70, "a bug"."""
+    import sqlite3
+
+    for k in range(3):
+        write_png(tmp_path / "in" / f"{k}.png", np.full((6, 7, 3), 40 + k, np.uint8))
+    assert _cli("run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model)).returncode == 0
+    journal = tmp_path / "out" / ".batchsr" / "journal.sqlite"
+    with sqlite3.connect(journal) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+    data = bytearray(journal.read_bytes())
+    data[page:] = os.urandom(len(data) - page)  # the first page (the schema) whole, the table's pages not
+    journal.write_bytes(bytes(data))
+    run = _cli("run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model))
+    assert run.returncode == 73 and f"the journal {journal} is damaged (" in run.stderr, run.stderr
+
+
 def test_a_group_shared_output_folder_stays_writable_by_the_group(tmp_path, tiny_model):
     """Under umask 002 the lock was made 0644 by batchsr and the journal 0644 by SQLite: another member of the
     group got exit 73, then (the lock made writable) exit 70 on the read-only journal."""
