@@ -642,11 +642,13 @@ def atomic_file(path: Path, within: Path | None = None, mode: int | None = None)
     make_folders(path.parent, within)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK if mode is None else mode)  # mkstemp's 0600 would hide outputs from other users
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users
         os.close(fd)
         with open(tmp, "w+b") as handle:  # by name, so that writers needing a path (tifffile) can use it
             yield handle
             handle.flush()
+            if mode is not None:  # once written: a read-only mode (0444) given first refused the writing
+                os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -695,6 +697,10 @@ class LinkedFolderError(OSError):
         return self.strerror
 
 
+# A folder opened to be gone through, not read: a drop folder of mode 0333 (write and search only) is fine.
+_FOLDER_ONLY = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
+
+
 def make_folders(folder: Path, within: Path | None = None) -> None:
     """``folder.mkdir(parents=True, exist_ok=True)`` without recursion, for the same deep trees as ``walk``.
     With ``within`` (a folder above ``folder``), each folder below it must be a folder, not a link:
@@ -704,18 +710,18 @@ def make_folders(folder: Path, within: Path | None = None) -> None:
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):  # no within, or not below it: nothing to check
         return _make_all(Path(folder))
     _make_all(Path(within))
-    fd = os.open(within, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(within, _FOLDER_ONLY)
     try:
         at = Path(within)
         for part in Path(rel).parts if rel != os.curdir else ():
             at = at / part
             try:
                 try:
-                    inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    inner = os.open(part, _FOLDER_ONLY | os.O_NOFOLLOW, dir_fd=fd)
                 except FileNotFoundError:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, dir_fd=fd)
-                    inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    inner = os.open(part, _FOLDER_ONLY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
                     raise LinkedFolderError(at) from None

@@ -508,6 +508,35 @@ def test_an_output_keeps_a_private_inputs_mode_as_cp_does(tmp_path, tiny_model, 
     assert (tmp_path / "out" / "shared.png").stat().st_mode & 0o777 == 0o644 & ~_UMASK
 
 
+def test_a_read_only_mode_is_given_once_the_output_is_written():
+    """The temporary took the input's 0444 first and was then opened by name to be written: refused (EACCES),
+    for everyone but root, so read-only inputs could not be upscaled. Run as an ordinary user here."""
+    import shutil
+    import tempfile
+
+    from batchsr.imageio import atomic_write
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: an ordinary user, when the tests run as root
+            code = 1
+            try:
+                if os.getuid() == 0:
+                    os.chown(folder, 65534, 65534)
+                    os.setgid(65534)
+                    os.setuid(65534)
+                atomic_write(folder / "sub" / "a.png", b"pixels", folder, mode=0o444)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert (folder / "sub" / "a.png").read_bytes() == b"pixels" and (folder / "sub" / "a.png").stat().st_mode & 0o777 == 0o444
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_names_of_up_to_255_bytes_are_written(tmp_path, tiny_model):
     """The temporary of an output named by 242 to 255 bytes was too long a name: the image failed."""
     names = ["a" * 251 + ".png", "\u6587" * 83 + ".png"]  # 255 and 253 bytes
