@@ -33,7 +33,7 @@ from PIL import Image as PILImage
 
 from batchsr.alpha import bleed, flatten, unpremultiply
 from batchsr.errors import ImageError
-from batchsr.lock import lock_holder
+from batchsr.lock import lock_is_free
 from batchsr.metadata import (
     Metadata, orient, png_colour_chunks, png_metadata_chunks, png_with_metadata, read_metadata, tiff_metadata, tiff_tags, tiff_with_exif, transposed,
 )
@@ -772,11 +772,11 @@ def walk(top, *, follow_links: bool = False, onerror=None):
 def remove_temporaries(folder: Path) -> int:
     """Deletes the ``.batchsr-NAME.XXXX.tmp`` files of ``atomic_file`` (and probes) that a killed writer left
     under ``folder``; call it only while holding the folder's lock (no writer is live). Another batchsr output
-    folder nested inside, its lock held now, has live writers: it is left alone."""
+    folder nested inside may have live writers: it is left alone unless its lock is free."""
     removed = 0
     for root, dirs, names in walk(folder):
         dirs[:] = [d for d in dirs if not (os.path.isdir(os.path.join(root, d, STATE_DIR))
-                                           and lock_holder(Path(root, d, STATE_DIR, "lock")) is not None)]
+                                           and not lock_is_free(Path(root, d, STATE_DIR, "lock")))]
         present = set(names)
         for name in names:
             older = _OLD_TEMPORARY.fullmatch(name)  # named by an earlier version: ours beside the file it became

@@ -406,6 +406,20 @@ def test_a_linked_folder_inside_the_output_is_not_written_through(tmp_path, tiny
     assert (out / "top.png").is_file()
 
 
+def test_a_lock_is_free_only_when_no_process_holds_it_or_there_is_none(tmp_path):
+    """/proc/locks misses locks held from another PID namespace or NFS client, and reading it raised
+    PermissionError (exit 70) for a nested .batchsr/ this user could not search."""
+    from batchsr.lock import FolderLock, lock_is_free
+
+    lock = tmp_path / ".batchsr" / "lock"
+    assert lock_is_free(lock)  # none
+    with FolderLock(lock):
+        assert not lock_is_free(lock)
+    assert lock_is_free(lock)
+    (tmp_path / "file").write_text("x")
+    assert not lock_is_free(tmp_path / "file" / "lock")  # cannot be looked at: taken as held
+
+
 def test_making_folders_within_a_tree_refuses_links_at_any_depth_and_takes_any_path(tmp_path):
     """Linear in the depth (the first version was quadratic: 136 ms a write 1,000 folders down); a folder not
     below ``within`` raised ValueError, which the daemon's move to done/ did not catch."""
