@@ -11,6 +11,8 @@ import csv
 import io
 import os
 import re
+import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,19 +154,31 @@ def write_csv(results: list[SetResult], path: Path) -> None:
         writer.writerow({"set": spreadsheet_text(result.name), "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
                          **column_means(result.rows, COLUMNS)})
     data, path = buffer.getvalue().encode("utf-8"), Path(path)
-    if written_in_place(path):
-        with open(path, "ab") as handle:  # appended: /dev/stdout may be a file the shell opened with >>
+    if _is_stdout(path):  # through our own descriptor, in order with what else is printed
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    elif written_in_place(path):
+        with open(path, "wb") as handle:
             handle.write(data)
     else:  # through a link, to the file it names: replacing the link left its target as it was
         atomic_write(Path(os.path.realpath(path)), data)
 
 
 def written_in_place(path: Path) -> bool:
-    """A device, a pipe or a descriptor (/dev/stdout, /proc/self/fd/N, even when it is a file the shell opened):
-    written into, never replaced (a temporary renamed over /dev/stdout, or over the log it was redirected to)."""
-    real = os.path.realpath(path)
-    return (os.path.abspath(path).startswith(("/dev/", "/proc/")) or real.startswith(("/dev/", "/proc/"))
-            or (path.exists() and not path.is_file()))
+    """What is not a regular file (a pipe, a terminal, /dev/stdout) is written into, never replaced: a
+    temporary was renamed over /dev/stdout, or over the file the shell had redirected it to."""
+    try:
+        return _is_stdout(path) or not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _is_stdout(path: Path) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such file, or no stdout descriptor
+        return False
 
 
 def markdown_table(results: list[SetResult], scale: int, with_model: bool) -> str:

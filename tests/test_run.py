@@ -666,14 +666,19 @@ def test_eval_csv_through_a_link_or_to_standard_output_is_written_where_it_leads
     assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "target.csv").read_text().startswith("set,image,")
     piped = _cli("eval", "--bicubic-only", "--scale", "4", "--hr", str(hr), "--csv", "/dev/stdout")
     assert piped.returncode == 0 and "set,image," in piped.stdout, piped.stderr
-    log = tmp_path / "log.txt"  # eval ... --csv /dev/stdout >> log.txt: the log was replaced by the CSV
-    log.write_text("an earlier line\n")
-    with open(log, "a") as handle:
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        subprocess.run([sys.executable, "-m", "batchsr.cli", "eval", "--bicubic-only", "--scale", "4", "--hr", str(hr), "--csv",
-                        "/dev/stdout"], stdout=handle, stderr=subprocess.PIPE, cwd=REPO, env=env, timeout=300, check=True)
-    text = log.read_text()
-    assert text.startswith("an earlier line\nset,image,") and "| set |" in text, text
+    log = tmp_path / "log.txt"  # --csv /dev/stdout >> log.txt: the log was replaced by the CSV; > log.txt: the table
+    for mode, before in (("a", "an earlier line\n"), ("w", "")):  # printed after the CSV overwrote its start
+        log.write_text("an earlier line\n")
+        with open(log, mode) as handle:
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            subprocess.run([sys.executable, "-m", "batchsr.cli", "eval", "--bicubic-only", "--scale", "4", "--hr", str(hr), "--csv",
+                            "/dev/stdout"], stdout=handle, stderr=subprocess.PIPE, cwd=REPO, env=env, timeout=300, check=True)
+        text = log.read_text()
+        assert text.startswith(before + "set,image,") and text.count("set,image,") == 1 and "| set |" in text, (mode, text)
+    shm = tmp_path / "regular.csv"  # a regular file is replaced, wherever it is (files under /dev/shm were appended to)
+    for _ in range(2):
+        assert _cli("eval", "--bicubic-only", "--scale", "4", "--hr", str(hr), "--csv", str(shm)).returncode == 0
+    assert shm.read_text().count("set,image,") == 1
 
 
 def test_bicubic_only_eval_checks_the_scale_against_the_weights(tmp_path):
