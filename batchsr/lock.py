@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sys
@@ -148,12 +149,25 @@ def lock_holder(lock_path: Path) -> str | None:
 
 
 def names_inode(line: str, info: os.stat_result) -> bool:
-    """Whether a /proc/locks line is a flock on the file of ``info``. On a filesystem of an anonymous device
-    (major 0: btrfs subvolumes, overlayfs), stat's device is not the one /proc/locks names: the inode decides
-    there (a daemon running was said not to)."""
+    """Whether a /proc/locks line is a flock on the file of ``info``. On a btrfs subvolume stat names another
+    anonymous device (major 0) than /proc/locks does (a daemon running was said not to): there the inode and
+    the holder having that very file open decide (tmpfs instances number their inodes alike)."""
     fields = line.split()
     if len(fields) < 6 or fields[1] != "FLOCK":
         return False
-    if os.major(info.st_dev) == 0:
-        return fields[5].startswith("00:") and fields[5].rsplit(":", 1)[-1] == str(info.st_ino)
-    return fields[5] == f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    if fields[5] == f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}":
+        return True
+    return (os.major(info.st_dev) == 0 and fields[5].startswith("00:") and fields[5].rsplit(":", 1)[-1] == str(info.st_ino)
+            and _has_open(fields[4], info))
+
+
+def _has_open(pid: str, info: os.stat_result) -> bool:
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone, or another user's: not known to hold it
+        return False
+    for fd in descriptors:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), info):
+                return True
+    return False

@@ -447,18 +447,23 @@ def test_an_inbox_gone_again_while_it_is_watched_again_is_tried_again(tmp_path, 
 
 
 def test_status_finds_the_daemons_lock_on_a_filesystem_of_an_anonymous_device():
-    """On a btrfs subvolume (or overlayfs) stat names another device than /proc/locks: status said "not running"."""
-    from batchsr.lock import names_inode as _names_inode
+    """On a btrfs subvolume stat names another device than /proc/locks: status said "not running". The inode
+    alone would match another tmpfs's lock: the holder must have the very file open."""
+    import tempfile
 
-    def info(major: int, minor: int, inode: int) -> os.stat_result:
-        return os.stat_result((0o100644, inode, os.makedev(major, minor), 1, 0, 0, 0, 0, 0, 0))
+    from batchsr.lock import names_inode
 
-    line = "1: FLOCK  ADVISORY  WRITE 4242 00:2e:1234 0 EOF"
-    assert _names_inode(line, info(0, 0x2e, 1234))  # the same device (tmpfs)
-    assert _names_inode(line, info(0, 0x31, 1234))  # a btrfs subvolume of that filesystem
-    assert not _names_inode(line, info(0, 0x31, 1235))
-    assert not _names_inode("1: FLOCK  ADVISORY  WRITE 4242 fd:00:1234 0 EOF", info(0xfd, 1, 1234))  # another disk
-    assert not _names_inode("1: POSIX  ADVISORY  WRITE 4242 00:2e:1234 0 EOF", info(0, 0x2e, 1234))
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as held:
+        info = os.stat(held.name)
+        assert os.major(info.st_dev) == 0  # tmpfs: an anonymous device
+        exact = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+        elsewhere = f"00:{os.minor(info.st_dev) + 1:02x}:{info.st_ino}"  # as on a btrfs subvolume
+        assert names_inode(f"1: FLOCK  ADVISORY  WRITE 999999999 {exact} 0 EOF", info)
+        assert names_inode(f"1: FLOCK  ADVISORY  WRITE {os.getpid()} {elsewhere} 0 EOF", info)  # this process has it open
+        # a lock file of the same number on a third tmpfs: the holder of the listed lock does not have it open
+        mimic = os.stat_result((info.st_mode, info.st_ino, os.makedev(0, os.minor(info.st_dev) + 2), 1, 0, 0, 0, 0, 0, 0))
+        assert not names_inode(f"1: FLOCK  ADVISORY  WRITE {os.getpid()} {elsewhere} 0 EOF", mimic)
+        assert not names_inode(f"1: POSIX  ADVISORY  WRITE {os.getpid()} {exact} 0 EOF", info)
 
 
 def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
