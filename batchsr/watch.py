@@ -203,15 +203,16 @@ def _watchdog_interval() -> float | None:
 STOPPED_FILE = "stopped"  # in the state folder: the daemon was cut off on purpose, so no file in flight is at fault
 
 
-def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None = None) -> None:
+def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None = None, hangup_stops: bool | None = None) -> None:
     """First SIGTERM/SIGINT: take no new files, finish the current batch, return.
     A second one exits at once; so does ``timeout_s`` passing. Either way the exit leaves
     ``STOPPED_FILE`` in ``state``, so that the next start charges no file in flight with it.
-    SIGHUP killed the daemon mid-batch: under systemd (a death it does not restart) it is said and ignored;
-    from a terminal that closes, it stops the daemon as SIGTERM does."""
+    SIGHUP killed the daemon mid-batch (a death systemd does not restart). Ignored already (``nohup``), it stays
+    so; with a controlling terminal, whose closing sends it, it stops the daemon as SIGTERM does; without one
+    (systemd, ``setsid``) it is said and ignored. ``hangup_stops`` decides instead, when given."""
 
     def first(signum, frame) -> None:
-        for other in (signal.SIGTERM, signal.SIGINT):
+        for other in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is first else ()):
             signal.signal(other, second)
         _log_soon("INFO", "{}: finishing the current batch, then stopping (a second signal stops at once)", signal.Signals(signum).name)
         notify("STOPPING=1")
@@ -229,7 +230,16 @@ def stop_on_signals(stop: threading.Event, timeout_s: float, state: Path | None 
 
     signal.signal(signal.SIGTERM, first)
     signal.signal(signal.SIGINT, first)
-    signal.signal(signal.SIGHUP, hangup if os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET") else first)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN or hangup_stops is not None:
+        signal.signal(signal.SIGHUP, first if (_has_terminal() if hangup_stops is None else hangup_stops) else hangup)
+
+
+def _has_terminal() -> bool:
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
 
 
 def _log_soon(level: str, message: str, *args) -> None:

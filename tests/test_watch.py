@@ -175,7 +175,9 @@ def assert_consistent(root: Path, expected: dict[str, bytes], side: int = 8) -> 
 
 
 def _daemon_main(args: list[str], env: dict[str, str], log_path: str) -> None:
-    """Fork-server child: the real ``batchsr`` command, output into a log file."""
+    """Fork-server child: the real ``batchsr`` command, output into a log file, without a terminal (as under
+    systemd: SIGHUP is then ignored)."""
+    os.setsid()
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -206,7 +208,7 @@ class Daemon:
         else:
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen([sys.executable, "-m", "batchsr.cli", *args], env={**os.environ, **env},
-                                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         self.pid = self.process.pid
 
     def returncode(self) -> int | None:
@@ -478,18 +480,20 @@ def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
     assert daemon.stop() == 0
 
 
-def test_sighup_from_a_closing_terminal_stops_the_daemon_as_sigterm_does(monkeypatch):
+def test_sighup_from_a_closing_terminal_stops_the_daemon_as_sigterm_does():
     """Ignored everywhere, a daemon started from a terminal kept running after it closed, holding its locks."""
     from batchsr.watch import stop_on_signals
 
-    for name in ("INVOCATION_ID", "NOTIFY_SOCKET"):  # not under systemd
-        monkeypatch.delenv(name, raising=False)
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     stop = threading.Event()
     try:
-        stop_on_signals(stop, 1e6)  # (the stop timeout's timer must not end this process)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: stays ignored
+        stop_on_signals(threading.Event(), 1e6)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        stop_on_signals(stop, 1e6, hangup_stops=True)  # a terminal's (the stop timeout's timer must not end this process)
         os.kill(os.getpid(), signal.SIGHUP)
         wait_for(stop.is_set, 10, what="the stop")
+        assert signal.getsignal(signal.SIGHUP).__name__ == "second"  # a second one stops it at once
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
