@@ -53,7 +53,7 @@ from loguru import logger
 from batchsr.checkpoint import model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, sniff_format
+from batchsr.imageio import Image, atomic_write, decode_image, mode_like, sniff_format
 from batchsr.lock import FolderLock
 from batchsr.pipeline import (
     IMAGE_SUFFIXES, failure_reason, output_name, plan_route, process_rss_mb, target_format, upscale_each, write_streamed,
@@ -174,16 +174,15 @@ def _read(path: str, size: int = -1) -> bytes:
         return handle.read(size)
 
 
-@functools.lru_cache(maxsize=4096)
 def _holds_state(folder: str) -> bool:
     return os.path.isdir(os.path.join(folder, STATE_DIR))
 
 
-def _write(path: str, data: bytes, within: str | None = None) -> None:
+def _write(path: str, data: bytes, within: str | None = None, mode: int | None = None) -> None:
     """Atomic either way: a local file is renamed into place (no linked folder below ``within`` written
-    through, as in ``run``); an object store shows an object once closed."""
+    through, ``mode`` its input's, as in ``run``); an object store shows an object once closed."""
     if is_local(path):
-        atomic_write(Path(path), data, Path(within) if within is not None and is_local(within) else None)
+        atomic_write(Path(path), data, Path(within) if within is not None and is_local(within) else None, mode)
         return
     from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
@@ -312,7 +311,8 @@ def _stream(job: _Job, engine, work: _Work) -> _Upscaled:
     fmt = job.target_format(work.image)
     try:
         if job.local_target:
-            write_streamed(engine, work.image, Path(job.output(work.out_rel)), fmt, job.settings.image.alpha, within=Path(job.target))
+            write_streamed(engine, work.image, Path(job.output(work.out_rel)), fmt, job.settings.image.alpha, within=Path(job.target),
+                           mode=mode_like(work.path) if is_local(work.path) else None)
         else:
             from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
@@ -339,7 +339,8 @@ def _finish(result, job: _Job):
         return
     try:
         if not upscaled.streamed:
-            written = write_output(image, upscaled.colour, upscaled.alpha, functools.partial(_write, job.output(work.out_rel), within=job.target),
+            written = write_output(image, upscaled.colour, upscaled.alpha, functools.partial(_write, job.output(work.out_rel), within=job.target,
+                                                     mode=mode_like(work.path) if is_local(work.path) else None),
                                    job.settings, job.scale, name=work.path, rel=PurePosixPath(work.rel),
                                    references=_references(job.reference), ms=upscaled.ms)
             metrics = written.metrics

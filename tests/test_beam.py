@@ -11,6 +11,7 @@ import csv
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,7 @@ def test_beam_writes_through_no_linked_folder_and_reads_no_other_runs_output(tmp
     write_png(src / "b.png", np.full((5, 5, 3), 90, np.uint8))
     write_png(src / "x4" / "b.png", np.full((20, 20, 3), 90, np.uint8))
     (src / "x4" / ".batchsr").mkdir()
+    (src / "b.png").chmod(0o600)  # a private input: a private output
     before = (src / "sub" / "a.png").read_bytes()
     out.mkdir()
     (out / "sub").symlink_to(src / "sub")
@@ -169,6 +171,9 @@ def test_beam_writes_through_no_linked_folder_and_reads_no_other_runs_output(tmp
     assert "is a symbolic link; batchsr does not write through links" in summary.failed[0].reason
     assert (src / "sub" / "a.png").read_bytes() == before and os.listdir(src / "sub") == ["a.png"]
     assert sorted(p.name for p in out.iterdir() if p.name != ".batchsr") == ["b.png", "sub"]
+    assert (out / "b.png").stat().st_mode & 0o777 == 0o600
+    shutil.rmtree(src / "x4" / ".batchsr")  # no longer another run's OUTPUT: read in the next run of this process
+    assert run_beam(src, tmp_path / "again", _settings(tiny_model)).done == 3  # sub/a, b and x4/b
 
 
 def test_beam_takes_folder_names_literally_and_fails_only_a_name_that_is_not_utf8(tmp_path, tiny_model):
