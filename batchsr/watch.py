@@ -333,8 +333,10 @@ def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> li
     existing: list[dict] = []
     if own:
         text = path.read_text(encoding="utf-8-sig", errors="replace")
+        if text.startswith(_csv_text([], header=True)):  # ours: a last line without its end was cut by a crash
+            text = text[: text.rfind("\n") + 1]
         existing = [{**row, "image": file_name(row["image"] or "")} if "image" in row else row
-                    for row in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1]))]
+                    for row in csv.DictReader(io.StringIO(text))]
     keys = {(row["image"], row["input_sha256"]) for row in rows}
     kept = [row for row in existing if (row.get("image"), row.get("input_sha256")) not in keys] + rows
     atomic_write(path, _csv_text(kept, header=True).encode("utf-8"))
@@ -671,7 +673,8 @@ class _Daemon:
                     if tick_at >= next_check:  # an inbox deleted and made again, or a dead watcher: no events would come
                         next_check = tick_at + 1.0
                         key = _file_key(self.journal.path)
-                        journal_file = journal_file or key
+                        if journal_file in (None, ("", 0)):  # not told at the start: the first sure look
+                            journal_file = key if key != ("", 0) else None
                         if key not in (journal_file, None):  # all it would record from now on would be lost
                             raise OutputError(f"the journal {self.journal.path} was deleted or replaced while the daemon ran "
                                               f"(the state folder removed?); stopping, so that the next start opens the one there")

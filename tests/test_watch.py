@@ -1902,7 +1902,7 @@ def test_a_metrics_file_a_spreadsheet_saved_is_rewritten_in_its_columns(tmp_path
 
     path = tmp_path / METRICS_FILE
     row = {"image": "b.png", "input_sha256": "2", "psnr_y": 31.0, "finished": "t", "model_id": "m"}
-    path.write_bytes("\ufeffimage,input_sha256,psnr_y\r\na.png,1,30.0\r\n".encode("utf-8"))
+    path.write_bytes("\ufeffimage,input_sha256,psnr_y\r\na.png,1,30.0".encode("utf-8"))  # no last line end: still a row
     append_metrics(path, [row])
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[0] == ",".join(METRICS_COLUMNS)
