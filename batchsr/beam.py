@@ -339,8 +339,9 @@ def _finish(result, job: _Job):
         return
     try:
         if not upscaled.streamed:
-            written = write_output(image, upscaled.colour, upscaled.alpha, functools.partial(_write, job.output(work.out_rel), within=job.target,
-                                                     mode=mode_like(work.path) if is_local(work.path) else None),
+            destination = functools.partial(_write, job.output(work.out_rel), within=job.target,
+                                            mode=mode_like(work.path) if is_local(work.path) else None)
+            written = write_output(image, upscaled.colour, upscaled.alpha, destination,
                                    job.settings, job.scale, name=work.path, rel=PurePosixPath(work.rel),
                                    references=_references(job.reference), ms=upscaled.ms)
             metrics = written.metrics

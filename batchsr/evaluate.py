@@ -151,8 +151,8 @@ def write_csv(results: list[SetResult], path: Path) -> None:
             writer.writerow({k: (round(v, 4) if isinstance(v, float) else spreadsheet_text(v) if k in ("set", "image") else v)
                              for k, v in row.items()})
         first = result.rows[0]
-        writer.writerow({"set": spreadsheet_text(result.name), "image": "MEAN", "scale": first["scale"], "model_id": first.get("model_id", ""),
-                         **column_means(result.rows, COLUMNS)})
+        writer.writerow({"set": spreadsheet_text(result.name), "image": "MEAN", "scale": first["scale"],
+                         "model_id": first.get("model_id", ""), **column_means(result.rows, COLUMNS)})
     data, path = buffer.getvalue().encode("utf-8"), Path(path)
     if _is_stdout(path):  # through our own descriptor, in order with what else is printed
         sys.stdout.flush()

@@ -115,7 +115,8 @@ class InboxLock:
 
 def lock_is_free(lock_path: Path) -> bool:
     """Whether no process holds the lock now, found by taking it for an instant (a lock held on another NFS
-    client or from another PID namespace is missing from /proc/locks); any doubt (the file unreadable) is no."""
+    client or from another PID namespace is missing from /proc/locks); any doubt (the file unreadable) is no.
+    A run starting into that folder in the very instant finds it taken (exit 75), so only start-ups use it."""
     try:
         fd = os.open(lock_path, os.O_RDONLY)
     except FileNotFoundError:

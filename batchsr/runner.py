@@ -29,8 +29,8 @@ from batchsr.checkpoint import ModelInfo, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
-    NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, make_folders, mode_like, read_bounded, read_image, remove_temporaries,
-    sniff_file, sniff_format, to_uint8,
+    NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, make_folders, mode_like, read_bounded, read_image,
+    remove_temporaries, sniff_file, sniff_format, to_uint8,
 )
 from batchsr.journal import damaged_journal, open_journal
 from batchsr.lock import FolderLock
@@ -762,7 +762,8 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
         entry = entries.get(rel)
         if entry is None or entry[3] is None or "psnr_y" not in entry[3]:  # not scored: no reference, or none usable
             continue
-        rows.append({"image": spreadsheet_text(rel), "scale": scale, "model_id": entry[1], **entry[3]})  # the row's own scale when recorded
+        # the row's own scale when recorded
+        rows.append({"image": spreadsheet_text(rel), "scale": scale, "model_id": entry[1], **entry[3]})
     if not rows:
         return None
     scales = {r["scale"] for r in rows}

@@ -56,8 +56,8 @@ from batchsr.checkpoint import description_path, model_weights, read_info
 from batchsr.config import EngineSettings, Settings, WatchSettings
 from batchsr.errors import ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
 from batchsr.imageio import (
-    Image, LinkedFolderError, atomic_write, cut_name, decode_image, mode_like, decoding_mb, make_folders, read_bounded, remove_temporaries, sniff_format, sync_folder,
-    temporary_prefix, walk,
+    Image, LinkedFolderError, atomic_write, cut_name, decode_image, decoding_mb, make_folders, mode_like, read_bounded,
+    remove_temporaries, sniff_format, sync_folder, temporary_prefix, walk,
 )
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
 from batchsr.lock import DAEMON, FolderLock, InboxLock
