@@ -735,13 +735,14 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 def spreadsheet_text(name: str) -> str:
     """A file name as a CSV cell a spreadsheet shows as text: one starting like a formula (=, +, -, @, a tab)
     gets an apostrophe before it, which spreadsheets do not show (a producer's ``=HYPERLINK(...).png`` ran as
-    one); a name starting with an apostrophe gets one more, so that ``file_name`` gives every name back."""
-    return "'" + name if name.startswith(_FORMULA_STARTS) else name
+    one); so does a file named ``MEAN``, which read as the aggregate row; a name starting with an apostrophe
+    gets one more, so that ``file_name`` gives every name back."""
+    return "'" + name if name.startswith(_FORMULA_STARTS) or name == "MEAN" else name
 
 
 def file_name(cell: str) -> str:
     """The name a ``spreadsheet_text`` cell stands for."""
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_STARTS) else cell
+    return cell[1:] if cell.startswith("'") and (cell[1:].startswith(_FORMULA_STARTS) or cell[1:] == "MEAN") else cell
 
 
 def column_means(rows: list[dict], columns: list[str]) -> dict:

@@ -313,16 +313,17 @@ def test_names_that_look_like_spreadsheet_formulas_are_written_as_text(tmp_path,
     from batchsr.runner import file_name, spreadsheet_text
 
     src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
-    names = ["=HYPERLINK(1).png", "+a.png", "-b.png", "@c.png", "'d.png", "plain.png"]
+    names = ["=HYPERLINK(1).png", "+a.png", "-b.png", "@c.png", "'d.png", "plain.png", "MEAN"]
     for k, name in enumerate(names):
         pixels = np.random.default_rng(k).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-        write_png(hr / name, pixels)
-        write_png(src / name, degrade(pixels, 4))
+        write_png(hr / (name if name.endswith(".png") else f"{name}.png"), pixels)  # a reference of any extension
+        write_png(src / f"{name}.png", degrade(pixels, 4))
+        (src / f"{name}.png").rename(src / name)  # the image's own name (MEAN has no extension)
     run_folder(src, out, _settings(tiny_model), reference_dir=hr)
     cells = [row["image"] for row in csv.DictReader((out / "metrics.csv").open())][:-1]
-    assert sorted(cells) == sorted(["'=HYPERLINK(1).png", "'+a.png", "'-b.png", "'@c.png", "''d.png", "plain.png"])
-    assert sorted(map(file_name, cells)) == sorted(names)
-    assert all(file_name(spreadsheet_text(n)) == n for n in ["'", "''", "'x", "=", "x=", "'=", ""])
+    assert sorted(cells) == sorted(["'=HYPERLINK(1).png", "'+a.png", "'-b.png", "'@c.png", "''d.png", "plain.png", "'MEAN"])
+    assert sorted(map(file_name, cells)) == sorted(names)  # and a file named MEAN is not taken for the mean
+    assert all(file_name(spreadsheet_text(n)) == n for n in ["'", "''", "'x", "=", "x=", "'=", "", "MEAN", "'MEAN", "MEANS"])
 
 
 def test_a_colliding_input_never_takes_an_up_to_date_output(tmp_path, tiny_model):
