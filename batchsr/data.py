@@ -58,10 +58,10 @@ def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, 
             continue
         visited.add((info.st_dev, info.st_ino))
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
-        if outputs is not None:
-            kept = [d for d in dirs if not os.path.isdir(os.path.join(root, d, STATE_DIR))]
-            outputs.extend(Path(root) / d for d in dirs if d not in kept)
-            dirs[:] = kept
+        if outputs is not None:  # one look at each subfolder (a membership test in a list was quadratic)
+            other = {d for d in dirs if os.path.isdir(os.path.join(root, d, STATE_DIR))}
+            outputs.extend(Path(root) / d for d in dirs if d in other)
+            dirs[:] = [d for d in dirs if d not in other]
         for name in names:
             path = Path(root) / name
             if name.startswith("."):

@@ -880,8 +880,9 @@ class _Daemon:
         base = top.count(os.sep)
         for root, dirs, names in walk(top, onerror=report):
             if shape is not None:
-                with contextlib.suppress(OSError):
-                    shape.inodes.add(os.lstat(root).st_ino)
+                if self.events == "kernel":  # only kernel events are checked by inode: no lstat a folder otherwise
+                    with contextlib.suppress(OSError):
+                        shape.inodes.add(os.lstat(root).st_ino)
                 shape.depth = max(shape.depth, root.count(os.sep) - base)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
