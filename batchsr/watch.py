@@ -633,6 +633,7 @@ class _Daemon:
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
         self.inbox_missing = False
         self.reported: set[tuple[str, str]] = set()  # (name, why) of what a scan skips, reported once
+        self.reported_now: set[tuple[str, str]] | None = None  # what the scan under way finds again
         self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
         self.claims_cut_short = False  # a refused journal write left a batch claimed: queue it again before the next
         self.forget_after = 0  # the journal's row id where forgetting old entries goes on; 0: a new pass
@@ -919,6 +920,8 @@ class _Daemon:
         return False
 
     def _report_once(self, rel: str, why: str) -> None:
+        if self.reported_now is not None:
+            self.reported_now.add((rel, why))
         if (rel, why) not in self.reported:
             self.reported.add((rel, why))
             logger.warning("{}: {}", rel, why)
@@ -933,7 +936,15 @@ class _Daemon:
             return None
         self.inbox_missing = False
         shape = _TreeShape()
-        files = list(self._walk(str(self.folders.inbox), shape))
+        self.reported_now = found_again = set()
+        try:
+            files = list(self._walk(str(self.folders.inbox), shape))
+        finally:
+            self.reported_now = None
+        # Forget what is gone or mended: the sets stay the size of the inbox's problems over months, and a
+        # problem that comes back is said again.
+        self.reported &= found_again
+        self.bad_names &= {rel for rel, _, _ in files}
         self._record(files, now)
         gone = self.journal.active_paths() - {rel for rel, _, _ in files}
         if gone:

@@ -392,6 +392,26 @@ def test_a_missing_inbox_is_said_once_not_at_every_scan(tmp_path, tiny_model):
     assert sum("is missing or not a folder" in m for m in messages) == 1
 
 
+def test_what_a_scan_skips_is_forgotten_once_gone_and_said_again_when_it_comes_back(tmp_path, tiny_model):
+    """Each link or badly named file ever seen stayed in the daemon's memory for its life, and one put back a
+    week later was skipped without a word."""
+    config = write_config(tmp_path, tiny_model, rescan_interval_s=0.2)
+    inbox = tmp_path / "inbox"
+    bad = os.path.join(os.fsencode(inbox), b"caf\xe9.png")
+    with serving_here(config) as messages:
+        for turn in (1, 2):
+            (inbox / "link.png").symlink_to(tmp_path / "elsewhere.png")
+            with open(bad, "wb") as handle:
+                handle.write(png(1))
+            wait_for(lambda: sum("not valid UTF-8" in m for m in messages) == turn
+                     and sum("link.png: a symbolic link" in m for m in messages) == turn, 30, what=f"warnings, turn {turn}")
+            (inbox / "link.png").unlink()
+            os.unlink(bad)
+            time.sleep(1.0)  # some scans without them
+    assert sum("not valid UTF-8" in m for m in messages) == 2
+    assert sum("link.png: a symbolic link" in m for m in messages) == 2
+
+
 def test_a_damaged_journal_stops_the_daemon_with_exit_73_naming_it(tmp_path, tiny_model):
     """It was exit 70, "internal error ... (a bug)", restarted by systemd five times over."""
     config = write_config(tmp_path, tiny_model)
