@@ -566,6 +566,22 @@ def test_after_a_crash_the_batch_goes_one_by_one_and_only_a_lone_file_is_charged
     journal.close()
 
 
+def test_a_version_done_after_the_clock_stepped_back_is_still_the_later_one(tmp_path):
+    """With the clock set back an hour (a daemon's months take in NTP steps), the version done first counted as
+    the latest over their shared output: dropped again, it was taken for done, with the other's output on disk."""
+    from batchsr.journal import Completed, WatchJournal
+
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    for version, (size, now) in enumerate([(10, 5000.0), (20, 1400.0)]):  # the second, an hour "earlier"
+        journal.observe([("a.png", size, size)], now)
+        journal.mark_ready([e.id for e in journal.settling(now)], now)
+        (entry,) = journal.claim(1, now)
+        journal.complete([Completed(entry.id, f"sha{version}", size, size, "m", "a.png", None, f"identity{version}")], now)
+    assert journal.done_with_content("a.png", "sha0") is None
+    assert journal.done_with_content("a.png", "sha1").output_identity == "identity1"
+    journal.close()
+
+
 def _finished_row(journal, path: str, state: str, now: float, *, output: str | None = None,
                   identity: str | None = None, size: int = 10, ctime_ns: int = 1) -> int:
     journal.observe([(path, size, ctime_ns)], now)
