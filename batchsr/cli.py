@@ -147,12 +147,20 @@ class _Command(click.Command):
             click.echo(_printable(f"batchsr: error: {exc}", newlines=True), err=True)  # one problem a line
             ctx.exit(code)
         except KeyboardInterrupt:  # Ctrl-C: the shell's code for SIGINT, not click's "Aborted!" and 1
-            click.echo("batchsr: interrupted (a later start resumes: finished outputs are recorded)", err=True)
+            click.echo(f"batchsr: interrupted{_RESUMES.get(ctx.invoked_subcommand, '')}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click's own ways out (usage errors, ctx.exit), not bugs
         except Exception as exc:
             _internal_error(ctx, exc)
+
+
+# What a later start of a command takes up again after Ctrl-C; the others (eval, status, config) start over.
+_RESUMES = {
+    "run": " (a later run resumes: finished outputs are recorded)",
+    "watch": " (a later start resumes: finished outputs are recorded)",
+    "train": " (batchsr train --resume continues from the last checkpoint written)",
+}
 
 
 def _internal_error(ctx: click.Context, exc: Exception) -> None:
@@ -329,32 +337,31 @@ def _check_writable_file(path: Path, what: str) -> None:
 def eval_command(ctx, hr_dirs, scale, weights, device, precision, tile, overlap, batch_size, self_ensemble, bicubic_only, csv_path, report_dir):
     """Standard benchmark protocol: LR by MATLAB bicubic, PSNR/SSIM on Y with a `scale` border."""
     settings = _load(ctx, _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble))
-    from batchsr.evaluate import evaluate_folder, markdown_table, write_csv
+    from batchsr.evaluate import evaluate_set, markdown_table, plan_sets, write_csv
 
     if csv_path is not None:  # before hours of scoring, not after
         _check_writable_file(csv_path, "--csv")
-    engine = None
     scale = settings.model.scale
-    if bicubic_only and settings.model.weights is not None:  # the weights' scale, checked against --scale as with a model
+    if not bicubic_only or settings.model.weights is not None:  # the weights' scale, checked against --scale
         from batchsr.checkpoint import model_weights, read_info
 
         scale = read_info(model_weights(settings.model)).scale
+    if scale is None:
+        raise ConfigError("--scale is required with --bicubic-only")
+    if report_dir is not None and bicubic_only:
+        raise ConfigError("--report needs a model (drop --bicubic-only)")
+    if report_dir is not None:
+        from batchsr.report import check_report_dir
+
+        check_report_dir(report_dir)
+    hr_sets = plan_sets(hr_dirs, scale)
+    engine = None
     if not bicubic_only:
-        from batchsr.checkpoint import model_weights
         from batchsr.engine import Engine
 
         engine = Engine(model_weights(settings.model), settings.engine)
-        scale = engine.scale
-    if scale is None:
-        raise ConfigError("--scale is required with --bicubic-only")
-    if report_dir is not None and engine is None:
-        raise ConfigError("--report needs a model (drop --bicubic-only)")
-    if report_dir is not None:
-        from batchsr.runner import check_output_dir
-
-        check_output_dir(report_dir, "--report folder")
-    results = [evaluate_folder(folder, scale, engine, keep_images=report_dir is not None, max_pixels=settings.image.max_pixels)
-               for folder in hr_dirs]
+    results = [evaluate_set(hr_set, scale, engine, keep_images=report_dir is not None, max_pixels=settings.image.max_pixels)
+               for hr_set in hr_sets]
     if csv_path is not None:
         write_csv(results, csv_path)
     if report_dir is not None:
@@ -449,7 +456,7 @@ def status(ctx, state_dir, as_json, errors):
     click.echo(f"daemon:    {report.daemon or 'not running'}")
     click.echo(f"queue:     {report.queue}{oldest}: " + ", ".join(f"{s} {report.counts[s]}" for s in ACTIVE))
     click.echo("states:    " + ", ".join(f"{s} {report.counts[s]}" for s in STATES))
-    click.echo(f"last hour: {report.done_last_hour} done ({report.images_per_minute:.2f} images/min)")
+    click.echo(f"last hour: {report.done_last_hour} done ({report.images_per_minute:.2f} images/min over the hour)")
     if report.errors:
         click.echo("recent errors:")
         for error in report.errors:

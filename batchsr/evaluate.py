@@ -21,7 +21,7 @@ import numpy as np
 from loguru import logger
 
 from batchsr.errors import ImageError, InputError
-from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, read_image, to_float, to_uint8
+from batchsr.imageio import DEFAULT_MAX_PIXELS, atomic_write, from_float, probe_header, read_image, to_float, to_uint8
 from batchsr.metrics import SSIM_WINDOW, score
 from batchsr.report import ReportImage
 from batchsr.resize import crop_to_multiple, degrade, imresize
@@ -52,8 +52,65 @@ class SetResult:
 def set_name(folder: Path) -> str:
     """``.../Set5/HR`` (or ``HR_x4``...) is named ``Set5``; other folders by their own name.
     The path is resolved first: ``--hr HR`` and ``--hr .`` name the same set as the full path."""
-    folder = Path(folder).resolve()
-    return folder.parent.name if re.fullmatch(r"HR([_\-. ].*)?", folder.name, re.IGNORECASE) else folder.name
+    return "/".join(_name_parts(folder)[-1:])
+
+
+def _name_parts(folder: Path) -> list[str]:
+    parts = list(Path(folder).resolve().parts[1:])
+    if len(parts) > 1 and re.fullmatch(r"HR([_\-. ].*)?", parts[-1], re.IGNORECASE):
+        parts.pop()
+    return parts or ["/"]
+
+
+def set_names(folders: list[Path]) -> list[str]:
+    """Each folder's set name, longer by a parent folder where two would be named alike
+    (``x/Set5`` and ``y/Set5``): their rows, means and report sections told apart."""
+    parts = [_name_parts(f) for f in folders]
+    depth = [1] * len(folders)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clash:  # folders named alike but for their HR part (HR, HR_x4) are named in full
+            return [n if names.count(n) == 1 else str(Path(f).resolve()) for n, f in zip(names, folders)]
+        for i in clash:
+            depth[i] += 1
+
+
+@dataclass
+class HRSet:
+    name: str
+    folder: Path
+    images: list[tuple[Path, str]]  # (file, row label)
+
+
+def plan_sets(folders: list[Path], scale: int) -> list[HRSet]:
+    """Every HR folder listed and each image's size read from its header before anything is scored, so a
+    typo in the last ``--hr`` or one image too small stops the run at once, not after hours of scoring."""
+    unique: dict[Path, Path] = {}
+    for folder in map(Path, folders):
+        real = folder.resolve()
+        if real in unique:
+            logger.warning("--hr {} is {} again: scored once", folder, unique[real])
+        else:
+            unique[real] = folder
+    folders = list(unique.values())
+    sets = []
+    for folder, name in zip(folders, set_names(folders)):
+        files = hr_files(folder)
+        for path in files:
+            if (header := probe_header(path)) is not None:
+                _check_size(path, header[0], header[1], scale)
+        stems = [path.relative_to(folder).with_suffix("").as_posix() for path in files]
+        # The folder is searched recursively (x.png in two subfolders); x.png and x.jpg keep their suffix.
+        labels = [stem if stems.count(stem) == 1 else path.relative_to(folder).as_posix() for path, stem in zip(files, stems)]
+        sets.append(HRSet(name, folder, list(zip(files, labels))))
+    return sets
+
+
+def _check_size(path: Path, width: int, height: int, scale: int) -> None:
+    if min(height - height % scale, width - width % scale) < min_side(scale):
+        need = -(-min_side(scale) // scale) * scale  # after the crop to a multiple of the scale
+        raise ImageError(path, f"{width}x{height} is too small to evaluate at x{scale} (needs {need} px a side)")
 
 
 def min_side(scale: int) -> int:
@@ -79,24 +136,22 @@ def hr_files(folder: Path) -> list[Path]:
 
 def evaluate_folder(folder: Path, scale: int, engine=None, keep_images: bool = False, *,
                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> SetResult:
-    folder = Path(folder)
-    paths = hr_files(folder)
-    name = set_name(folder)
+    return evaluate_set(plan_sets([folder], scale)[0], scale, engine, keep_images, max_pixels=max_pixels)
+
+
+def evaluate_set(hr_set: HRSet, scale: int, engine=None, keep_images: bool = False, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> SetResult:
+    name = hr_set.name
     rows, kept = [], []
     traced: set[tuple[tuple[int, int], int]] = set()
-    for path in paths:
+    for path, label in hr_set.images:
         image = read_image(path, max_pixels=max_pixels)
         hr = crop_to_multiple(image.rgb, scale)
-        if min(hr.shape[:2]) < min_side(scale):
-            need = -(-min_side(scale) // scale) * scale  # after the crop to a multiple of the scale
-            raise ImageError(
-                path, f"{image.rgb.shape[1]}x{image.rgb.shape[0]} is too small to evaluate at x{scale} (needs {need} px a side)"
-            )
+        _check_size(path, image.rgb.shape[1], image.rgb.shape[0], scale)  # a header that could not be read
         if image.alpha is not None and int(image.alpha.min()) == 0:
             logger.warning("{}: transparent pixels; scored on the colour as read, extended under them from visible "
                            "neighbours (the alpha plane is not scored)", path)
-        gray = image.gray or (name, path.stem) in SINGLE_CHANNEL_SOURCES
-        label = path.relative_to(folder).with_suffix("").as_posix()  # the folder is searched recursively: x.png in two subfolders
+        gray = image.gray or (set_name(hr_set.folder), path.stem) in SINGLE_CHANNEL_SOURCES
         lr = degrade(hr, scale)
         peak = 255.0 / np.iinfo(hr.dtype).max
         ref = hr.astype(np.float64) * peak

@@ -229,31 +229,39 @@ def probe_decoding_mb(path: Path | str, max_pixels: int | None = None) -> float:
     """``decoding_mb`` from the file's header alone (nothing decoded); 0 for a file that is no image or whose
     header cannot be read: decoding it will say why.  Above ``max_pixels``, the file's own size: it is read,
     then refused from its header before any pixel is decoded."""
+    header = probe_header(path)
+    if header is None:
+        return 0.0
+    width, height, sixteen = header
+    if max_pixels is not None and width * height > max_pixels:
+        return os.path.getsize(path) / 1e6
+    return decoding_mb(width, height, 2 if sixteen else 1)
+
+
+def probe_header(path: Path | str) -> tuple[int, int, bool] | None:
+    """``(width, height, 16-bit)`` as stored (before any EXIF turn), from the header alone; None for a file
+    that is no image or whose header cannot be read: decoding it will say why."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(32)
             fmt = sniff_format(head[:16])
             if fmt is None:
-                return 0.0
+                return None
             handle.seek(0)
             try:
                 with PILImage.open(handle, formats=[_PIL_FORMATS[fmt]]) as pil:
-                    width, height = pil.size
-                    sixteen = _sixteen_bit(pil, head, fmt, path)
+                    return pil.size[0], pil.size[1], _sixteen_bit(pil, head, fmt, path)
             except PILImage.UnidentifiedImageError:
                 if fmt != "tiff":
-                    return 0.0
+                    return None
                 import tifffile
 
                 handle.seek(0)
                 with tifffile.TiffFile(handle) as tif:
                     page = tif.pages[0]
-                    width, height, sixteen = page.imagewidth, page.imagelength, page.bitspersample > 8
+                    return page.imagewidth, page.imagelength, page.bitspersample > 8
     except Exception:  # noqa: BLE001 (an unreadable header is decoding's to report, with the reason)
-        return 0.0
-    if max_pixels is not None and width * height > max_pixels:
-        return os.path.getsize(path) / 1e6
-    return decoding_mb(width, height, 2 if sixteen else 1)
+        return None
 
 
 def _check_pixel_limit(path, width: int, height: int, max_pixels: int | None) -> None:

@@ -578,7 +578,12 @@ def _status(db: sqlite3.Connection, path: Path, now: float, errors: int) -> Stat
 def read_status(state_dir: Path, errors: int = 10) -> Status:
     """The journal's status, read-only, while a daemon may be writing it."""
     path = Path(state_dir) / JOURNAL_FILE
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a state folder closed to others than the daemon's user
+        raise InputError(f"cannot look at the journal {path}: {exc.strerror or exc} (run status as the daemon's user, "
+                         "or give its group read access to the state folder)") from None
+    if not found:
         raise InputError(f"no journal at {path}: has `batchsr watch` run with this state folder?")
     try:
         db = sqlite3.connect(f"file:{pathname2url(str(path.absolute()))}?mode=ro", uri=True, timeout=30)

@@ -142,11 +142,18 @@ def lock_holder(lock_path: Path) -> str | None:
         info = os.stat(lock_path)
         with open("/proc/locks", encoding="ascii", errors="replace") as handle:
             held = any(names_inode(line, info) for line in handle)
-        if not held:
-            return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a state folder of the daemon's user, closed to others
+        return f"unknown: cannot look at {lock_path} ({exc.strerror or exc})"
+    if not held:
+        return None
+    try:
         return lock_path.read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        return f"running (its line in {lock_path} cannot be read: {exc.strerror or exc})"
 
 
 def names_inode(line: str, info: os.stat_result) -> bool:

@@ -2,15 +2,23 @@
 
 Each row shows the four images and, under each, a zoom on the window where
 batchsr differs most from bicubic — where the model actually did something.
-The page has its images beside it (``images/``), a summary table and a chart
-of the per-image gain; it marks on ``<body data-images>`` how many images the
-browser loaded, so a headless browser can check the page.
+The page has its images beside it (``images-<token>/``), a summary table and a
+chart of the per-image gain; it marks on ``<body data-images>`` how many images
+the browser loaded, so a headless browser can check the page.
+
+A report is replaced whole: the new images go into a folder of their own and
+the page, renamed into place last, is what switches to them. An interrupted
+run leaves the previous report as it was, never one page over two runs' images.
 """
 
 from __future__ import annotations
 
 import html
+import os
 import re
+import secrets
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +31,8 @@ from batchsr.metrics import rgb_to_y
 
 ZOOM_WINDOW = 48  # HR pixels of the zoomed region
 ZOOM_FACTOR = 4
+GENERATOR = '<meta name="generator" content="batchsr">'  # marks a page as batchsr's: only such a page is replaced
+_ASSETS = re.compile(r"images(-[0-9a-f]{8})?")  # the folders of images a report page of ours refers to
 
 
 @dataclass
@@ -35,15 +45,17 @@ class ReportImage:
     metrics: dict
 
 
-def most_changed_window(sr: np.ndarray, bicubic: np.ndarray, window: int = ZOOM_WINDOW) -> tuple[int, int, int]:
-    """Top-left corner and side of the window where ``sr`` and ``bicubic`` differ most (on Y)."""
-    h, w = sr.shape[:2]
+def most_changed_window(sr: np.ndarray, bicubic: np.ndarray, window: int = ZOOM_WINDOW, border: int = 0) -> tuple[int, int, int]:
+    """Top-left corner and side of the window where ``sr`` and ``bicubic`` differ most (on Y), inside the
+    ``border`` the scores leave out."""
+    inner = (slice(border, sr.shape[0] - border), slice(border, sr.shape[1] - border))
+    h, w = sr[inner].shape[:2]
     side = min(window, h, w)
-    diff = np.abs(rgb_to_y(sr.astype(np.float64)) - rgb_to_y(bicubic.astype(np.float64))).astype(np.float32)
+    diff = np.abs(rgb_to_y(sr[inner].astype(np.float64)) - rgb_to_y(bicubic[inner].astype(np.float64))).astype(np.float32)
     integral = cv2.integral(diff)
     sums = integral[side:, side:] - integral[:-side, side:] - integral[side:, :-side] + integral[:-side, :-side]
     y, x = np.unravel_index(int(np.argmax(sums)), sums.shape)
-    return int(y), int(x), side
+    return int(y) + border, int(x) + border, side
 
 
 def _png(path: Path, rgb: np.ndarray) -> None:
@@ -73,8 +85,10 @@ def _gain_chart(path: Path, images: list[ReportImage]) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("Y-PSNR gain over bicubic (dB)")
     ax.set_xticks(range(len(images)), [im.name for im in images], rotation=60, ha="right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with warnings.catch_warnings():  # names in scripts the font lacks: boxes on the chart, the page has them right
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -99,6 +113,33 @@ window.addEventListener("load", function () {
 """
 
 
+def check_report_dir(report_dir: Path) -> None:
+    """Before any scoring: the folder can be written, and a page there is a report of ours to replace."""
+    from batchsr.runner import check_output_dir
+
+    report_dir = Path(report_dir)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise OutputError(f"--report {report_dir} is a file, not a folder")
+    check_output_dir(report_dir, "--report folder")
+    _previous_assets(report_dir)
+
+
+def _previous_assets(report_dir: Path) -> set[str]:
+    """The image folders the report page now in ``report_dir`` refers to; an error for a page not ours."""
+    index = report_dir / "index.html"
+    try:
+        with open(index, "rb") as handle:
+            page = handle.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise OutputError(f"--report folder {report_dir}: cannot read {index}: {exc.strerror or exc}") from None
+    if GENERATOR not in page and 'data-images="pending"' not in page:  # the second: pages of earlier versions
+        raise OutputError(f"--report folder {report_dir} holds an index.html that batchsr did not write; "
+                          "choose another folder, or move that page away")
+    return {name for name in re.findall(r'src="([^"/]+)/', page) if _ASSETS.fullmatch(name)}
+
+
 def write_report(report_dir: Path, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
     """Writes ``report_dir/index.html`` with its images; returns the page's path."""
     try:
@@ -108,13 +149,30 @@ def write_report(report_dir: Path, images: list[ReportImage], title: str, summar
 
 
 def _write_report(report_dir: Path, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
-    assets = report_dir / "images"
-    assets.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_assets(report_dir)
+    folder = f"images-{secrets.token_hex(4)}"
+    assets = report_dir / folder
+    assets.mkdir()
+    try:
+        index = _write_page(report_dir, folder, images, title, summary_rows)
+    except BaseException:  # Ctrl-C included: the previous report stays whole, and no half folder beside it
+        shutil.rmtree(assets, ignore_errors=True)
+        raise
+    for name in os.listdir(report_dir):  # the previous report's images, and those of runs cut short
+        path = report_dir / name
+        if name != folder and (name in previous or (name.startswith("images-") and _ASSETS.fullmatch(name))) \
+                and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    return index
+
+
+def _write_page(report_dir: Path, folder: str, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
     rows_html = []
     for index, image in enumerate(images):
         slug = f"{index:04d}_{_slug(image.name)}"
         scale = image.hr.shape[0] // image.lr.shape[0]
-        y, x, side = most_changed_window(image.sr, image.bicubic)
+        y, x, side = most_changed_window(image.sr, image.bicubic, border=scale)
         panels = [
             ("LR (nearest)", _nearest(image.lr, scale)[: image.hr.shape[0], : image.hr.shape[1]]),
             ("bicubic", image.bicubic),
@@ -124,7 +182,7 @@ def _write_report(report_dir: Path, images: list[ReportImage], title: str, summa
         cells = []
         for label, pixels in panels:
             key = label.split()[0].lower()
-            full, zoom = f"images/{slug}_{key}.png", f"images/{slug}_{key}_zoom.png"
+            full, zoom = f"{folder}/{slug}_{key}.png", f"{folder}/{slug}_{key}_zoom.png"
             _png(report_dir / full, pixels)
             _png(report_dir / zoom, _nearest(pixels[y : y + side, x : x + side], ZOOM_FACTOR))
             cells.append(
@@ -142,18 +200,18 @@ def _write_report(report_dir: Path, images: list[ReportImage], title: str, summa
             f'<div class="row"><h3>{html.escape(image.name)}</h3><p>{html.escape(caption)}</p>'
             f'<div class="cells">{"".join(cells)}</div></div>'
         )
-    _gain_chart(assets / "gain.png", images)
+    _gain_chart(report_dir / folder / "gain.png", images)
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in (summary_rows[0] if summary_rows else {}))
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>" for row in summary_rows
     )
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{html.escape(title)}</title>
 <style>{_STYLE}</style><script>{_CHECK}</script></head>
 <body data-images="pending">
 <h1>{html.escape(title)}</h1>
 <table class="summary"><tr>{head}</tr>{body}</table>
-<img class="chart" src="images/gain.png" alt="per-image gain over bicubic">
+<img class="chart" src="{folder}/gain.png" alt="per-image gain over bicubic">
 {"".join(rows_html)}
 </body></html>
 """

@@ -130,3 +130,55 @@ def test_eval_times_the_model_without_tracing(tiny_model):
         result = evaluate_folder(data_dir("Set5", "HR"), 4, engine)
         assert len(result.rows) == 5 and len(shapes) == 5 + warmups, (tile, shapes)
         assert shapes[0] == shapes[1]  # the first image: untimed, then timed
+
+
+def test_every_folder_and_image_size_is_checked_before_anything_is_scored(tmp_path, monkeypatch):
+    """A typo in the last --hr, or a 16x16 image in it, was found only after every folder before it had been
+    scored, and all that work was lost."""
+    import batchsr.evaluate
+    from click.testing import CliRunner
+
+    from batchsr.cli import main
+
+    scored = []
+    monkeypatch.setattr(batchsr.evaluate, "score", lambda *args: scored.append(args) or {})
+    good = data_dir("Set5", "HR")
+    write_png(tmp_path / "small" / "tiny.png", np.zeros((16, 16, 3), np.uint8))
+    for last, message in [(tmp_path / "typo", "does not exist"), (tmp_path / "small", "16x16 is too small to evaluate at x4")]:
+        result = CliRunner().invoke(main, ["eval", "--bicubic-only", "--scale", "4", "--hr", str(good), "--hr", str(last)])
+        assert result.exit_code in (65, 66) and message in result.output, result.output
+    assert scored == []
+
+
+def test_sets_and_images_named_alike_are_told_apart(tmp_path):
+    """Two Set5 folders gave two rows "Set5,MEAN" with different figures; x.png and x.jpg were both "x"; the
+    same folder given twice was scored twice."""
+    from batchsr.evaluate import plan_sets, set_names
+
+    photo = read_image(data_dir("Set5", "HR") / "bird.png").rgb[:48, :48]
+    for version in ("x", "y"):
+        write_png(tmp_path / version / "Set5" / "HR" / "img.png", photo)
+    (tmp_path / "x" / "Set5" / "HR" / "img.jpg").write_bytes((tmp_path / "x" / "Set5" / "HR" / "img.png").read_bytes())
+    first, second = tmp_path / "x" / "Set5" / "HR", tmp_path / "y" / "Set5" / "HR"
+    sets = plan_sets([first, second, first / ".." / "HR"], 4)
+    assert [s.name for s in sets] == ["x/Set5", "y/Set5"]
+    assert [label for _, label in sets[0].images] == ["img.jpg", "img.png"] and [label for _, label in sets[1].images] == ["img"]
+    write_png(tmp_path / "z" / "Set5" / "HR_x4" / "img.png", photo)
+    write_png(tmp_path / "z" / "Set5" / "HR" / "img.png", photo)
+    named = set_names([tmp_path / "z" / "Set5" / "HR", tmp_path / "z" / "Set5" / "HR_x4", data_dir("Set14", "HR")])
+    assert named[2] == "Set14" and named[0] != named[1] and named[0].endswith("HR") and named[1].endswith("HR_x4")
+
+
+def test_ctrl_c_in_eval_does_not_promise_a_resume(monkeypatch):
+    """Ctrl-C said "a later start resumes: finished outputs are recorded" — eval records nothing."""
+    import batchsr.evaluate
+    from click.testing import CliRunner
+
+    from batchsr.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batchsr.evaluate, "evaluate_set", interrupted)
+    result = CliRunner().invoke(main, ["eval", "--bicubic-only", "--scale", "4", "--hr", str(data_dir("Set5", "HR"))])
+    assert result.exit_code == 130 and result.output.splitlines()[-1] == "batchsr: interrupted", result.output

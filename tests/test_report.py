@@ -50,3 +50,49 @@ def test_report_renders_in_headless_chromium(tmp_path, tiny_model):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "41/41 images loaded" in result.stdout and shot.stat().st_size > 10000
+
+
+def test_the_zoom_stays_inside_the_scored_area():
+    """The most-changed window could lie in the border the scores leave out (butterfly: x=3 at x4)."""
+    base = np.full((100, 120, 3), 100, np.uint8)
+    changed = base.copy()
+    changed[:, :3] = 255  # the largest change, all in the left border
+    changed[60:70, 60:70] = 160
+    y, x, side = most_changed_window(changed, base, window=16, border=4)
+    assert x >= 4 and y >= 4 and x + side <= 116 and y + side <= 96 and x <= 60 and x + side >= 70
+
+
+def _images(page):
+    return sorted(p.relative_to(page.parent).as_posix() for p in page.parent.rglob("*.png"))
+
+
+def test_a_report_is_replaced_whole_and_an_interrupted_one_leaves_the_previous(tmp_path, tiny_model, monkeypatch):
+    """A second report into the same folder left the first one's images beside it; one that failed or was
+    interrupted part-way left the old page over a mix of both runs' images."""
+    import batchsr.report
+    from batchsr.errors import OutputError
+    from batchsr.report import write_report
+
+    page = _make_report(tmp_path, tiny_model)
+    first_page, first_images = page.read_bytes(), _images(page)
+    real_png, written = batchsr.report._png, []
+
+    def interrupted(path, rgb):
+        if len(written) == 9:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_png(path, rgb)
+
+    monkeypatch.setattr(batchsr.report, "_png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _make_report(tmp_path, tiny_model)
+    assert page.read_bytes() == first_page and _images(page) == first_images
+    monkeypatch.setattr(batchsr.report, "_png", real_png)
+    second = _make_report(tmp_path, tiny_model)
+    sources = set(re.findall(r'src="([^"]+)"', second.read_text()))
+    assert set(_images(second)) == sources and not sources & set(first_images)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "index.html").write_text("<html>my own page</html>")
+    with pytest.raises(OutputError, match="holds an index.html that batchsr did not write"):
+        write_report(tmp_path / "mine", [], "test", [])
+    assert (tmp_path / "mine" / "index.html").read_text() == "<html>my own page</html>"

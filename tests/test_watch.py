@@ -39,7 +39,7 @@ import yaml
 from loguru import logger
 
 from batchsr.config import Settings, WatchSettings, load_settings
-from batchsr.errors import ConfigError, OutputError
+from batchsr.errors import ConfigError, InputError, OutputError
 from batchsr.imageio import decode_image, read_image
 from batchsr.resize import degrade
 from batchsr.watch import METRICS_COLUMNS, METRICS_FILE, WatchFolders, is_ignored, serve
@@ -486,6 +486,51 @@ def test_status_finds_the_daemons_lock_on_a_filesystem_of_an_anonymous_device():
         mimic = os.stat_result((info.st_mode, info.st_ino, os.makedev(0, os.minor(info.st_dev) + 2), 1, 0, 0, 0, 0, 0, 0))
         assert not names_inode(f"1: FLOCK  ADVISORY  WRITE {os.getpid()} {elsewhere} 0 EOF", mimic)
         assert not names_inode(f"1: POSIX  ADVISORY  WRITE {os.getpid()} {exact} 0 EOF", info)
+
+
+def test_status_of_a_state_folder_closed_to_the_user_is_an_error_not_a_crash():
+    """The service's state folder belongs to its own user: an admin's `batchsr status` crashed with
+    "internal error (a bug)", exit 70, on EACCES from the journal or from the lock file. Run as an
+    ordinary user here."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    from batchsr.journal import WatchJournal, read_status
+    from batchsr.lock import lock_holder
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        os.chmod(folder, 0o755)
+        (folder / "closed").mkdir()
+        WatchJournal(folder / "closed" / "journal.sqlite").close()
+        os.chmod(folder / "closed", 0)
+        lock = folder / "lock"
+        lock.write_text("pid 1 on a host")
+        held = os.open(lock, os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        os.chmod(lock, 0)
+        pid = os.fork()
+        if pid == 0:  # the child: an ordinary user, when the tests run as root
+            code = 1
+            try:
+                if os.getuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    read_status(folder / "closed")
+                except InputError as exc:
+                    code = 0 if "cannot look at the journal" in str(exc) and "Permission denied" in str(exc) else 2
+                if code == 0:
+                    code = 0 if (lock_holder(lock) or "").startswith("running (its line in") else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        os.close(held)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.chmod(folder / "closed", 0o700)
+        shutil.rmtree(folder)
 
 
 def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
