@@ -83,9 +83,12 @@ class RunSettings(_Section):
         try:
             name = value.format(stem="a", ext=".png", scale="4", format="png")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"bad field {exc}; allowed fields: {{stem}}, {{ext}}, {{scale}}, {{format}}") from None
+            raise ValueError(f"bad field {exc}; allowed fields: {{stem}}, {{ext}}, {{scale}}, {{format}}, each filled in "
+                             "as text (the scale as 4 or 2.5): no number formats such as {scale:.1f}") from None
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ValueError("must give a file name (no folders)")
+        if not Path(name).suffix:
+            raise ValueError(f"gives names without an extension ({name!r} for a.png): end it with {{ext}} or .{{format}}")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a NUL fails every image only once the run writes
             raise ValueError("must not hold control characters")
         return value
@@ -222,10 +225,25 @@ def _format_errors(error: ValidationError, source: str, section: type[BaseModel]
             lines.append(f"  unknown key '{key}'; allowed here: {', '.join(allowed)}")
         elif not item["loc"]:  # a check across keys: the message names them
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "missing":  # its input is the whole section: not worth printing
+            lines.append(f"  {key}: required, and not given")
+        elif item["type"] in ("model_type", "model_attributes_type"):
+            lines.append(f"  {key} = {item.get('input')!r}: a section of keys belongs here")
         else:
             value = item.get("input")
-            lines.append(f"  {key} = {value!r}: {item['msg']}")
+            lines.append(f"  {key} = {value!r}: {item['msg']}{_quote_hint(value, item['type'])}")
     return "\n".join(lines)
+
+
+def _quote_hint(value: Any, kind: str) -> str:
+    """What YAML made of text written unquoted: ``#ffffff`` is a comment (null), ``{stem}`` a mapping."""
+    if kind != "string_type":
+        return ""
+    if value is None:
+        return " (empty: in YAML a value starting with # is a comment; quote it, as in '#ffffff')"
+    if isinstance(value, (dict, list)):
+        return " (YAML read a value starting with { or [ as a mapping or list; quote it, as in '{stem}_x{scale}{ext}')"
+    return ""
 
 
 def _allowed_keys(section: type[BaseModel], path: tuple) -> list[str]:
@@ -274,8 +292,14 @@ def _read_yaml(path: Path, schema: type[BaseModel]) -> dict:
         raise ConfigError(f"configuration {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as exc:  # its own text names "<unicode string>", not the file
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        hint = "; a value starting with { [ & * ! | > % @ or ` must be quoted" if re.search(r":\s+[{\[&*!|>%@`]", line) else ""
+        raise ConfigError(f"{path}{where} is not valid YAML: {exc.problem or exc.context}{hint}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     except ValueError as exc:  # a scalar YAML took for a date or number that is none (2024-13-45)
         raise ConfigError(f"{path}: a value cannot be read ({exc}); quote it if it is text") from None
     if data is None:

@@ -200,3 +200,25 @@ def test_training_rescale_factors_are_checked(tmp_path, value):
     with pytest.raises(ConfigError, match=r"rescale \(\[") as error:
         load_train_settings(path)
     assert "distinct factors in 0.25..1.0" in str(error.value)
+
+
+def test_what_yaml_makes_of_unquoted_text_is_explained_where_it_is(tmp_path):
+    """`background: #000000` (a comment in YAML) said "= None: Input should be a valid string", `{stem}` a
+    mapping, `{stem}{ext}` a parser dump "in <unicode string>"; a missing training key printed the whole file."""
+    path = tmp_path / "c.yaml"
+    cases = [
+        ("image:\n  background: #000000\n", r"image.background = None: .*# is a comment; quote it"),
+        ("run:\n  name_template: {stem}\n", r"run.name_template = \{'stem': None\}: .*mapping or list; quote it"),
+        ("run:\n  name_template: {stem}{ext}\n", rf"{path}, line 2, column 24 is not valid YAML: .*must be quoted"),
+        ("engine: 5\n", r"engine = 5: a section of keys belongs here"),
+        ("run:\n  name_template: '{stem}'\n", r"run.name_template = .*without an extension .*end it with \{ext\}"),
+        ("run:\n  name_template: '{stem}_x{scale:.1f}{ext}'\n", r"run.name_template = .*no number formats"),
+    ]
+    for text, expected in cases:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=expected):
+            load_settings(path)
+    path.write_text("train_dir: [x]\nval_dir: null\n")
+    with pytest.raises(ConfigError) as info:
+        load_train_settings(path)
+    assert "train_dirs: required, and not given" in str(info.value) and "train_dirs = {" not in str(info.value)
