@@ -256,7 +256,7 @@ def _engine_overrides(weights, scale, device, precision, tile, overlap, batch_si
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="With --reference: an HTML visual report in this folder.")
 @click.option("--force", is_flag=True, help="Redo images whose output is already up to date.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), help="run.progress.")
-@click.option("--outscale", type=float, help="Output factor, any value (run.outscale): the model's scale, then a bicubic resize.")
+@click.option("--outscale", type=float, help="Output factor above 0, up to 64 (run.outscale): the model's scale, then a bicubic resize.")
 @click.option("--name-template", help="Output file name, e.g. '{stem}_x{scale}{ext}' (run.name_template).")
 @click.option("--engine", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="local: this process; beam: an Apache Beam pipeline, INPUT and OUTPUT may be gs://, s3://... "

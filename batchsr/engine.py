@@ -48,6 +48,8 @@ def _configure_devices(device: str) -> list[str | None]:
     if device == "auto":
         return ["/GPU:0" if gpus else "/CPU:0"]
     if device == "all":  # every GPU; without one, every CPU device TensorFlow was given
+        if not gpus:
+            logger.warning("engine.device = 'all': no GPU visible; running on the CPU")
         return [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
     indices = [0] if device == "gpu" else [int(i) for i in device.split(":")[1].split(",")]
     for index in indices:

@@ -569,7 +569,7 @@ def encode_image(
             return encode_png(pixels, png_metadata_chunks(meta, gray))
         return png_with_metadata(_opencv_encode(".png", pixels, []), meta, gray)
     if fmt == "bmp":
-        return _opencv_encode(".bmp", pixels, [])
+        return _bmp_with_dpi(_opencv_encode(".bmp", pixels, []), meta.dpi)
     if fmt == "tiff":
         return _encode_tiff(pixels, gray, meta)
     pil = PILImage.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else np.ascontiguousarray(pixels))
@@ -593,6 +593,14 @@ def encode_image(
     buffer = io.BytesIO()
     pil.save(buffer, _PIL_FORMATS[fmt], **options)
     return buffer.getvalue()
+
+
+def _bmp_with_dpi(data: bytes, dpi: tuple[float, float] | None) -> bytes:
+    """OpenCV writes no resolution (0 pixels per metre): the header's two fields get the image's."""
+    if dpi is None or data[14:18] != (40).to_bytes(4, "little"):  # BITMAPINFOHEADER, as OpenCV writes
+        return data
+    per_metre = b"".join(min(round(d / 0.0254), 2**31 - 1).to_bytes(4, "little", signed=True) for d in dpi)
+    return data[:38] + per_metre + data[46:]
 
 
 def _opencv_encode(ext: str, pixels: np.ndarray, params: list[int]) -> bytes:

@@ -562,6 +562,16 @@ def test_icc_exif_xmp_and_dpi_are_carried(tmp_path, fmt, ext):
         assert _unchanged(out / f"deep.{ext}").dtype == np.uint16
 
 
+def test_a_bmp_keeps_its_print_size(tmp_path):
+    """A 96 dpi BMP came out at 0 dpi: OpenCV writes no resolution."""
+    src = tmp_path / "in"
+    src.mkdir()
+    PILImage.fromarray(np.full((12, 10, 3), 80, np.uint8)).save(src / "scan.bmp", dpi=(96, 150))
+    _run(src, tmp_path / "out", Bicubic())
+    with PILImage.open(tmp_path / "out" / "scan.bmp") as back:
+        assert back.size == (40, 48) and back.info["dpi"] == pytest.approx((384, 600), abs=0.1)
+
+
 def test_exif_text_beyond_ascii_is_carried_byte_for_byte(tmp_path):
     """A UTF-8 copyright ("© 2024 José") came out as "?? 2024 Jos??" in every format."""
     from batchsr.imageio import encode_image
