@@ -147,7 +147,7 @@ class _Command(click.Command):
             click.echo(_printable(f"batchsr: error: {exc}", newlines=True), err=True)  # one problem a line
             ctx.exit(code)
         except KeyboardInterrupt:  # Ctrl-C: the shell's code for SIGINT, not click's "Aborted!" and 1
-            click.echo(f"batchsr: interrupted{_RESUMES.get(ctx.invoked_subcommand, '')}", err=True)
+            click.echo(f"batchsr: interrupted{_RESUMES.get(ctx.info_name, '')}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click's own ways out (usage errors, ctx.exit), not bugs
@@ -283,7 +283,9 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
 
         info = check_run(Path(input_dir), Path(output_dir), settings, reference_dir=reference_dir)
         if report_dir is not None:
-            check_output_dir(report_dir, "--report folder")
+            from batchsr.report import check_report_dir
+
+            check_report_dir(report_dir)
     _import_tensorflow()
     if engine == "beam":
         if report_dir is not None:

@@ -87,7 +87,11 @@ class RunSettings(_Section):
                              "as text (the scale as 4 or 2.5): no number formats such as {scale:.1f}") from None
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ValueError("must give a file name (no folders)")
-        if not Path(name).suffix:
+        if "{stem}" not in value:
+            raise ValueError("must hold {stem}: without it the outputs of a folder's images all take one name")
+        # The extension is what follows the input's name: a stem may hold dots (photo.v2) of its own.
+        tail = value.rpartition("{stem}")[2].format(ext=".png", scale="4", format="png")
+        if not re.search(r"\.[^.]+$", tail):
             raise ValueError(f"gives names without an extension ({name!r} for a.png): end it with {{ext}} or .{{format}}")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a NUL fails every image only once the run writes
             raise ValueError("must not hold control characters")
@@ -267,6 +271,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:  # [a]: 1, {a: b}: 1
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not {key!r}", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark, f"found the key '{key}' twice", key_node.start_mark

@@ -14,6 +14,7 @@ import re
 import stat
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,11 +101,17 @@ def plan_sets(folders: list[Path], scale: int) -> list[HRSet]:
         for path in files:
             if (header := probe_header(path)) is not None:
                 _check_size(path, header[0], header[1], scale)
-        stems = [path.relative_to(folder).with_suffix("").as_posix() for path in files]
-        # The folder is searched recursively (x.png in two subfolders); x.png and x.jpg keep their suffix.
-        labels = [stem if stems.count(stem) == 1 else path.relative_to(folder).as_posix() for path, stem in zip(files, stems)]
-        sets.append(HRSet(name, folder, list(zip(files, labels))))
+        sets.append(HRSet(name, folder, list(zip(files, _labels(folder, files)))))
     return sets
+
+
+def _labels(folder: Path, files: list[Path]) -> list[str]:
+    """Each image's row label: its path below the folder (searched recursively: x.png in two subfolders)
+    without the suffix, kept where that would name two images alike (x.png and x.jpg)."""
+    names = [path.relative_to(folder).as_posix() for path in files]
+    stems = [path.relative_to(folder).with_suffix("").as_posix() for path in files]
+    clashing = {stem for stem, count in Counter(stems).items() if count > 1} | (set(stems) & set(names))
+    return [name if stem in clashing else stem for name, stem in zip(names, stems)]
 
 
 def _check_size(path: Path, width: int, height: int, scale: int) -> None:

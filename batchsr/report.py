@@ -13,8 +13,8 @@ run leaves the previous report as it was, never one page over two runs' images.
 
 from __future__ import annotations
 
+import contextlib
 import html
-import os
 import re
 import secrets
 import shutil
@@ -32,7 +32,7 @@ from batchsr.metrics import rgb_to_y
 ZOOM_WINDOW = 48  # HR pixels of the zoomed region
 ZOOM_FACTOR = 4
 GENERATOR = '<meta name="generator" content="batchsr">'  # marks a page as batchsr's: only such a page is replaced
-_ASSETS = re.compile(r"images(-[0-9a-f]{8})?")  # the folders of images a report page of ours refers to
+MARKER = ".batchsr-report"  # in each folder of report images batchsr made: only such a folder is ever removed
 
 
 @dataclass
@@ -124,20 +124,20 @@ def check_report_dir(report_dir: Path) -> None:
     _previous_assets(report_dir)
 
 
-def _previous_assets(report_dir: Path) -> set[str]:
-    """The image folders the report page now in ``report_dir`` refers to; an error for a page not ours."""
+def _previous_assets(report_dir: Path) -> list[str]:
+    """The image files (relative paths) the report page now in ``report_dir`` shows; an error for a page not ours."""
     index = report_dir / "index.html"
     try:
         with open(index, "rb") as handle:
             page = handle.read().decode("utf-8", "replace")
     except FileNotFoundError:
-        return set()
+        return []
     except OSError as exc:
         raise OutputError(f"--report folder {report_dir}: cannot read {index}: {exc.strerror or exc}") from None
     if GENERATOR not in page and 'data-images="pending"' not in page:  # the second: pages of earlier versions
         raise OutputError(f"--report folder {report_dir} holds an index.html that batchsr did not write; "
                           "choose another folder, or move that page away")
-    return {name for name in re.findall(r'src="([^"/]+)/', page) if _ASSETS.fullmatch(name)}
+    return [html.unescape(src) for src in re.findall(r'src="([^"/]+/[^"/]+)"', page)]
 
 
 def write_report(report_dir: Path, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
@@ -155,16 +155,32 @@ def _write_report(report_dir: Path, images: list[ReportImage], title: str, summa
     assets = report_dir / folder
     assets.mkdir()
     try:
+        (assets / MARKER).write_bytes(b"")
         index = _write_page(report_dir, folder, images, title, summary_rows)
     except BaseException:  # Ctrl-C included: the previous report stays whole, and no half folder beside it
         shutil.rmtree(assets, ignore_errors=True)
         raise
-    for name in os.listdir(report_dir):  # the previous report's images, and those of runs cut short
-        path = report_dir / name
-        if name != folder and (name in previous or (name.startswith("images-") and _ASSETS.fullmatch(name))) \
-                and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+    _remove_previous(report_dir, previous, keep=folder)
     return index
+
+
+def _remove_previous(report_dir: Path, previous: list[str], keep: str) -> None:
+    """The previous page's images: its folders when batchsr made them (they hold ``MARKER``); in a folder of
+    an earlier version (``images/``, perhaps the user's too), only the files that page showed."""
+    folders = {src.split("/")[0] for src in previous}
+    for name in folders - {keep}:
+        folder = report_dir / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        if (folder / MARKER).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        for src in previous:
+            if src.startswith(name + "/") and src.endswith(".png"):
+                with contextlib.suppress(OSError):
+                    (report_dir / src).unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when nothing else is in it
 
 
 def _write_page(report_dir: Path, folder: str, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:

@@ -158,11 +158,12 @@ def test_sets_and_images_named_alike_are_told_apart(tmp_path):
     photo = read_image(data_dir("Set5", "HR") / "bird.png").rgb[:48, :48]
     for version in ("x", "y"):
         write_png(tmp_path / version / "Set5" / "HR" / "img.png", photo)
-    (tmp_path / "x" / "Set5" / "HR" / "img.jpg").write_bytes((tmp_path / "x" / "Set5" / "HR" / "img.png").read_bytes())
+    for name in ("img.jpg", "img.png.png"):
+        (tmp_path / "x" / "Set5" / "HR" / name).write_bytes((tmp_path / "x" / "Set5" / "HR" / "img.png").read_bytes())
     first, second = tmp_path / "x" / "Set5" / "HR", tmp_path / "y" / "Set5" / "HR"
     sets = plan_sets([first, second, first / ".." / "HR"], 4)
     assert [s.name for s in sets] == ["x/Set5", "y/Set5"]
-    assert [label for _, label in sets[0].images] == ["img.jpg", "img.png"] and [label for _, label in sets[1].images] == ["img"]
+    assert [label for _, label in sets[0].images] == ["img.jpg", "img.png", "img.png.png"] and [label for _, label in sets[1].images] == ["img"]
     write_png(tmp_path / "z" / "Set5" / "HR_x4" / "img.png", photo)
     write_png(tmp_path / "z" / "Set5" / "HR" / "img.png", photo)
     named = set_names([tmp_path / "z" / "Set5" / "HR", tmp_path / "z" / "Set5" / "HR_x4", data_dir("Set14", "HR")])

@@ -96,3 +96,23 @@ def test_a_report_is_replaced_whole_and_an_interrupted_one_leaves_the_previous(t
     with pytest.raises(OutputError, match="holds an index.html that batchsr did not write"):
         write_report(tmp_path / "mine", [], "test", [])
     assert (tmp_path / "mine" / "index.html").read_text() == "<html>my own page</html>"
+
+
+def test_replacing_a_report_removes_only_what_batchsr_wrote_there(tmp_path, tiny_model):
+    """Folders named like the report's (images-20240101) were deleted with the user's photos in them; the
+    images/ folder of an earlier version's page went whole, with the user's own files."""
+    from batchsr.report import write_report
+
+    report = tmp_path / "report"
+    (report / "images-20240101").mkdir(parents=True)
+    (report / "images-20240101" / "holiday.jpg").write_bytes(b"mine")
+    (report / "images").mkdir()
+    (report / "images" / "logo.png").write_bytes(b"mine too")
+    (report / "images" / "0000_old_lr.png").write_bytes(b"written by an earlier version")
+    (report / "index.html").write_text('<body data-images="pending"><img src="images/0000_old_lr.png"></body>')
+    page = _make_report(tmp_path, tiny_model)
+    assert (report / "images-20240101" / "holiday.jpg").read_bytes() == b"mine"
+    assert (report / "images" / "logo.png").read_bytes() == b"mine too" and not (report / "images" / "0000_old_lr.png").exists()
+    first = set(re.findall(r'src="([^"/]+)/', page.read_text()))
+    write_report(report, [], "empty", [])
+    assert not any((report / name).exists() for name in first)

@@ -847,7 +847,7 @@ def test_ctrl_c_exits_130_not_1(tmp_path, monkeypatch):
         logger.remove()  # the CLI pointed loguru at CliRunner's stream
         logger.add(sys.stderr)
     assert result.exit_code == 130, result.output
-    assert result.output.splitlines()[-1].startswith("batchsr: interrupted")
+    assert result.output.splitlines()[-1] == "batchsr: interrupted (a later run resumes: finished outputs are recorded)"
 
 
 def test_an_unexpected_error_exits_70_with_its_traceback(tmp_path, monkeypatch):
@@ -1007,3 +1007,24 @@ def test_an_output_name_freed_by_a_new_output_format_is_taken_at_once(tmp_path):
     second = run_folder(src, out, _bicubic_settings(), engine=Bicubic())
     assert second.done == 2 and not second.failed, [f.reason for f in second.failed]
     assert read_image(out / "a.png").rgb.mean() < 80 and read_image(out / "a.jpg").rgb.mean() > 150
+
+
+def test_a_report_folder_holding_a_page_of_the_users_is_refused_before_the_run(tmp_path):
+    """`run --report` found the user's index.html only once every image was done, and then failed the run."""
+    from click.testing import CliRunner
+    from loguru import logger
+
+    from batchsr.cli import main
+
+    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 90, np.uint8))
+    write_png(tmp_path / "ref" / "a.png", np.full((32, 32, 3), 90, np.uint8))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<html>my site</html>")
+    try:
+        result = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--reference", str(tmp_path / "ref"),
+                                           "--report", str(tmp_path / "site"), "--progress", "none"])
+    finally:
+        logger.remove()
+        logger.add(sys.stderr)
+    assert result.exit_code == 73 and "holds an index.html that batchsr did not write" in result.output, result.output
+    assert not (tmp_path / "out" / "a.png").exists()
