@@ -369,6 +369,16 @@ def train(
     out_dir = Path(settings.out_dir)
     from batchsr.runner import check_output_dir
 
+    # A data folder or --init mistyped is said before out_dir is made: a new run leaves nothing behind.
+    for folder in settings.train_dirs:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"train_dirs: {folder} does not exist or is not a folder")
+    if settings.val_dir is not None and not Path(settings.val_dir).is_dir():
+        raise ConfigError(f"val_dir {settings.val_dir} does not exist or is not a folder")
+    if init is not None:
+        from batchsr.checkpoint import read_info
+
+        read_info(init)
     # before any work: a folder that cannot take checkpoints fails at once, not after an interval
     check_output_dir(out_dir, "out_dir")
     check_output_dir(out_dir / "checkpoints", "checkpoint folder")

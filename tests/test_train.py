@@ -525,3 +525,17 @@ def test_training_images_count_once_and_small_ones_are_named(tmp_path):
         logger.remove(sink)
     assert sorted(image.shape for image in images) == [(40, 40, 3), (40, 48, 3)]
     assert any("1 training images smaller than a patch (32px a side) are left out" in m and "tiny.png" in m for m in messages)
+
+
+def test_a_mistyped_data_folder_or_init_leaves_no_out_dir_behind(tmp_path):
+    """A typo in train_dirs failed the run, but only after out_dir, its checkpoint folder and lock were made."""
+    from batchsr.errors import ModelError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="train_dirs: .*nosuchdir does not exist"):
+        train(_settings(out, train_dirs=[str(tmp_path / "nosuchdir")]), progress=False)
+    with pytest.raises(ConfigError, match="val_dir .*nosuchval does not exist"):
+        train(_settings(out, val_dir=str(tmp_path / "nosuchval")), progress=False)
+    with pytest.raises(ModelError):
+        train(_settings(out), init=tmp_path / "missing.weights.h5", progress=False)
+    assert not out.exists()
