@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -85,6 +86,9 @@ class _Item:
     not_image: bool = False
 
 
+_SQLITE_WRITE_ERRORS = {8, 10, 13}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL: an extended code's low byte
+
+
 class Journal:
     """What each input became: ``input -> (content hash, model id, output, metrics, output options)``."""
 
@@ -126,11 +130,17 @@ class Journal:
 
     @contextlib.contextmanager
     def _damage_named(self):
-        """Damage found past the opening (a malformed page) is named as at the opening, not a bug."""
+        """Damage found past the opening (a malformed page) is named as at the opening, and a write the
+        disk refuses (full, an I/O error) as an output error, exit 73: neither is a bug."""
         try:
             yield
+        except sqlite3.OperationalError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _SQLITE_WRITE_ERRORS and "disk is full" not in str(exc):
+                raise
+            raise OutputError(f"cannot write the journal {self.path}: {exc} (the outputs written so far are kept; "
+                              "free some space, and the next run goes on from there)") from None
         except sqlite3.DatabaseError as exc:
-            if type(exc) is not sqlite3.DatabaseError:  # an integrity or operational error: as it is
+            if type(exc) is not sqlite3.DatabaseError:  # an integrity error: as it is
                 raise
             raise damaged_journal(self.path, exc) from None
 
@@ -256,8 +266,27 @@ class ReferenceFolder:
         return found
 
     def identity(self, found: Path | None) -> str | None:
-        """What the scores of an output were computed against: the reference file as it is now
-        (path, size, modification time), so that another folder or a changed file is scored again."""
+        """What the scores of an output were computed against: the reference file as it is now (path,
+        size, modification time, content hash), so that another folder or a changed file is scored again."""
+        stated = self._stated(found)
+        digest = _file_sha256(found) if stated is not None else None
+        return None if digest is None else f"{stated}:{digest}"
+
+    def same(self, recorded: str | None, found: Path | None) -> bool:
+        """Whether ``found`` is the reference an output was scored against. A file only touched (copied
+        again, restored: a new time, the same bytes) is the same: its images are not upscaled again."""
+        stated = self._stated(found)
+        if recorded is None or stated is None:
+            return recorded == stated
+        if recorded == stated or recorded.startswith(stated + ":"):  # the second: recorded with its hash
+            return True
+        head, _, digest = recorded.rpartition(":")
+        if re.fullmatch(r"[0-9a-f]{64}", digest) is None:
+            return False
+        path_size = head.rpartition(":")[0]  # the recorded modification time left out
+        return path_size == stated.rpartition(":")[0] and _file_sha256(found) == digest
+
+    def _stated(self, found: Path | None) -> str | None:
         if found is None:
             return None
         try:
@@ -265,6 +294,17 @@ class ReferenceFolder:
         except OSError:
             return None
         return f"{Path(found).resolve()}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def _file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 @dataclass
@@ -422,6 +462,14 @@ def check_run(input_dir: Path, output_dir: Path, settings: Settings, *, referenc
         raise InputError(f"input folder {input_dir} does not exist or is not a folder")
     if reference_dir is not None and not Path(reference_dir).is_dir():
         raise InputError(f"reference folder {reference_dir} does not exist or is not a folder")
+    if reference_dir is not None:
+        try:
+            with os.scandir(reference_dir) as entries:
+                empty = next(entries, None) is None
+        except OSError as exc:
+            raise InputError(f"reference folder {reference_dir} cannot be read: {exc.strerror or exc}") from None
+        if empty:  # a share not mounted: every image would be redone unscored, and its metrics rows dropped
+            raise InputError(f"reference folder {reference_dir} is empty (a share not mounted?)")
     check_folders_apart(input_dir, output_dir)
     # A bad model file is refused before the output folder is made: a mistyped --model leaves nothing behind.
     return engine.info if engine is not None else read_info(model_weights(settings.model))
@@ -476,7 +524,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         return (sha256 == item.sha256 and model == model_id and output == expected and (output_dir / output).is_file()
                 and options_match(options, output_options(settings, target, factor), target)
                 and (references is None or (metrics is not None and "reference" in metrics
-                                            and metrics["reference"] == references.identity(references.find(item.rel)))))
+                                            and references.same(metrics["reference"], references.find(item.rel)))))
 
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))

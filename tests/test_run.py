@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from batchsr.config import Settings
+from batchsr.errors import InputError
 from batchsr.imageio import read_image
 from batchsr.metrics import score
 from batchsr.resize import degrade, imresize
@@ -270,6 +271,25 @@ def test_metrics_follow_the_reference_and_the_written_file(tmp_path, tiny_model)
     write_png(lr_dir / "bird.png", degrade(hr, 4)[:20])  # new content, run without references: its old row goes
     plain = run_folder(lr_dir, out, _settings(tiny_model))
     assert plain.done == 1 and not (out / "metrics.csv").exists()
+
+
+def test_a_touched_or_unmounted_reference_folder_does_not_redo_the_archive(tmp_path, tiny_model):
+    """References copied again (new times, same bytes) redid every image; an empty reference folder (a share
+    not mounted) redid them all unscored, removed metrics.csv and exited 0, and its return redid them again."""
+    src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
+    pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    write_png(hr / "a.png", pixels)
+    write_png(src / "a.png", degrade(pixels, 4))
+    settings = _settings(tiny_model)
+    assert run_folder(src, out, settings, reference_dir=hr).done == 1
+    os.utime(hr / "a.png", ns=(1_000_000_000, 1_000_000_000))
+    assert (run_folder(src, out, settings, reference_dir=hr).done, (out / "metrics.csv").exists()) == (0, True)
+    write_png(hr / "a.png", pixels[::-1])  # new content: scored again
+    assert run_folder(src, out, settings, reference_dir=hr).done == 1
+    (hr / "a.png").unlink()
+    with pytest.raises(InputError, match="reference folder .* is empty"):
+        run_folder(src, out, settings, reference_dir=hr)
+    assert (out / "metrics.csv").exists()
 
 
 def test_metrics_keep_the_rows_of_outputs_on_disk_and_the_file_as_the_user_left_it(tmp_path, tiny_model):
@@ -1028,3 +1048,33 @@ def test_a_report_folder_holding_a_page_of_the_users_is_refused_before_the_run(t
         logger.add(sys.stderr)
     assert result.exit_code == 73 and "holds an index.html that batchsr did not write" in result.output, result.output
     assert not (tmp_path / "out" / "a.png").exists()
+
+
+def test_a_disk_full_at_the_journal_is_exit_73_not_a_bug(tmp_path, tiny_model, monkeypatch):
+    """SQLite's "database or disk is full" at a journal commit was an internal error, exit 70."""
+    import sqlite3
+
+    import batchsr.runner
+    from batchsr.errors import OutputError
+
+    real_open = batchsr.runner.open_journal
+
+    class Full:
+        def __init__(self, db):
+            self.db, self.commits = db, 0
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+        def commit(self):
+            self.commits += 1
+            if self.commits > 1:  # the table made, then the first image's row refused
+                error = sqlite3.OperationalError("database or disk is full")
+                error.sqlite_errorcode = 13
+                raise error
+            return self.db.commit()
+
+    monkeypatch.setattr(batchsr.runner, "open_journal", lambda *args, **kwargs: Full(real_open(*args, **kwargs)))
+    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 60, np.uint8))
+    with pytest.raises(OutputError, match="cannot write the journal .*disk is full.*the next run goes on"):
+        run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
