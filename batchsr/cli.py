@@ -282,6 +282,10 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
         from batchsr.runner import check_output_dir, check_run
 
         info = check_run(Path(input_dir), Path(output_dir), settings, reference_dir=reference_dir)
+        from batchsr.imageio import STATE_DIR
+        from batchsr.lock import check_not_held
+
+        check_not_held(Path(output_dir) / STATE_DIR / "lock")
         if report_dir is not None:
             from batchsr.report import check_report_dir
 

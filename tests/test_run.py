@@ -1078,3 +1078,30 @@ def test_a_disk_full_at_the_journal_is_exit_73_not_a_bug(tmp_path, tiny_model, m
     write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 60, np.uint8))
     with pytest.raises(OutputError, match="cannot write the journal .*disk is full.*the next run goes on"):
         run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+
+
+def test_a_run_finding_its_output_folder_held_exits_75_before_importing_tensorflow(tmp_path, monkeypatch):
+    """Each cron tick behind a long run spent some ten seconds importing TensorFlow, only to exit 75."""
+    from click.testing import CliRunner
+    from loguru import logger
+
+    import batchsr.cli
+    from batchsr.cli import main
+
+    def imported():
+        raise AssertionError("TensorFlow imported")
+
+    monkeypatch.setattr(batchsr.cli, "_import_tensorflow", imported)
+    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 60, np.uint8))
+    lock_path = tmp_path / "out" / ".batchsr" / "lock"
+    lock_path.parent.mkdir(parents=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write("pid 4242: the long run")
+        handle.flush()
+        try:
+            result = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--progress", "none"])
+        finally:
+            logger.remove()
+            logger.add(sys.stderr)
+    assert result.exit_code == 75 and "pid 4242: the long run" in result.output, result.output
