@@ -604,12 +604,12 @@ def _summarise(job: _Job, info, run_dir: str) -> RunSummary:
             for row in done:
                 journal.record(row["input"], row["sha256"], info.model_id, row["output"], row["metrics"], row["options"])
             if job.reference is not None or (Path(job.target) / METRICS_FILE).exists():  # drops rows of outputs redone unscored
-                summary.metrics_csv = _write_metrics(Path(job.target), journal, inputs, job.scale, info.model_id)
+                summary.metrics_csv = _write_metrics(Path(job.target), journal, inputs, job.scale)
         finally:
             journal.close()
     elif job.reference is not None:  # no journal there: this run's results are the entries
         entries = {row["input"]: (row["sha256"], info.model_id, row["output"], row["metrics"], row["options"]) for row in done}
-        data = metrics_csv(entries, inputs, job.scale, info.model_id)
+        data = metrics_csv(entries, inputs, job.scale)
         if data is not None:
             summary.metrics_csv = _join(job.target, METRICS_FILE)
             _write(summary.metrics_csv, data)

@@ -279,7 +279,7 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
         raise ConfigError("--report needs --reference")
     info = None
     if engine != "beam":  # a mistyped folder or model is answered before TensorFlow's seconds of import
-        from batchsr.runner import check_output_dir, check_run
+        from batchsr.runner import check_run
 
         info = check_run(Path(input_dir), Path(output_dir), settings, reference_dir=reference_dir)
         from batchsr.imageio import STATE_DIR

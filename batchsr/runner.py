@@ -751,7 +751,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         writers.shutdown(wait=True)
         progress.close()
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
-        summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale, model_id)
+        summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
     journal.close()
     if report_dir is not None and len(report_images) < summary.done + summary.skipped:
         why = [f"{summary.skipped} up to date (--force redoes them)"] if summary.skipped else []
@@ -800,7 +800,7 @@ def column_means(rows: list[dict], columns: list[str]) -> dict:
             for c in columns if c not in labels and c in rows[0]}
 
 
-def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> bytes | None:
+def metrics_csv(entries: dict, inputs: list[str], scale: int) -> bytes | None:
     """metrics.csv's content: a row per input of ``inputs`` with metrics, in that order, then their MEAN; None without any.
 
     ``entries`` maps an input to its journal entry (as ``Journal.entries``).
@@ -815,9 +815,10 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
         rows.append({"image": spreadsheet_text(rel), "scale": scale, "model_id": entry[1], **entry[3]})
     if not rows:
         return None
-    scales = {r["scale"] for r in rows}
-    mean = {"image": "MEAN", "scale": scales.pop() if len(scales) == 1 else "", "model_id": model_id, "width": "", "height": "",
-            **column_means(rows, METRIC_COLUMNS)}
+    scales, models = {r["scale"] for r in rows}, {r["model_id"] for r in rows}
+    # The rows' own model: rows kept for outputs still on disk may be of another model than this run's.
+    mean = {"image": "MEAN", "scale": scales.pop() if len(scales) == 1 else "", "model_id": models.pop() if len(models) == 1 else "",
+            "width": "", "height": "", **column_means(rows, METRIC_COLUMNS)}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -826,14 +827,14 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int, model_id: str) -> 
     return buffer.getvalue().encode("utf-8")
 
 
-def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int, model_id: str) -> Path | None:
+def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int) -> Path | None:
     """Rewrites metrics.csv from the journal: rows of this run's inputs, and of earlier outputs still on disk whose
     input the run did not list (deleted since, or in a folder not mounted: an empty listing removed every row).
     Removes it when no output has scores (a stale file would lie). A file of that name that batchsr did not
     write is left alone; one whose content would not change is not rewritten (nor its mode, owner, links)."""
     entries, listed = journal.entries(), set(inputs)
     kept = [rel for rel, entry in entries.items() if rel not in listed and (output_dir / entry[2]).is_file()]
-    data = metrics_csv(entries, sorted([*inputs, *kept], key=lambda rel: PurePosixPath(rel).parts), scale, model_id)
+    data = metrics_csv(entries, sorted([*inputs, *kept], key=lambda rel: PurePosixPath(rel).parts), scale)
     path = output_dir / METRICS_FILE
     try:
         with open(path, "rb") as handle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import os
 import subprocess
 import sys
@@ -1105,3 +1106,18 @@ def test_a_run_finding_its_output_folder_held_exits_75_before_importing_tensorfl
             logger.remove()
             logger.add(sys.stderr)
     assert result.exit_code == 75 and "pid 4242: the long run" in result.output, result.output
+
+
+def test_the_mean_row_names_the_model_of_its_rows():
+    """After a run with another model, rows kept for the earlier outputs still on disk were averaged under a
+    MEAN row naming the new model, which had scored none of them."""
+    from batchsr.runner import metrics_csv
+
+    scores = {"psnr_y": 30.0, "ssim_y": 0.9, "psnr_rgb": 29.0, "ssim_rgb": 0.89, "bicubic_psnr_y": 28.0, "bicubic_ssim_y": 0.8,
+              "bicubic_psnr_rgb": 27.0, "bicubic_ssim_rgb": 0.79, "gain_psnr_y": 2.0}
+    entries = {"a.png": ("s1", "old-model", "a.png", scores, None), "b.png": ("s2", "old-model", "b.png", scores, None)}
+    mean = list(csv.DictReader(io.StringIO(metrics_csv(entries, ["a.png", "b.png"], 4).decode())))[-1]
+    assert (mean["image"], mean["model_id"]) == ("MEAN", "old-model")
+    entries["b.png"] = ("s2", "new-model", "b.png", scores, None)
+    mean = list(csv.DictReader(io.StringIO(metrics_csv(entries, ["a.png", "b.png"], 4).decode())))[-1]
+    assert (mean["image"], mean["model_id"]) == ("MEAN", "")
