@@ -378,6 +378,9 @@ class _RemoteReferences(ReferenceFolder):
     def identity(self, found: str | None) -> str | None:
         return found  # the URI: another filesystem's files are not stat'ed here
 
+    def same(self, recorded: str | None, found: str | None) -> bool:
+        return recorded == found
+
 
 def _references(root: str | None) -> ReferenceFolder | None:
     if root is None:
