@@ -378,8 +378,8 @@ class _RemoteReferences(ReferenceFolder):
     def identity(self, found: str | None) -> str | None:
         return found  # the URI: another filesystem's files are not stat'ed here
 
-    def same(self, recorded: str | None, found: str | None) -> bool:
-        return recorded == found
+    def same(self, recorded: str | None, found: str | None) -> tuple[bool, str | None]:
+        return recorded == found, None
 
 
 def _references(root: str | None) -> ReferenceFolder | None:

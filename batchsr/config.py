@@ -87,10 +87,13 @@ class RunSettings(_Section):
                              "as text (the scale as 4 or 2.5): no number formats such as {scale:.1f}") from None
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ValueError("must give a file name (no folders)")
-        if "{stem}" not in value:
+        if value.format(stem="", ext="", scale="", format="") == value.format(stem="b", ext="", scale="", format=""):
             raise ValueError("must hold {stem}: without it the outputs of a folder's images all take one name")
         # The extension is what follows the input's name: a stem may hold dots (photo.v2) of its own.
-        tail = value.rpartition("{stem}")[2].format(ext=".png", scale="4", format="png")
+        try:
+            tail = value.rpartition("{stem}")[2].format(ext=".png", scale="4", format="png")
+        except (KeyError, IndexError, ValueError):  # no plain {stem} last ({stem:>8}, or text "{{stem}}")
+            tail = name
         if not re.search(r"\.[^.]+$", tail):
             raise ValueError(f"gives names without an extension ({name!r} for a.png): end it with {{ext}} or .{{format}}")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a NUL fails every image only once the run writes

@@ -120,9 +120,6 @@ class Result:
     first_seen: float
 
 
-_CLOCK_STEP_S = 86400.0  # how far back a clock may be set and still keep the order of versions done
-
-
 @dataclass(frozen=True)
 class Completed:
     """A successful output, to be recorded as done."""
@@ -427,16 +424,15 @@ class WatchJournal:
                     "DELETE FROM files WHERE path = (SELECT path FROM files WHERE id = ?) AND sha256 = ? AND state IN ('done', 'failed') AND id != ?",
                     (r.entry_id, r.sha256, r.entry_id),
                 )
-                # Later than any other done over the same output when the clock was set back meanwhile (by
-                # less than a day: a stamp far ahead is a clock gone wrong then, not to be carried on):
+                # Later than any other done over the same output even when the clock was set back meanwhile:
                 # which version the output on disk stands for is decided by this order.
                 cursor = db.execute(
                     "UPDATE files SET state = 'done', sha256 = ?, size = ?, ctime_ns = ?, model_id = ?, output = ?, output_identity = ?, "
                     "metrics = ?, error = NULL, traceback_digest = NULL, updated = ?, finished = MAX(?, COALESCE(("
-                    "SELECT MAX(finished) + 0.001 FROM files WHERE state = 'done' AND output = ? AND id != ? AND finished < ?), ?)) "
+                    "SELECT MAX(finished) + 0.001 FROM files WHERE state = 'done' AND output = ? AND id != ?), ?)) "
                     "WHERE id = ? AND state = 'claimed'",
                     (r.sha256, r.size, r.ctime_ns, r.model_id, r.output, r.output_identity, json.dumps(r.metrics) if r.metrics else None,
-                     now, now, r.output, r.entry_id, now + _CLOCK_STEP_S, now, r.entry_id),
+                     now, now, r.output, r.entry_id, now, r.entry_id),
                 )
                 if cursor.rowcount:
                     completed.add(r.entry_id)

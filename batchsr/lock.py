@@ -115,20 +115,12 @@ class InboxLock:
 
 def check_not_held(lock_path: Path) -> None:
     """``LockedError`` naming the holder when another process holds the lock now: a start asks before its
-    seconds of imports (a run every few minutes behind a long one paid them at each tick, to exit 75)."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:  # none yet, or unreadable: taking it says why
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
-        raise LockedError(f"{Path(lock_path).parent} is in use by another batchsr process ({holder})") from None
-    except OSError:
-        return
-    finally:
-        os.close(fd)  # lets an instant's lock go at once
+    seconds of imports (a run every few minutes behind a long one paid them at each tick, to exit 75). Read
+    from ``/proc/locks``, not by taking the lock: a probe could fail another start in that instant. What it
+    cannot see (a lock of another NFS client) taking the lock finds."""
+    holder = lock_holder(Path(lock_path))
+    if holder is not None and not holder.startswith("unknown:"):
+        raise LockedError(f"{Path(lock_path).parent} is in use by another batchsr process ({holder})")
 
 
 def lock_is_free(lock_path: Path) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import os
 import re
 import secrets
 import shutil
@@ -137,7 +138,8 @@ def _previous_assets(report_dir: Path) -> list[str]:
     if GENERATOR not in page and 'data-images="pending"' not in page:  # the second: pages of earlier versions
         raise OutputError(f"--report folder {report_dir} holds an index.html that batchsr did not write; "
                           "choose another folder, or move that page away")
-    return [html.unescape(src) for src in re.findall(r'src="([^"/]+/[^"/]+)"', page)]
+    sources = [html.unescape(src).split("/") for src in re.findall(r'src="([^"/]+/[^"/]+)"', page)]
+    return ["/".join(parts) for parts in sources if len(parts) == 2 and not {"", ".", ".."} & set(parts)]  # inside only
 
 
 def write_report(report_dir: Path, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:
@@ -155,7 +157,7 @@ def _write_report(report_dir: Path, images: list[ReportImage], title: str, summa
     assets = report_dir / folder
     assets.mkdir()
     try:
-        (assets / MARKER).write_bytes(b"")
+        (assets / MARKER).write_text(f"{os.getpid()}\n")  # who writes it: a live writer's folder is left alone
         index = _write_page(report_dir, folder, images, title, summary_rows)
     except BaseException:  # Ctrl-C included: the previous report stays whole, and no half folder beside it
         shutil.rmtree(assets, ignore_errors=True)
@@ -165,15 +167,16 @@ def _write_report(report_dir: Path, images: list[ReportImage], title: str, summa
 
 
 def _remove_previous(report_dir: Path, previous: list[str], keep: str) -> None:
-    """The previous page's images: its folders when batchsr made them (they hold ``MARKER``); in a folder of
-    an earlier version (``images/``, perhaps the user's too), only the files that page showed."""
-    folders = {src.split("/")[0] for src in previous}
-    for name in folders - {keep}:
+    """The previous page's images, and those of runs killed before their page: folders batchsr made (they
+    hold ``MARKER``) whole, unless a live process still writes one; in a folder of an earlier version
+    (``images/``, perhaps the user's too), only the files that page showed."""
+    for name in os.listdir(report_dir):
+        folder = report_dir / name
+        if name != keep and not folder.is_symlink() and folder.is_dir() and _ours_and_idle(folder / MARKER):
+            shutil.rmtree(folder, ignore_errors=True)
+    for name in {src.split("/")[0] for src in previous} - {keep}:
         folder = report_dir / name
         if folder.is_symlink() or not folder.is_dir():
-            continue
-        if (folder / MARKER).is_file():
-            shutil.rmtree(folder, ignore_errors=True)
             continue
         for src in previous:
             if src.startswith(name + "/") and src.endswith(".png"):
@@ -181,6 +184,22 @@ def _remove_previous(report_dir: Path, previous: list[str], keep: str) -> None:
                     (report_dir / src).unlink()
         with contextlib.suppress(OSError):
             folder.rmdir()  # only when nothing else is in it
+
+
+def _ours_and_idle(marker: Path) -> bool:
+    try:
+        pid = int(marker.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return marker.is_file()
+    if pid in (0, os.getpid()):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def _write_page(report_dir: Path, folder: str, images: list[ReportImage], title: str, summary_rows: list[dict]) -> Path:

@@ -84,6 +84,7 @@ class _Item:
     error: str | None = None
     skip: bool = False
     not_image: bool = False
+    reference_now: str | None = None  # up to date against a reference only touched since: its identity now
 
 
 _SQLITE_WRITE_ERRORS = {8, 10, 13}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL: an extended code's low byte
@@ -270,21 +271,24 @@ class ReferenceFolder:
         size, modification time, content hash), so that another folder or a changed file is scored again."""
         stated = self._stated(found)
         digest = _file_sha256(found) if stated is not None else None
-        return None if digest is None else f"{stated}:{digest}"
+        return stated if digest is None else f"{stated}:{digest}"  # unreadable: compared by its time, as before
 
-    def same(self, recorded: str | None, found: Path | None) -> bool:
-        """Whether ``found`` is the reference an output was scored against. A file only touched (copied
-        again, restored: a new time, the same bytes) is the same: its images are not upscaled again."""
+    def same(self, recorded: str | None, found: Path | None) -> tuple[bool, str | None]:
+        """Whether ``found`` is the reference an output was scored against, and its identity to record when
+        only its time changed. A file only touched (copied again, restored: a new time, the same bytes) is
+        the same: its images are not upscaled again, nor is it read again at the next run."""
         stated = self._stated(found)
         if recorded is None or stated is None:
-            return recorded == stated
+            return recorded == stated, None
         if recorded == stated or recorded.startswith(stated + ":"):  # the second: recorded with its hash
-            return True
+            return True, None
         head, _, digest = recorded.rpartition(":")
         if re.fullmatch(r"[0-9a-f]{64}", digest) is None:
-            return False
+            return False, None
         path_size = head.rpartition(":")[0]  # the recorded modification time left out
-        return path_size == stated.rpartition(":")[0] and _file_sha256(found) == digest
+        if path_size == stated.rpartition(":")[0] and _file_sha256(found) == digest:
+            return True, f"{stated}:{digest}"
+        return False, None
 
     def _stated(self, found: Path | None) -> str | None:
         if found is None:
@@ -465,7 +469,7 @@ def check_run(input_dir: Path, output_dir: Path, settings: Settings, *, referenc
     if reference_dir is not None:
         try:
             with os.scandir(reference_dir) as entries:
-                empty = next(entries, None) is None
+                empty = next((e for e in entries if not e.name.startswith(".")), None) is None  # .snapshot, .DS_Store
         except OSError as exc:
             raise InputError(f"reference folder {reference_dir} cannot be read: {exc.strerror or exc}") from None
         if empty:  # a share not mounted: every image would be redone unscored, and its metrics rows dropped
@@ -523,8 +527,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         expected = output_name(item.rel, fmt, run.output_format, run.name_template, factor).as_posix()
         return (sha256 == item.sha256 and model == model_id and output == expected and (output_dir / output).is_file()
                 and options_match(options, output_options(settings, target, factor), target)
-                and (references is None or (metrics is not None and "reference" in metrics
-                                            and references.same(metrics["reference"], references.find(item.rel)))))
+                and (references is None or (metrics is not None and "reference" in metrics and _same_reference(item, metrics))))
+
+    def _same_reference(item: _Item, metrics: dict) -> bool:
+        same, item.reference_now = references.same(metrics["reference"], references.find(item.rel))
+        return same
 
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))
@@ -691,6 +698,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         for item in prepared_files(paths, prepare, run.decode_workers, ahead=ahead, max_pixels=settings.image.max_pixels):
             if item.skip:
                 summary.skipped += 1
+                if item.reference_now is not None:  # a reference only touched: its new time recorded
+                    sha256, model, output, metrics, options = known[item.rel.as_posix()]
+                    journal.record(item.rel.as_posix(), sha256, model, output, {**metrics, "reference": item.reference_now}, options)
                 progress.update()
                 continue
             if item.not_image:

@@ -215,6 +215,7 @@ def test_what_yaml_makes_of_unquoted_text_is_explained_where_it_is(tmp_path):
         ("run:\n  name_template: '{stem}_x{scale:.1f}{ext}'\n", r"run.name_template = .*no number formats"),
         ("run:\n  name_template: 'v1.{stem}'\n", r"without an extension \('v1.a' for a.png\)"),  # photo.v2 gives v1.photo.v2
         ("run:\n  name_template: '{ext}'\n", r"must hold \{stem\}"),
+        ("run:\n  name_template: '{{stem}}_x{scale}{ext}'\n", r"must hold \{stem\}"),
         ("[run]: 1\n", rf"{path}, line 1, column 1 is not valid YAML: a key must be a name"),
     ]
     for text, expected in cases:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -116,3 +117,25 @@ def test_replacing_a_report_removes_only_what_batchsr_wrote_there(tmp_path, tiny
     first = set(re.findall(r'src="([^"/]+)/', page.read_text()))
     write_report(report, [], "empty", [])
     assert not any((report / name).exists() for name in first)
+
+
+def test_a_report_leaves_files_outside_its_folder_and_a_live_writers_images_alone(tmp_path, tiny_model):
+    """A page naming ../x/y.png (escaped) made the cleanup delete a file outside the report folder; the
+    images of a run killed before its page stayed for good."""
+    import subprocess
+
+    from batchsr.report import MARKER, write_report
+
+    report = tmp_path / "report"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "y.png").write_bytes(b"the user's")
+    report.mkdir()
+    (report / "index.html").write_text('<meta name="generator" content="batchsr"><img src="..&#x2F;x/y.png">')
+    gone = subprocess.Popen(["true"])  # a process that has ended: its pid names no writer
+    gone.wait()
+    for name, pid in (("images-0000dead", gone.pid), ("images-0000live", os.getppid())):
+        (report / name).mkdir()
+        (report / name / MARKER).write_text(f"{pid}\n")
+    write_report(report, [], "empty", [])
+    assert (tmp_path / "x" / "y.png").read_bytes() == b"the user's"
+    assert not (report / "images-0000dead").exists() and (report / "images-0000live").exists()

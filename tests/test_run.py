@@ -274,9 +274,11 @@ def test_metrics_follow_the_reference_and_the_written_file(tmp_path, tiny_model)
     assert plain.done == 1 and not (out / "metrics.csv").exists()
 
 
-def test_a_touched_or_unmounted_reference_folder_does_not_redo_the_archive(tmp_path, tiny_model):
+def test_a_touched_or_unmounted_reference_folder_does_not_redo_the_archive(tmp_path, tiny_model, monkeypatch):
     """References copied again (new times, same bytes) redid every image; an empty reference folder (a share
     not mounted) redid them all unscored, removed metrics.csv and exited 0, and its return redid them again."""
+    import batchsr.runner
+
     src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
     pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     write_png(hr / "a.png", pixels)
@@ -285,6 +287,10 @@ def test_a_touched_or_unmounted_reference_folder_does_not_redo_the_archive(tmp_p
     assert run_folder(src, out, settings, reference_dir=hr).done == 1
     os.utime(hr / "a.png", ns=(1_000_000_000, 1_000_000_000))
     assert (run_folder(src, out, settings, reference_dir=hr).done, (out / "metrics.csv").exists()) == (0, True)
+    with monkeypatch.context() as patch:  # its new time recorded: not read again at the next run
+        patch.setattr(batchsr.runner, "_file_sha256", lambda path: pytest.fail(f"{path} read again"))
+        assert run_folder(src, out, settings, reference_dir=hr).skipped == 1
+    (hr / ".DS_Store").write_bytes(b"")  # hidden files of a mount point do not count
     write_png(hr / "a.png", pixels[::-1])  # new content: scored again
     assert run_folder(src, out, settings, reference_dir=hr).done == 1
     (hr / "a.png").unlink()
