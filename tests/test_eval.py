@@ -98,7 +98,7 @@ def test_a_perfect_score_keeps_the_means_finite_and_rows_are_named_by_their_path
     assert np.isfinite(result.mean("bicubic_psnr_y")) and 25 < rows["a/x"]["bicubic_psnr_y"] < 40
 
 
-CARD_SET5 = {2: 37.6907, 3: 33.7036, 4: 31.2900}  # Set5 Y-PSNR in the model card and README
+CARD_SET5 = {2: 37.6907, 3: 33.7036, 4: 31.3097}  # Set5 Y-PSNR in the model card and README
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
