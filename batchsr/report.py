@@ -187,6 +187,7 @@ def _remove_previous(report_dir: Path, previous: list[str], keep: str) -> None:
 
 
 def _ours_and_idle(marker: Path) -> bool:
+    """Whether a folder holding ``marker`` is batchsr's and no live process (its writer) still fills it."""
     try:
         pid = int(marker.read_text().strip() or 0)
     except (OSError, ValueError):

@@ -176,8 +176,10 @@ def assert_consistent(root: Path, expected: dict[str, bytes], side: int = 8) -> 
 
 def _daemon_main(args: list[str], env: dict[str, str], log_path: str) -> None:
     """Fork-server child: the real ``batchsr`` command, output into a log file, without a terminal (as under
-    systemd: SIGHUP is then ignored)."""
+    systemd: SIGHUP is then ignored), and with SIGHUP's default action, as systemd starts a service (pytest
+    itself may run under nohup)."""
     os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -185,6 +187,11 @@ def _daemon_main(args: list[str], env: dict[str, str], log_path: str) -> None:
     from batchsr.cli import main
 
     main(args, prog_name="batchsr")
+
+
+# ``python -m batchsr.cli`` with SIGHUP's default action, as systemd starts a service (pytest may run under nohup)
+_DEFAULT_SIGHUP_MAIN = ("import runpy, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                        "sys.argv[0] = 'batchsr'; runpy.run_module('batchsr.cli', run_name='__main__')")
 
 
 class Daemon:
@@ -207,7 +214,7 @@ class Daemon:
             self.process.start()
         else:
             with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen([sys.executable, "-m", "batchsr.cli", *args], env={**os.environ, **env},
+                self.process = subprocess.Popen([sys.executable, "-c", _DEFAULT_SIGHUP_MAIN, *args], env={**os.environ, **env},
                                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         self.pid = self.process.pid
 
