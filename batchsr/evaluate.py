@@ -53,7 +53,7 @@ class SetResult:
 def set_name(folder: Path) -> str:
     """``.../Set5/HR`` (or ``HR_x4``...) is named ``Set5``; other folders by their own name.
     The path is resolved first: ``--hr HR`` and ``--hr .`` name the same set as the full path."""
-    return "/".join(_name_parts(folder)[-1:])
+    return _name_parts(folder)[-1]
 
 
 def _name_parts(folder: Path) -> list[str]:

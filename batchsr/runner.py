@@ -26,7 +26,7 @@ from pathlib import Path, PurePath, PurePosixPath
 import numpy as np
 from loguru import logger
 
-from batchsr.checkpoint import ModelInfo, model_weights, read_info
+from batchsr.checkpoint import ModelInfo, file_sha256, model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
 from batchsr.imageio import (
@@ -301,14 +301,11 @@ class ReferenceFolder:
 
 
 def _file_sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
+    """A reference's hash; None when it cannot be read (then compared by its time)."""
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 @dataclass
