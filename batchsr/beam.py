@@ -531,6 +531,8 @@ def run_beam(
     ``pipeline_args`` are Beam's own flags (``--project``, ``--region``, ...).
     """
     require_beam()
+    if settings.run.min_age_s:
+        raise ConfigError(f"run.min_age_s = {settings.run.min_age_s:g}: not available with --engine beam; set it to 0")
     started = time.time()
     source, target = _location(input_dir), _location(output_dir)
     reference = _location(reference_dir) if reference_dir is not None else None

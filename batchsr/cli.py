@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from batchsr import __version__
+from batchsr import __version__, tfimport
 from batchsr.errors import BatchSRError, ConfigError, ImageError, InputError, LockedError, ModelError, OutputError
 
 EXIT_OK = 0
@@ -71,64 +71,6 @@ def _setup_logging(level: str, file: Path | None = None) -> None:
 
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-# What TensorFlow's native code prints at import whatever TF_CPP_MIN_LOG_LEVEL says: absl's preamble (which
-# ends without a newline, so the next line follows on the same one) and informational (I-severity) lines such as
-# the oneDNN and "no CUDA drivers" notices.
-_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-_IMPORT_NOTICE = r"I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \w+\.cc:\d+\] "
-
-# A separate process reads the import's stderr, so that what it must show (a fatal "this CPU lacks AVX" line
-# before an abort) reaches the terminal even when the import kills this process.  It ignores Ctrl-C (it ends
-# when the import's stderr closes) and hands the notices back through a file, for the DEBUG log.
-_STDERR_FILTER = """
-import re, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-preamble, notice = sys.argv[1].encode(), re.compile(sys.argv[2].encode())
-with open(int(sys.argv[3]), "ab", closefd=False) as notices:
-    for line in sys.stdin.buffer:
-        line = line.replace(preamble, b"")
-        if notice.match(line):
-            notices.write(line)
-        elif line.strip():
-            sys.stderr.buffer.write(line)
-            sys.stderr.buffer.flush()
-"""
-
-
-def _import_tensorflow() -> None:
-    """Imports TensorFlow with its native start-up notices moved to the DEBUG log, so that cron mails and
-    journals hold batchsr's own lines; anything else written to stderr meanwhile passes through."""
-    import importlib.util
-    import subprocess
-    import tempfile
-
-    from loguru import logger
-
-    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:  # training may run on JAX alone
-        return
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as notices:  # no name: a kill during the import leaves nothing in /tmp
-        read_end, write_end = os.pipe()
-        try:
-            reader = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, _ABSL_PREAMBLE, _IMPORT_NOTICE, str(notices.fileno())],
-                                      stdin=read_end, pass_fds=(notices.fileno(),))
-        finally:
-            os.close(read_end)
-        saved = os.dup(2)
-        os.dup2(write_end, 2)
-        os.close(write_end)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)  # the last writer gone: the reader ends
-            os.close(saved)
-            reader.wait()
-            notices.seek(0)
-            for line in notices.read().decode("utf-8", "replace").splitlines():
-                logger.debug("tensorflow: {}", line)
 
 
 class _Command(click.Command):
@@ -195,7 +137,7 @@ def _load(ctx: click.Context, overrides: dict, *, tensorflow: bool = True):
     settings = load_settings(ctx.obj["config"], overrides)
     _setup_logging(ctx.obj["log_level"] or settings.logging.level, settings.logging.file)
     if tensorflow:
-        _import_tensorflow()
+        tfimport.import_tensorflow()
     return settings
 
 
@@ -258,20 +200,22 @@ def _engine_overrides(weights, scale, device, precision, tile, overlap, batch_si
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), help="run.progress.")
 @click.option("--outscale", type=float, help="Output factor above 0, up to 64 (run.outscale): the model's scale, then a bicubic resize.")
 @click.option("--name-template", help="Output file name, e.g. '{stem}_x{scale}{ext}' (run.name_template).")
+@click.option("--min-age", type=float, help="Leave inputs modified less than this many seconds ago for the next run (run.min_age_s).")
 @click.option("--engine", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="local: this process; beam: an Apache Beam pipeline, INPUT and OUTPUT may be gs://, s3://... "
               "(pip install 'batchsr[beam]'; see docs/SCALING.md).")
 @click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner, in this process). Beam's own options go after --.")
 @click.pass_context
 def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision, tile, overlap, batch_size, self_ensemble, output_format, reference_dir, report_dir, force,
-        progress, outscale, name_template, engine, runner):
+        progress, outscale, name_template, min_age, engine, runner):
     """Upscale every image under INPUT into OUTPUT (mirrored tree); exit 0, or 65 if some failed.
 
     With --engine beam the same run is an Apache Beam pipeline (docs/SCALING.md): e.g.
     `batchsr run gs://b/in gs://b/out --engine beam --runner DataflowRunner -- --project P --region R`.
     """
     overrides = _engine_overrides(weights, scale, device, precision, tile, overlap, batch_size, self_ensemble)
-    overrides.update({"run.output_format": output_format, "run.progress": progress, "run.outscale": outscale, "run.name_template": name_template})
+    overrides.update({"run.output_format": output_format, "run.progress": progress, "run.outscale": outscale, "run.name_template": name_template,
+                      "run.min_age_s": min_age})
     settings = _load(ctx, overrides, tensorflow=False)
     from loguru import logger
 
@@ -290,10 +234,12 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
             from batchsr.report import check_report_dir
 
             check_report_dir(report_dir)
-    _import_tensorflow()
     if engine == "beam":
         if report_dir is not None:
             raise ConfigError("--report is not available with --engine beam")
+        if settings.run.min_age_s:
+            raise ConfigError(f"run.min_age_s = {settings.run.min_age_s:g}: not available with --engine beam; set it to 0")
+        tfimport.import_tensorflow()
         from batchsr.beam import run_beam
 
         summary = run_beam(input_dir, output_dir, settings, reference_dir=reference_dir, runner=runner, pipeline_args=list(beam_args))
@@ -306,8 +252,10 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
                              reference_dir=Path(reference_dir) if reference_dir is not None else None,
                              report_dir=report_dir, info=info)
     logger.info(
-        "done {}, skipped {}, failed {}, ignored {} in {:.1f}s ({:.2f} img/s, {:.1f} output MP)",
-        summary.done, summary.skipped, len(summary.failed), summary.ignored, summary.seconds, summary.throughput, summary.megapixels,
+        "done {}, skipped {}, failed {}, ignored {}{} in {:.1f}s ({:.2f} img/s, {:.1f} output MP)",
+        summary.done, summary.skipped, len(summary.failed), summary.ignored,
+        f", waiting {summary.waiting} (modified within run.min_age_s)" if summary.waiting else "",
+        summary.seconds, summary.throughput, summary.megapixels,
     )
     if summary.metrics_csv is not None:
         logger.info("metrics: {}", summary.metrics_csv)
@@ -395,7 +343,7 @@ def train(ctx, train_config, resume, init, steps, out_dir, until):
     settings = load_train_settings(train_config, {"steps": steps, "out_dir": str(out_dir) if out_dir else None})
     logging = load_settings(ctx.obj["config"]).logging  # the one logging set-up every command follows
     _setup_logging(ctx.obj["log_level"] or logging.level, logging.file)
-    _import_tensorflow()
+    tfimport.import_tensorflow()
     from batchsr.train import train as run_training
 
     result = run_training(settings, resume=resume, init=init, until=until)

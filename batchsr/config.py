@@ -66,6 +66,7 @@ class RunSettings(_Section):
     name_template: str = "{stem}{ext}"
     stream_megapixels: float = Field(16.0, gt=0)
     memory_mb: int | None = Field(None, ge=256)  # None: three quarters of the physical memory
+    min_age_s: float = Field(0.0, ge=0, le=31_536_000)  # inputs modified more recently are left for the next run
 
     @property
     def memory_cap_mb(self) -> float:

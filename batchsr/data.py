@@ -365,10 +365,13 @@ def prepared_files(paths: list[Path], prepare: Callable[[Path], object], workers
     ``prepare`` must return errors as values: one bad file never stops the
     stream.
     """
-    import tensorflow as tf
-
     if not paths:
         return
+    from batchsr.tfimport import import_tensorflow
+
+    import_tensorflow()
+    import tensorflow as tf
+
     results: dict[int, object] = {}
 
     def admit(index):

@@ -64,6 +64,7 @@ class RunSummary:
     skipped: int = 0
     ignored: int = 0
     failed: list[Failure] = field(default_factory=list)
+    waiting: int = 0  # changed within run.min_age_s: left for the next run
     seconds: float = 0.0
     megapixels: float = 0.0  # output megapixels written
     model_id: str = ""
@@ -80,6 +81,7 @@ class _Item:
     path: Path
     rel: Path
     sha256: str = ""
+    fingerprint: str | None = None  # see ``fingerprint``
     image: Image | None = None
     error: str | None = None
     skip: bool = False
@@ -101,11 +103,12 @@ class Journal:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS outputs (input TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
-                "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL, options TEXT)"
+                "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL, options TEXT, stat TEXT)"
             )
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(outputs)")}
-            if "options" not in columns:  # a journal from before output options were recorded
-                self.db.execute("ALTER TABLE outputs ADD COLUMN options TEXT")
+            for column in ("options", "stat"):  # a journal from before they were recorded
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE outputs ADD COLUMN {column} TEXT")
             self.db.commit()
         except sqlite3.OperationalError as exc:  # read-only, unopenable: the folder's to fix
             self.db.close()
@@ -119,14 +122,29 @@ class Journal:
             rows = self.db.execute("SELECT input, sha256, model_id, output, metrics, options FROM outputs")
             return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows}
 
-    def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None) -> None:
+    def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None,
+               stat: str | None = None) -> None:
+        """``stat``: the input's ``fingerprint`` when its content was read, if it may be trusted."""
         with self._damage_named():
             # One owner per output: an input whose output was replaced no longer has it.
             self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
             self.db.execute(
-                "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options),
+                "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options, stat) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options, stat),
             )
+            self.db.commit()
+
+    def stats(self) -> dict[str, str]:
+        """The inputs' recorded fingerprints."""
+        with self._damage_named():
+            return dict(self.db.execute("SELECT input, stat FROM outputs WHERE stat IS NOT NULL"))
+
+    def remember_stats(self, rows: list[tuple[str, str, str]]) -> None:
+        """Fingerprints ``(input, content hash, fingerprint)`` of inputs found up to date by reading them, in one
+        transaction, so that the next run need not read them; an entry whose content changed meanwhile keeps none."""
+        with self._damage_named():
+            self.db.executemany("UPDATE outputs SET stat = ? WHERE input = ? AND sha256 = ?", [(f, i, h) for i, h, f in rows])
             self.db.commit()
 
     @contextlib.contextmanager
@@ -147,6 +165,23 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+
+
+_SETTLED_NS = 2_000_000_000
+
+
+def stat_key(info: os.stat_result) -> str:
+    return f"{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}"
+
+
+def fingerprint(info: os.stat_result, fmt: str, read_ns: int) -> str | None:
+    """What lets a later run trust an input's recorded content hash without reading it again, as git's index
+    does: its size, times and inode when it was read (``info``, taken as reading began at ``read_ns``), and the
+    format its content has. None when it had changed within 2 s before: a change in the same tick of the
+    file system's clock as the reading would leave the times as they were."""
+    if read_ns - max(info.st_mtime_ns, info.st_ctime_ns) < _SETTLED_NS:
+        return None
+    return f"{stat_key(info)}:{fmt}"
 
 
 def output_options(settings: Settings, fmt: str, factor: float, *, transparent: bool | None = None) -> str:
@@ -539,6 +574,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             return item
         try:
             with open(path, "rb") as handle:
+                read_ns, opened = time.time_ns(), os.fstat(handle.fileno())
                 head = handle.read(16)
                 sniffed = sniff_format(head)
                 if sniffed is None and item.rel.suffix.lower() not in IMAGE_SUFFIXES:
@@ -556,6 +592,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             item.error = exc.reason
             return item
         item.sha256 = hashlib.sha256(data).hexdigest()
+        if sniffed is not None:
+            item.fingerprint = fingerprint(opened, sniffed, read_ns)
         entry = known.get(item.rel.as_posix())
         if not force and entry is not None and sniffed is not None and _up_to_date(entry, item, sniffed):
             item.skip = True
@@ -569,6 +607,76 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     from batchsr.data import DecodeAhead, prepared_files
 
     progress = _Progress(len(paths), run.progress, run.log_interval_s)
+    fingerprints = {} if force else journal.stats()
+    confirmed: list[tuple[str, str, str]] = []  # fingerprints of inputs found up to date by reading them
+
+    def record_skip(item: _Item) -> None:
+        """An input found up to date: its reference's new time and its fingerprint recorded when they changed."""
+        rel = item.rel.as_posix()
+        summary.skipped += 1
+        if item.reference_now is not None:  # a reference only touched: its new time recorded
+            sha256, model, output, metrics, options = known[rel]
+            journal.record(rel, sha256, model, output, {**metrics, "reference": item.reference_now}, options,
+                           item.fingerprint)
+        elif item.fingerprint is not None and fingerprints.get(rel) != item.fingerprint:
+            confirmed.append((rel, item.sha256, item.fingerprint))
+            if len(confirmed) >= 1000:
+                journal.remember_stats(confirmed)
+                confirmed.clear()
+        progress.update()
+
+    def unchanged(path: Path, stat: os.stat_result) -> bool:
+        """Up to date by its recorded fingerprint: skipped without being read (a cron tick over a finished
+        archive reads no image)."""
+        rel = path.relative_to(input_dir).as_posix()
+        entry, recorded = known.get(rel), fingerprints.get(rel)
+        if entry is None or recorded is None:
+            return False
+        key, _, fmt = recorded.rpartition(":")
+        if key != stat_key(stat):
+            return False
+        item = _Item(path, Path(rel), entry[0], fingerprint=recorded)
+        if not _up_to_date(entry, item, fmt):
+            return False
+        record_skip(item)
+        return True
+
+    def ignored(path: Path) -> bool:
+        """Not an image by its name nor by its first bytes (a video of many gigabytes is read no further); a name
+        that is not UTF-8 is left to ``prepare``, which fails it."""
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return False
+        try:
+            path.relative_to(input_dir).as_posix().encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        try:
+            if sniff_file(path) is not None:
+                return False
+        except OSError:  # reading it says why
+            return False
+        summary.ignored += 1
+        logger.info("{}: not an image, ignored", path)
+        progress.update()
+        return True
+
+    to_read, min_age_ns = [], round(run.min_age_s * 1e9)
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:  # reading it says why
+            to_read.append(path)
+            continue
+        if unchanged(path, stat) or ignored(path):
+            continue
+        age_ns = time.time_ns() - stat.st_mtime_ns
+        if min_age_ns and age_ns < min_age_ns:  # still being written, perhaps: the next run takes it
+            summary.waiting += 1
+            logger.info("{}: modified {}; left for the next run (run.min_age_s = {:g})", path,
+                        f"{age_ns / 1e9:.1f}s ago" if age_ns >= 0 else "in the future", run.min_age_s)
+            progress.update()
+        else:
+            to_read.append(path)
     writers = ThreadPoolExecutor(max_workers=run.write_workers, thread_name_prefix="batchsr-write")
     in_flight: list[tuple[_Item, Future]] = []
     report_images: list = []
@@ -597,7 +705,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         """One image's end: journal and counts once its output is on disk, else a failure line."""
         if error is None:
             options = output_options(settings, written_as(item), factor, transparent=item.image.alpha is not None)
-            journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics, options)
+            journal.record(item.rel.as_posix(), item.sha256, model_id, claimed[item.path].as_posix(), metrics, options,
+                           item.fingerprint)
             summary.done += 1
             summary.megapixels += item.image.rgb.shape[0] * item.image.rgb.shape[1] * factor * factor / 1e6
         else:
@@ -622,6 +731,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         nonlocal engine, budget
         if engine is None:
             from batchsr.engine import Engine
+            from batchsr.tfimport import import_tensorflow
+
+            import_tensorflow()
 
             engine = Engine(model_weights(settings.model), settings.engine)
         if budget is None:
@@ -692,13 +804,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items()
                                        if input_dir / rel in present and still_writes(rel, entry[2])}
     try:
-        for item in prepared_files(paths, prepare, run.decode_workers, ahead=ahead, max_pixels=settings.image.max_pixels):
+        for item in prepared_files(to_read, prepare, run.decode_workers, ahead=ahead, max_pixels=settings.image.max_pixels):
             if item.skip:
-                summary.skipped += 1
-                if item.reference_now is not None:  # a reference only touched: its new time recorded
-                    sha256, model, output, metrics, options = known[item.rel.as_posix()]
-                    journal.record(item.rel.as_posix(), sha256, model, output, {**metrics, "reference": item.reference_now}, options)
-                progress.update()
+                record_skip(item)
                 continue
             if item.not_image:
                 summary.ignored += 1
@@ -757,6 +865,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     finally:
         writers.shutdown(wait=True)
         progress.close()
+    if confirmed:
+        journal.remember_stats(confirmed)
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
     journal.close()

@@ -1,12 +1,31 @@
 #!/bin/sh
 # Runs a command for cron and prints what it printed only on trouble, so cron
-# mails only then: silent on exit 0 (all done) and 75 (another run holds the
-# output folder: this one is skipped), everything on any other exit.
+# mails only then:
+# - silent on exit 0 (all done) and 75 (another run holds the output folder:
+#   this one is skipped);
+# - on exit 65 (some images failed), silent when each "batchsr: failed:" line
+#   was printed at the previous run of the same command too: a file that stays
+#   broken is mailed about once, not at every tick (the failures are kept in
+#   ${XDG_STATE_HOME:-$HOME/.local/state}/batchsr/); everything when one is new,
+#   or when there is none (an error of another kind);
+# - everything on any other exit.
+# The exit status is the command's, 75 aside (0).
 # Usage: cron-run.sh /opt/batchsr/.venv/bin/batchsr run /srv/in /srv/out --progress log
 out=$("$@" 2>&1)
 rc=$?
+state=${XDG_STATE_HOME:-${HOME:-/tmp}/.local/state}/batchsr
+seen=$state/cron-failures-$(printf '%s\n' "$@" | cksum | cut -d ' ' -f 1)
 case $rc in
-    0 | 75) exit 0 ;;
+    0) rm -f "$seen"; exit 0 ;;
+    75) exit 0 ;;
+    65)
+        failures=$(printf '%s\n' "$out" | grep '^batchsr: failed: ' | LC_ALL=C sort -u)
+        if [ -n "$failures" ] && [ -f "$seen" ] && [ -z "$(printf '%s\n' "$failures" | LC_ALL=C comm -13 "$seen" -)" ]; then
+            printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"  # those fixed since are dropped: a relapse is news
+            exit 65
+        fi
+        mkdir -p "$state" 2>/dev/null && printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"
+        ;;
 esac
 printf '%s\n' "$out"
 exit $rc

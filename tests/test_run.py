@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+from time import time_ns
 from pathlib import Path
 
 import numpy as np
@@ -829,13 +830,29 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     write_png(tmp_path / "in" / "a.png", np.full((12, 10, 3), 90, np.uint8))
     batchsr = [sys.executable, "-m", "batchsr.cli", "run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model),
                "--progress", "log"]
-    fine = subprocess.run(["sh", script, *batchsr], capture_output=True, text=True, cwd=REPO, timeout=300)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+
+    def tick(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", script, *(command or batchsr)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+    fine = tick()
     assert (fine.returncode, fine.stdout, fine.stderr) == (0, "", "") and (tmp_path / "out" / "a.png").is_file()
     (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    trouble = subprocess.run(["sh", script, *batchsr], capture_output=True, text=True, cwd=REPO, timeout=300)
+    trouble = tick()
     assert trouble.returncode == 65 and "b.png" in trouble.stdout and "done 0, skipped 1, failed 1" in trouble.stdout
     assert "2/2 files" in trouble.stdout  # the progress counts files: the failed one too, as it did as "images"
-    locked = subprocess.run(["sh", script, "sh", "-c", "echo held by pid 7 >&2; exit 75"], capture_output=True, text=True, timeout=60)
+    # The same file still broken at the next ticks: mailed about once, not every quarter of an hour.
+    assert (tick().returncode, tick().stdout) == (65, "")
+    (tmp_path / "in" / "c.png").write_bytes(b"not an image at all")
+    news = tick()
+    assert news.returncode == 65 and "c.png" in news.stdout and "b.png" in news.stdout
+    (tmp_path / "in" / "c.png").unlink()
+    assert tick().stdout == ""  # one fewer: no news
+    (tmp_path / "in" / "c.png").write_bytes(b"not an image at all")
+    assert "c.png" in tick().stdout  # broken again: news again
+    for _ in range(2):  # an exit 65 without a failure line (an error of another kind) is never kept quiet
+        assert tick("sh", "-c", "echo 'batchsr: error: x.png: not an image' >&2; exit 65").stdout != ""
+    locked = tick("sh", "-c", "echo held by pid 7 >&2; exit 75")
     assert (locked.returncode, locked.stdout, locked.stderr) == (0, "", "")
 
 
@@ -1092,13 +1109,13 @@ def test_a_run_finding_its_output_folder_held_exits_75_before_importing_tensorfl
     from click.testing import CliRunner
     from loguru import logger
 
-    import batchsr.cli
+    import batchsr.tfimport
     from batchsr.cli import main
 
     def imported():
         raise AssertionError("TensorFlow imported")
 
-    monkeypatch.setattr(batchsr.cli, "_import_tensorflow", imported)
+    monkeypatch.setattr(batchsr.tfimport, "import_tensorflow", imported)
     write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 60, np.uint8))
     lock_path = tmp_path / "out" / ".batchsr" / "lock"
     lock_path.parent.mkdir(parents=True)
@@ -1127,3 +1144,145 @@ def test_the_mean_row_names_the_model_of_its_rows():
     entries["b.png"] = ("s2", "new-model", "b.png", scores, None)
     mean = list(csv.DictReader(io.StringIO(metrics_csv(entries, ["a.png", "b.png"], 4).decode())))[-1]
     assert (mean["image"], mean["model_id"]) == ("MEAN", "")
+
+
+def _never(what: str):
+    def called(*args, **kwargs):
+        raise AssertionError(f"{what} called")
+
+    return called
+
+
+def test_a_rerun_over_a_finished_folder_reads_no_image_and_imports_no_tensorflow(tmp_path, tiny_model, monkeypatch):
+    """Each cron tick over a finished archive read and hashed every image and imported TensorFlow (seconds
+    to hours of work for nothing); an input whose size, times and inode are as recorded is now skipped unread."""
+    import batchsr.runner
+    import batchsr.tfimport
+
+    monkeypatch.setattr(batchsr.runner, "_SETTLED_NS", 0)  # the inputs were written a moment ago
+    for name, level in (("a.png", 60), ("sub/b.png", 90)):
+        write_png(tmp_path / "in" / name, np.full((10, 12, 3), level, np.uint8))
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    first = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    assert (first.done, first.ignored) == (2, 1)
+    with monkeypatch.context() as patched:
+        patched.setattr(batchsr.runner, "read_bounded", _never("reading an input"))
+        patched.setattr(batchsr.tfimport, "import_tensorflow", _never("importing TensorFlow"))
+        again = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    assert (again.done, again.skipped, again.ignored, again.failed) == (0, 2, 1, [])
+    # New content in place, its modification time set back: its change time tells, and it is redone.
+    recorded = (tmp_path / "in" / "a.png").stat()
+    with open(tmp_path / "in" / "a.png", "r+b") as handle:
+        data = bytearray(handle.read())
+        handle.seek(0)
+        import cv2
+
+        handle.write(cv2.imencode(".png", np.full((10, 12, 3), 61, np.uint8))[1].tobytes().ljust(len(data), b"\0"))
+    os.utime(tmp_path / "in" / "a.png", ns=(recorded.st_atime_ns, recorded.st_mtime_ns))
+    assert (tmp_path / "in" / "a.png").stat().st_size == recorded.st_size
+    changed = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))
+    assert (changed.done, changed.skipped) == (1, 1)
+    assert read_image(tmp_path / "out" / "a.png").rgb[5, 5, 0] in (60, 61, 62)  # the tiny model: near the input
+    forced = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model), force=True)
+    assert forced.done == 2
+
+
+def test_a_fingerprint_is_trusted_only_once_the_file_had_settled_before_it_was_read():
+    """A change within the same tick of the file system's clock as the reading leaves size and times as
+    they were: only a file unchanged for two seconds before it was read may be skipped unread later."""
+    from batchsr.runner import fingerprint
+
+    now = 10 * 10**9
+
+    def stat(mtime_ns: int, ctime_ns: int) -> os.stat_result:  # mode, inode, device, links, uid, gid, size, 3 times
+        return os.stat_result((0o100644, 7, 0, 1, 0, 0, 1234, 0, 0, 0, 0.0, 0.0, 0.0, 0, mtime_ns, ctime_ns))  # then the ns times
+
+    assert fingerprint(stat(now - 3 * 10**9, now - 5 * 10**9), "png", now) == f"1234:{now - 3 * 10**9}:{now - 5 * 10**9}:7:png"
+    assert fingerprint(stat(now - 5 * 10**9, now - 10**9), "png", now) is None  # its inode changed (a rename, a chmod) a second before
+    assert fingerprint(stat(now - 10**9, now - 5 * 10**9), "png", now) is None  # written a second before
+
+
+def test_min_age_leaves_files_still_being_written_for_the_next_run(tmp_path, tiny_model):
+    """A cron run over a folder others upload to failed a half-copied image as truncated and mailed about it."""
+    from batchsr.config import Settings
+
+    write_png(tmp_path / "in" / "old.png", np.full((10, 12, 3), 60, np.uint8))
+    write_png(tmp_path / "in" / "new.png", np.full((10, 12, 3), 90, np.uint8))
+    (tmp_path / "in" / "future.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # half uploaded, its clock ahead of ours
+    hour = 3600 * 10**9
+    os.utime(tmp_path / "in" / "old.png", ns=(os.stat(tmp_path / "in" / "old.png").st_atime_ns, time_ns() - hour))
+    os.utime(tmp_path / "in" / "future.png", ns=(0, time_ns() + hour))
+    settings = _settings(tiny_model).model_copy(update={"run": Settings().run.model_copy(update={"progress": "none", "min_age_s": 60})})
+    summary = run_folder(tmp_path / "in", tmp_path / "out", settings)
+    assert (summary.done, summary.waiting, summary.failed) == (1, 2, [])
+    assert (tmp_path / "out" / "old.png").is_file() and not (tmp_path / "out" / "new.png").exists()
+    (tmp_path / "in" / "upload.log").write_text("a log growing beside the images")  # not an image: ignored, not waiting
+    (tmp_path / "in" / os.fsdecode(b"caf\xe9.txt")).write_text("a name not in UTF-8: failed, as before")
+    os.utime(tmp_path / "in" / os.fsdecode(b"caf\xe9.txt"), ns=(0, time_ns() - hour))
+    again = run_folder(tmp_path / "in", tmp_path / "out", settings)
+    assert (again.skipped, again.waiting, again.ignored, [f.path.name for f in again.failed]) == (1, 2, 1, [os.fsdecode(b"caf\xe9.txt")])
+    (tmp_path / "in" / os.fsdecode(b"caf\xe9.txt")).unlink()
+    later = run_folder(tmp_path / "in", tmp_path / "out", _settings(tiny_model))  # min_age_s 0: every file
+    assert (later.done, later.skipped, [f.path.name for f in later.failed]) == (1, 1, ["future.png"])
+
+
+def test_the_run_command_over_a_finished_folder_exits_0_without_importing_tensorflow(tmp_path, tiny_model, monkeypatch):
+    from click.testing import CliRunner
+    from loguru import logger
+
+    import batchsr.runner
+    import batchsr.tfimport
+    from batchsr.cli import main
+
+    monkeypatch.setattr(batchsr.runner, "_SETTLED_NS", 0)
+    write_png(tmp_path / "in" / "a.png", np.full((10, 12, 3), 60, np.uint8))
+    command = ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model), "--tile", "32", "--progress", "none"]
+    try:
+        first = CliRunner().invoke(main, command)
+        monkeypatch.setattr(batchsr.tfimport, "import_tensorflow", _never("importing TensorFlow"))
+        again = CliRunner().invoke(main, command)
+    finally:
+        logger.remove()
+        logger.add(sys.stderr)
+    assert first.exit_code == 0 and again.exit_code == 0, again.output
+    assert "done 0, skipped 1" in again.output
+
+
+def test_min_age_is_refused_with_beam_before_anything_is_imported(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from loguru import logger
+
+    import batchsr.tfimport
+    from batchsr.cli import main
+
+    monkeypatch.setattr(batchsr.tfimport, "import_tensorflow", _never("importing TensorFlow"))
+    (tmp_path / "in").mkdir()
+    try:
+        result = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--engine", "beam", "--min-age", "60"])
+        huge = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--min-age", "1e300"])
+    finally:
+        logger.remove()
+        logger.add(sys.stderr)
+    assert result.exit_code == 78 and "run.min_age_s = 60: not available with --engine beam" in result.output, result.output
+    assert huge.exit_code == 78 and "run.min_age_s" in huge.output, huge.output  # it overflowed: exit 70
+
+
+def test_two_threads_importing_tensorflow_at_once_both_finish_and_leave_stderr_as_it_was(tmp_path):
+    """The import swaps the process's stderr for a filter; two library calls at once (two runs in threads)
+    interleaved their swaps: one waited forever, and stderr stayed routed to an orphaned filter."""
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import time\ntime.sleep(1.0)\n")
+    code = (
+        "import os, sys, threading\n"
+        "from batchsr.tfimport import import_tensorflow\n"
+        "threads = [threading.Thread(target=import_tensorflow) for _ in range(2)]\n"
+        "[t.start() for t in threads]; [t.join(20) for t in threads]\n"
+        "print([t.is_alive() for t in threads], flush=True)\n"
+        "sys.stderr.write('after\\n'); sys.stderr.flush()\n"
+        "os._exit(0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert result.stdout.strip() == "[False, False]", result.stdout + result.stderr
+    assert result.stderr.strip() == "after", result.stderr
