@@ -12,6 +12,16 @@ from batchsr.errors import LockedError, OutputError
 
 
 DAEMON = "(watch daemon)"  # in the line a daemon's lock holds: what another process waits for, or not
+_COMMANDS = {"run", "watch", "train", "eval", "status", "config"}
+
+
+def held_by_daemon(holder: str) -> bool:
+    """Whether a lock's line ("pid N: command") is a watch daemon's: marked ``DAEMON``, or, written by a
+    version from before the mark, a command whose subcommand is ``watch``."""
+    if DAEMON in holder:
+        return True
+    words = holder.partition(": ")[2].split()
+    return next((word for word in words[1:] if word in _COMMANDS), None) == "watch"
 
 
 class FolderLock:

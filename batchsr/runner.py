@@ -86,7 +86,8 @@ class _Item:
     error: str | None = None
     skip: bool = False
     not_image: bool = False
-    reference_now: str | None = None  # up to date against a reference only touched since: its identity now
+    reference_now: str | None = None  # with ``rerecord``: the identity of its reference to record now
+    rerecord: bool = False  # up to date, its reference's identity to record (a reference only touched since, ...)
 
 
 _SQLITE_WRITE_ERRORS = {8, 10, 13}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL: an extended code's low byte
@@ -559,11 +560,24 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         expected = output_name(item.rel, fmt, run.output_format, run.name_template, factor).as_posix()
         return (sha256 == item.sha256 and model == model_id and output == expected and (output_dir / output).is_file()
                 and options_match(options, output_options(settings, target, factor), target)
-                and (references is None or (metrics is not None and "reference" in metrics and _same_reference(item, metrics))))
+                and (references is None or _same_reference(item, metrics)))
 
-    def _same_reference(item: _Item, metrics: dict) -> bool:
-        same, item.reference_now = references.same(metrics["reference"], references.find(item.rel))
-        return same
+    def _same_reference(item: _Item, metrics: dict | None) -> bool:
+        """Whether the output's scores (or their absence) stand against the reference found now."""
+        found = references.find(item.rel)
+        if metrics is not None and "reference" in metrics:
+            same, item.reference_now = references.same(metrics["reference"], found)
+            item.rerecord = item.reference_now is not None
+            return same
+        if metrics is None:  # never scored (a run without --reference): up to date while there is nothing to score against
+            item.rerecord = found is None
+            return item.rerecord
+        # Scored by a version from before references were recorded: taken as scored against the one at its
+        # path now, not upscaled again (the first run after an upgrade redid a whole archive).
+        if found is None or "psnr_y" not in metrics:
+            return False
+        item.reference_now, item.rerecord = references.identity(found), True
+        return True
 
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))
@@ -614,9 +628,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         """An input found up to date: its reference's new time and its fingerprint recorded when they changed."""
         rel = item.rel.as_posix()
         summary.skipped += 1
-        if item.reference_now is not None:  # a reference only touched: its new time recorded
+        if item.rerecord:
             sha256, model, output, metrics, options = known[rel]
-            journal.record(rel, sha256, model, output, {**metrics, "reference": item.reference_now}, options,
+            journal.record(rel, sha256, model, output, {**(metrics or {}), "reference": item.reference_now}, options,
                            item.fingerprint)
         elif item.fingerprint is not None and fingerprints.get(rel) != item.fingerprint:
             confirmed.append((rel, item.sha256, item.fingerprint))

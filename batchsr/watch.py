@@ -60,7 +60,7 @@ from batchsr.imageio import (
     remove_temporaries, sniff_format, sync_folder, temporary_prefix, walk,
 )
 from batchsr.journal import JOURNAL_FILE, LOCK_FILE, Completed, Entry, JournalWriteError, Result, Seen, WatchJournal
-from batchsr.lock import DAEMON, FolderLock, InboxLock
+from batchsr.lock import DAEMON, FolderLock, InboxLock, held_by_daemon
 from batchsr.pipeline import MemoryBudget, output_name, target_format, upscale_each, write_streamed
 from batchsr.runner import (
     METRIC_COLUMNS, STATE_DIR, ReferenceFolder, decode_ahead_mb, file_name, memory_budget, spreadsheet_text, write_output,
@@ -758,7 +758,7 @@ class _Daemon:
                 return False
             except OSError:
                 return True
-            return identity is None or _identity_of(info) == identity
+            return identity is None or _same_identity(identity, _identity_of(info))
 
         self.forget_after, forgotten = self.journal.forget_finished(
             now - self.watch.journal_keep_days * 86400.0, in_inbox, output_on_disk, now, after_id=self.forget_after)
@@ -1140,7 +1140,7 @@ class _Daemon:
         done = self.journal.done_with_content(path, sha256)
         if done is None:
             return None
-        if done.output_identity is not None and _file_identity(self.folders.output / done.output) != done.output_identity:
+        if done.output_identity is not None and not _same_identity(done.output_identity, _file_identity(self.folders.output / done.output)):
             return None
         return done.id
 
@@ -1449,6 +1449,12 @@ def _identity_of(info: os.stat_result) -> str:
     return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 
+def _same_identity(recorded: str, now: str | None) -> bool:
+    """Whether an output is as written: ``recorded`` by a version that put the device number first
+    (device:inode:size:mtime) is compared on the rest."""
+    return now is not None and (recorded == now or (recorded.count(":") == 3 and recorded.partition(":")[2] == now))
+
+
 def _file_key(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file at ``path``; ("", 0) when there is none; None when it cannot be told now
     (a network share's passing error is not a deleted journal)."""
@@ -1530,7 +1536,7 @@ def _wait_for_runs(output_lock: FolderLock, stop: threading.Event, poll_s: float
             output_lock.acquire()
         except LockedError as exc:
             holder = output_lock.holder() or ""
-            if DAEMON in holder:  # another daemon on this output: a configuration to fix, not to wait out
+            if held_by_daemon(holder):  # another daemon on this output: a configuration to fix, not to wait out
                 raise
             if not waiting:
                 logger.warning("{}; waiting for it to finish", exc)

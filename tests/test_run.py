@@ -1286,3 +1286,50 @@ def test_two_threads_importing_tensorflow_at_once_both_finish_and_leave_stderr_a
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert result.stdout.strip() == "[False, False]", result.stdout + result.stderr
     assert result.stderr.strip() == "after", result.stderr
+
+
+def test_entries_scored_before_references_were_recorded_are_taken_over_not_upscaled_again(tmp_path):
+    """After an upgrade from a version that recorded scores without the reference's identity (or no metrics
+    for an image without a reference), the first run with --reference upscaled the whole archive again."""
+    import json
+    import sqlite3
+
+    from tests.conftest import Bicubic
+
+    rng = np.random.default_rng(1)
+    src, ref, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    write_png(src / "a.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    write_png(ref / "a.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    write_png(src / "alone.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))  # no reference
+    write_png(src / "gone.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    write_png(ref / "gone.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    settings = _bicubic_settings()
+    first = run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref)
+    assert first.done == 3
+    before = (out / "metrics.csv").read_bytes()
+    with sqlite3.connect(out / ".batchsr" / "journal.sqlite") as db:  # as the older version left it
+        for rel, metrics in db.execute("SELECT input, metrics FROM outputs").fetchall():
+            old = {k: v for k, v in json.loads(metrics).items() if k != "reference"}
+            db.execute("UPDATE outputs SET metrics = ? WHERE input = ?", (json.dumps(old) if "psnr_y" in old else None, rel))
+    (ref / "gone.png").unlink()  # scored against a reference deleted since: redone, as a vanished reference is
+    again = run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref)
+    assert (again.done, again.skipped) == (1, 2)
+    rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_text())))
+    assert [r["image"] for r in rows] == ["a.png", "MEAN"]
+    assert rows[0] == next(r for r in csv.DictReader(io.StringIO(before.decode())) if r["image"] == "a.png")
+    third = run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref)  # the identities now recorded
+    assert (third.done, third.skipped) == (0, 3)
+
+
+def test_a_first_run_with_reference_redoes_only_the_images_that_have_one(tmp_path):
+    from tests.conftest import Bicubic
+
+    rng = np.random.default_rng(2)
+    src, ref, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    write_png(src / "a.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    write_png(ref / "a.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    write_png(src / "alone.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    assert run_folder(src, out, _bicubic_settings(), engine=Bicubic()).done == 2
+    scored = run_folder(src, out, _bicubic_settings(), engine=Bicubic(), reference_dir=ref)
+    assert (scored.done, scored.skipped) == (1, 1)  # alone.png has nothing to be scored against: not upscaled again
+    assert (run_folder(src, out, _bicubic_settings(), engine=Bicubic(), reference_dir=ref).skipped) == 2

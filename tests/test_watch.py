@@ -2113,3 +2113,25 @@ def test_a_metrics_csv_the_journal_has_no_record_of_is_rewritten_without_duplica
         wait_for(lambda: states(tmp_path).get("done") == ["a.png"] and not files_under(tmp_path / "inbox"), 60, what="a.png again")
     with open(tmp_path / "output" / METRICS_FILE, newline="", encoding="utf-8") as handle:
         assert [(r["image"], r["input_sha256"]) for r in csv.DictReader(handle)] == [("a.png", sha(data))]
+
+
+def test_a_lock_line_of_a_daemon_from_before_the_mark_is_known_as_a_daemons():
+    """A daemon of an older version wrote no mark: a new daemon on the same output waited for it forever,
+    as for a cron run, instead of refusing the configuration."""
+    from batchsr.lock import DAEMON, held_by_daemon
+
+    assert held_by_daemon(f"pid 7 {DAEMON}: /opt/batchsr/.venv/bin/batchsr watch")
+    assert held_by_daemon("pid 7: /opt/batchsr/batchsr/cli.py --config /etc/batchsr/config.yaml watch")
+    assert not held_by_daemon("pid 7: /opt/batchsr/.venv/bin/batchsr run /srv/watch /srv/out")
+    assert not held_by_daemon("pid 7: batchsr --config watch.yaml run watch out")
+    assert not held_by_daemon("unknown process")
+
+
+def test_an_output_identity_recorded_with_the_device_number_still_matches():
+    """Versions that recorded device:inode:size:mtime made every output look rewritten after an upgrade:
+    content dropped again was upscaled again."""
+    from batchsr.watch import _same_identity
+
+    assert _same_identity("12:34:56:78", "34:56:78") and _same_identity("34:56:78", "34:56:78")
+    assert not _same_identity("12:34:56:78", "34:56:79") and not _same_identity("12:34:56:78", None)
+    assert not _same_identity("34:56:78", "12:34:56:78")
