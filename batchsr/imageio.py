@@ -658,13 +658,13 @@ def atomic_file(path: Path, within: Path | None = None, mode: int | None = None)
     make_folders(path.parent, within)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users
         os.close(fd)
         with open(tmp, "w+b") as handle:  # by name, so that writers needing a path (tifffile) can use it
             yield handle
             handle.flush()
-            if mode is not None:  # once written: a read-only mode (0444) given first refused the writing
-                os.fchmod(handle.fileno(), mode)
+            # Its mode once written: mkstemp's 0600 keeps a private input's pixels from a reader who opens the
+            # temporary meanwhile (the handle outlives a later chmod), and a read-only mode (0444) refused the writing.
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK if mode is None else mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from batchsr.errors import LockedError, OutputError
 
 DAEMON = "(watch daemon)"  # in the line a daemon's lock holds: what another process waits for, or not
 _COMMANDS = {"run", "watch", "train", "eval", "status", "config"}
+_VALUED = {"--config", "--log-level"}  # the options before the subcommand that take a value
 
 
 def held_by_daemon(holder: str) -> bool:
@@ -20,8 +22,11 @@ def held_by_daemon(holder: str) -> bool:
     version from before the mark, a command whose subcommand is ``watch``."""
     if DAEMON in holder:
         return True
-    words = holder.partition(": ")[2].split()
-    return next((word for word in words[1:] if word in _COMMANDS), None) == "watch"
+    words = holder.partition(": ")[2].split()[1:]
+    for before, word in zip([""] + words, words):
+        if word in _COMMANDS and before not in _VALUED:  # not the value of an option: --config watch
+            return word == "watch"
+    return False
 
 
 class FolderLock:
@@ -44,7 +49,7 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+            holder = current_line(self.path, os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()) or "unknown process"
             os.close(fd)
             raise LockedError(f"{self.path.parent} is in use by another batchsr process ({holder})") from None
         command = " ".join(sys.argv)  # whole: with --config first, the subcommand comes after it
@@ -61,9 +66,10 @@ class FolderLock:
         """The line the process holding the lock wrote ("pid N: command"), if any."""
         try:
             with open(self.path, "rb") as handle:
-                return handle.read(4096).decode("utf-8", "replace").strip() or None
+                line = handle.read(4096).decode("utf-8", "replace").strip()
         except OSError:
             return None
+        return current_line(self.path, line) or None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -169,11 +175,31 @@ def lock_holder(lock_path: Path) -> str | None:
     if not held:
         return None
     try:
-        return lock_path.read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
+        return current_line(lock_path, lock_path.read_text(encoding="utf-8", errors="replace").strip()) or "unknown process"
     except FileNotFoundError:
         return None
     except OSError as exc:
         return f"running (its line in {lock_path} cannot be read: {exc.strerror or exc})"
+
+
+def current_line(lock_path: Path, line: str) -> str:
+    """``line`` (the lock file's "pid N: command") when pid N holds the lock now, as /proc/locks tells; else the
+    holder's own command, from /proc. A holder that could not write its line (another user's lock file, opened
+    read-only) left an earlier holder's there: a dead daemon's line made a start refuse, not wait for a run."""
+    try:
+        info = os.stat(lock_path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            pids = sorted({line.split()[4] for line in handle if names_inode(line, info)}, key=int)
+    except OSError:
+        return line
+    written = re.match(r"pid (\d+)\b", line)
+    if not pids or (written is not None and written.group(1) in pids):  # not seen here (NFS), or its own line
+        return line
+    try:
+        command = Path(f"/proc/{pids[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        command = ""
+    return f"pid {pids[0]}: {command[:300] or 'command unknown'}"
 
 
 def names_inode(line: str, info: os.stat_result) -> bool:

@@ -88,6 +88,23 @@ class _Item:
     not_image: bool = False
     reference_now: str | None = None  # with ``rerecord``: the identity of its reference to record now
     rerecord: bool = False  # up to date, its reference's identity to record (a reference only touched since, ...)
+    rescore: bool = False  # its output up to date, its scores to compute again from it (``_same_reference``)
+
+
+def _owner_and_mode(path: Path) -> str:
+    """Whose a file or folder is, for a message about it: state made by another user (sudo batchsr once) is the
+    usual cause of a journal that cannot be opened or written."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    try:
+        import pwd
+
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except (KeyError, ImportError):
+        owner = str(info.st_uid)
+    return f"{path} is owned by {owner}, mode {info.st_mode & 0o7777:04o}; this process runs as uid {os.getuid()}"
 
 
 _SQLITE_WRITE_ERRORS = {8, 10, 13}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL: an extended code's low byte
@@ -99,7 +116,11 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = open_journal(path, check_same_thread=False)
+        try:
+            self.db = open_journal(path, check_same_thread=False)
+        except sqlite3.OperationalError as exc:  # a state folder another user made (sudo batchsr once): not a bug
+            raise OutputError(f"cannot open the journal {path}: {exc} ({_owner_and_mode(path.parent)}; check its "
+                              "permissions)") from None
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(
@@ -113,7 +134,8 @@ class Journal:
             self.db.commit()
         except sqlite3.OperationalError as exc:  # read-only, unopenable: the folder's to fix
             self.db.close()
-            raise OutputError(f"cannot write the journal {path}: {exc} (check the folder's permissions and mount)") from None
+            raise OutputError(f"cannot write the journal {path}: {exc} ({_owner_and_mode(path)}; check the permissions "
+                              "of it and its folder, and the mount)") from None
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise damaged_journal(path, exc) from None
@@ -572,12 +594,11 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         if metrics is None:  # never scored (a run without --reference): up to date while there is nothing to score against
             item.rerecord = found is None
             return item.rerecord
-        # Scored by a version from before references were recorded: taken as scored against the one at its
-        # path now, not upscaled again (the first run after an upgrade redid a whole archive).
-        if found is None or "psnr_y" not in metrics:
-            return False
-        item.reference_now, item.rerecord = references.identity(found), True
-        return True
+        # Scored by a version from before references were recorded (against another folder, perhaps, and a JPEG
+        # before its encoding): the output on disk is scored again, not upscaled again (the first run after an
+        # upgrade redid a whole archive).
+        item.rescore = found is not None and "psnr_y" in metrics and float(factor).is_integer()
+        return item.rescore
 
     def prepare(path: Path) -> _Item:
         item = _Item(path, path.relative_to(input_dir))
@@ -610,8 +631,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             item.fingerprint = fingerprint(opened, sniffed, read_ns)
         entry = known.get(item.rel.as_posix())
         if not force and entry is not None and sniffed is not None and _up_to_date(entry, item, sniffed):
-            item.skip = True
-            return item
+            item.skip = not item.rescore
+            if item.skip:
+                return item
         try:
             item.image = decode_image(data, path, max_pixels=settings.image.max_pixels)
         except ImageError as exc:
@@ -635,9 +657,16 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         elif item.fingerprint is not None and fingerprints.get(rel) != item.fingerprint:
             confirmed.append((rel, item.sha256, item.fingerprint))
             if len(confirmed) >= 1000:
-                journal.remember_stats(confirmed)
-                confirmed.clear()
+                remember_confirmed()
         progress.update()
+
+    def remember_confirmed() -> None:
+        """Only saves reading next time: a journal that refuses the write (full, read-only) fails no run."""
+        try:
+            journal.remember_stats(confirmed)
+        except OutputError as exc:
+            logger.warning("{}; the next run reads these {} inputs again", exc, len(confirmed))
+        confirmed.clear()
 
     def unchanged(path: Path, stat: os.stat_result) -> bool:
         """Up to date by its recorded fingerprint: skipped without being read (a cron tick over a finished
@@ -650,9 +679,30 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         if key != stat_key(stat):
             return False
         item = _Item(path, Path(rel), entry[0], fingerprint=recorded)
-        if not _up_to_date(entry, item, fmt):
+        if not _up_to_date(entry, item, fmt) or item.rescore:
             return False
         record_skip(item)
+        return True
+
+    def rescored(item: _Item) -> bool:
+        """The scores of an up-to-date output computed again from the file on disk (as a new run scores it: as
+        written), its model time kept; False when that fails, and the image is then done again."""
+        rel = item.rel.as_posix()
+        sha256, model, output, metrics, options = known[rel]
+        found = references.find(item.rel)
+        try:
+            shown = read_image(output_dir / output)
+            reference = load_reference(item.image, shown, references.read(found), int(factor))
+            scores = score_against(shown, reference, int(factor))
+        except (ImageError, ValueError, OSError) as exc:
+            logger.warning("{}: its scores cannot be computed again ({}); upscaled again", item.path, exc)
+            return False
+        scores.update(width=shown.rgb.shape[1], height=shown.rgb.shape[0], scale=int(factor), ms=metrics.get("ms", 0.0),
+                      reference=references.identity(found))
+        journal.record(rel, sha256, model, output, scores, options, item.fingerprint)
+        summary.skipped += 1
+        item.image = None
+        progress.update()
         return True
 
     def ignored(path: Path) -> bool:
@@ -831,6 +881,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 fail(item, item.error)
                 progress.update()
                 continue
+            if item.rescore and rescored(item):
+                continue
             out_rel = output_name(item.rel, item.image.format, run.output_format, run.name_template, factor)
             if outputs_taken.get(out_rel, item.path) != item.path:
                 fail(item, f"output {out_rel} would overwrite the output of {outputs_taken[out_rel]}")
@@ -880,7 +932,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         writers.shutdown(wait=True)
         progress.close()
     if confirmed:
-        journal.remember_stats(confirmed)
+        remember_confirmed()
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
     journal.close()

@@ -633,6 +633,7 @@ class _Daemon:
         self.bad_names: set[str] = set()  # names already reported as not UTF-8
         self.inbox_missing = False
         self.reported: set[tuple[str, str]] = set()  # (name, why) of what a scan skips, reported once
+        self.stuck: set[tuple[str, int, int, str]] = set()  # (name, size, ctime, why): inputs that could not be moved
         self.reported_now: set[tuple[str, str]] | None = None  # what the scan under way finds again
         self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
         self.claims_cut_short = False  # a refused journal write left a batch claimed: queue it again before the next
@@ -945,6 +946,8 @@ class _Daemon:
         # problem that comes back is said again.
         self.reported &= found_again
         self.bad_names &= {rel for rel, _, _ in files}
+        present = set(files)
+        self.stuck = {key for key in self.stuck if key[:3] in present}
         self._record(files, now)
         gone = self.journal.active_paths() - {rel for rel, _, _ in files}
         if gone:
@@ -1329,7 +1332,7 @@ class _Daemon:
         except FileNotFoundError:
             return
         except OSError as exc:
-            logger.error("{}: output done, but the input could not be {}d: {}; retried at the next scan", rel, policy, _os_reason(exc))
+            self._stuck(rel, size, ctime_ns, exc, f"output done, but the input could not be {policy}d", "or set watch.done_policy: keep")
 
     def _set_aside(self, result: Result) -> None:
         """Writes ``failed/NAME.error.json``, then moves the input beside it."""
@@ -1350,7 +1353,12 @@ class _Daemon:
             with _inbox_folder(self.folders.inbox, result.path) as folder:
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode) and (info.st_size, info.st_ctime_ns) == (result.size, result.ctime_ns):
-                    atomic_write(_report_path(target), (json.dumps(report, indent=2) + "\n").encode("utf-8"), self.folders.failed)
+                    data = (json.dumps(report, indent=2) + "\n").encode("utf-8")
+                    with contextlib.suppress(OSError):  # there already, from the last try: not written (and synced) again
+                        if _report_path(target).read_bytes() == data:
+                            data = None
+                    if data is not None:
+                        atomic_write(_report_path(target), data, self.folders.failed)
                     if move_file(name, target, dir_fd=folder, within=self.folders.failed):
                         logger.info("{} moved to {}", result.path, target)
                     else:
@@ -1361,7 +1369,21 @@ class _Daemon:
         except FileNotFoundError:
             return
         except OSError as exc:
-            logger.error("{}: cannot move it to {}: {}; retried at the next scan", result.path, self.folders.failed, _os_reason(exc))
+            self._stuck(result.path, result.size, result.ctime_ns, exc, f"cannot move it to {self.folders.failed}")
+
+    def _stuck(self, rel: str, size: int, ctime_ns: int, exc: OSError, what: str, other_way: str = "") -> None:
+        """An input that could not be moved or deleted: said once for each version of it, with the likely
+        cause (it is tried at each scan: every minute, an error line per such file filled the logs)."""
+        why = _os_reason(exc)
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            why += (f" (uid {os.getuid()} may not take it out of the inbox, or put it where it goes: a sticky or read-only "
+                    f"inbox holding another user's file, say; give the daemon's user that right{', ' + other_way if other_way else ''})")
+        key = (rel, size, ctime_ns, why)
+        if key in self.stuck:
+            logger.debug("{}: {}: {}; retried at the next scan", rel, what, why)
+            return
+        self.stuck.add(key)
+        logger.error("{}: {}: {}; retried at each scan, said again only if the reason changes", rel, what, why)
 
 
 def _is_text(rel: str) -> bool:

@@ -13,18 +13,21 @@
 # Usage: cron-run.sh /opt/batchsr/.venv/bin/batchsr run /srv/in /srv/out --progress log
 out=$("$@" 2>&1)
 rc=$?
-state=${XDG_STATE_HOME:-${HOME:-/tmp}/.local/state}/batchsr
-seen=$state/cron-failures-$(printf '%s\n' "$@" | cksum | cut -d ' ' -f 1)
+# Without HOME nor XDG_STATE_HOME nothing is kept (a fixed path in /tmp could be another user's): all is printed.
+state=${XDG_STATE_HOME:-${HOME:+$HOME/.local/state}}
+state=${state:+$state/batchsr}
+seen=${state:+$state/cron-failures-$(printf '%s\n' "$@" | cksum | cut -d ' ' -f 1)}
 case $rc in
-    0) rm -f "$seen"; exit 0 ;;
+    0) [ -z "$seen" ] || rm -f "$seen"; exit 0 ;;
     75) exit 0 ;;
     65)
         failures=$(printf '%s\n' "$out" | grep '^batchsr: failed: ' | LC_ALL=C sort -u)
+        [ -n "$seen" ] || failures=
         if [ -n "$failures" ] && [ -f "$seen" ] && [ -z "$(printf '%s\n' "$failures" | LC_ALL=C comm -13 "$seen" -)" ]; then
-            printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"  # those fixed since are dropped: a relapse is news
+            { printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null  # the fixed dropped: a relapse is news
             exit 65
         fi
-        mkdir -p "$state" 2>/dev/null && printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"
+        [ -z "$failures" ] || { mkdir -p "$state" && printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null
         ;;
 esac
 printf '%s\n' "$out"

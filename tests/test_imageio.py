@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import cv2
 import numpy as np
@@ -177,3 +178,18 @@ def test_a_quarter_turn_on_reading_trades_the_horizontal_and_vertical_resolution
     image = decode_image(buffer.getvalue(), "scan.jpg")
     carried = _load_exif(image.meta.exif)
     assert image.meta.dpi == expected and (float(carried[X_RESOLUTION]), float(carried[Y_RESOLUTION])) == expected
+
+
+def test_a_temporary_is_private_until_written_then_takes_its_mode(tmp_path):
+    """Made 0666 less the umask at once, a private input's output could be opened by anyone while it was
+    written, and the open handle outlived the later chmod."""
+    import stat
+
+    from batchsr.imageio import _UMASK, atomic_file
+
+    for mode, final in ((0o640, 0o640), (None, 0o666 & ~_UMASK)):
+        target = tmp_path / f"out-{mode}.png"
+        with atomic_file(target, mode=mode) as handle:
+            handle.write(b"pixels")
+            assert stat.S_IMODE(os.fstat(handle.fileno()).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(target).st_mode) == final and target.read_bytes() == b"pixels"

@@ -666,10 +666,10 @@ def test_cli_exit_codes(tree, tmp_path, tiny_model):
     lock_path = tmp_path / "o2" / ".batchsr" / "lock"
     with open(lock_path, "r+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        handle.write("pid 12345: test holder")
+        handle.write(f"pid {os.getpid()}: test holder")
         handle.flush()
         locked = _cli("run", str(good), str(tmp_path / "o2"), "--model", str(tiny_model))
-    assert locked.returncode == 75 and "12345" in locked.stderr
+    assert locked.returncode == 75 and f"pid {os.getpid()}: test holder" in locked.stderr
 
 
 def test_unwritable_outputs_of_eval_and_logging_fail_up_front(tmp_path):
@@ -852,6 +852,9 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     assert "c.png" in tick().stdout  # broken again: news again
     for _ in range(2):  # an exit 65 without a failure line (an error of another kind) is never kept quiet
         assert tick("sh", "-c", "echo 'batchsr: error: x.png: not an image' >&2; exit 65").stdout != ""
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_STATE_HOME")}  # nowhere to keep them: all told
+    for _ in range(2):
+        assert tick("sh", "-c", "echo 'batchsr: failed: x.png: not an image' >&2; exit 65").stdout != ""
     locked = tick("sh", "-c", "echo held by pid 7 >&2; exit 75")
     assert (locked.returncode, locked.stdout, locked.stderr) == (0, "", "")
 
@@ -1121,14 +1124,14 @@ def test_a_run_finding_its_output_folder_held_exits_75_before_importing_tensorfl
     lock_path.parent.mkdir(parents=True)
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        handle.write("pid 4242: the long run")
+        handle.write(f"pid {os.getpid()}: the long run")
         handle.flush()
         try:
             result = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--progress", "none"])
         finally:
             logger.remove()
             logger.add(sys.stderr)
-    assert result.exit_code == 75 and "pid 4242: the long run" in result.output, result.output
+    assert result.exit_code == 75 and f"pid {os.getpid()}: the long run" in result.output, result.output
 
 
 def test_the_mean_row_names_the_model_of_its_rows():
@@ -1288,9 +1291,11 @@ def test_two_threads_importing_tensorflow_at_once_both_finish_and_leave_stderr_a
     assert result.stderr.strip() == "after", result.stderr
 
 
-def test_entries_scored_before_references_were_recorded_are_taken_over_not_upscaled_again(tmp_path):
+def test_entries_scored_before_references_were_recorded_are_scored_again_not_upscaled_again(tmp_path):
     """After an upgrade from a version that recorded scores without the reference's identity (or no metrics
-    for an image without a reference), the first run with --reference upscaled the whole archive again."""
+    for an image without a reference), the first run with --reference upscaled the whole archive again. Its
+    scores are not trusted either (made against another folder perhaps, and a JPEG before its encoding): the
+    outputs on disk are scored again."""
     import json
     import sqlite3
 
@@ -1303,20 +1308,22 @@ def test_entries_scored_before_references_were_recorded_are_taken_over_not_upsca
     write_png(src / "alone.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))  # no reference
     write_png(src / "gone.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
     write_png(ref / "gone.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
-    settings = _bicubic_settings()
-    first = run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref)
-    assert first.done == 3
-    before = (out / "metrics.csv").read_bytes()
+    settings = _bicubic_settings(output_format="jpg", jpeg_quality=40)
+    assert run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref).done == 3
     with sqlite3.connect(out / ".batchsr" / "journal.sqlite") as db:  # as the older version left it
         for rel, metrics in db.execute("SELECT input, metrics FROM outputs").fetchall():
             old = {k: v for k, v in json.loads(metrics).items() if k != "reference"}
             db.execute("UPDATE outputs SET metrics = ? WHERE input = ?", (json.dumps(old) if "psnr_y" in old else None, rel))
+    write_png(ref / "a.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))  # not what it was scored against
     (ref / "gone.png").unlink()  # scored against a reference deleted since: redone, as a vanished reference is
+    stamp = (out / "a.jpg").stat().st_mtime_ns
     again = run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref)
-    assert (again.done, again.skipped) == (1, 2)
-    rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_text())))
-    assert [r["image"] for r in rows] == ["a.png", "MEAN"]
-    assert rows[0] == next(r for r in csv.DictReader(io.StringIO(before.decode())) if r["image"] == "a.png")
+    assert (again.done, again.skipped) == (1, 2) and (out / "a.jpg").stat().st_mtime_ns == stamp  # a.jpg not written again
+    fresh = run_folder(src, tmp_path / "fresh", settings, engine=Bicubic(), reference_dir=ref)
+    rows, expected = ([r for r in csv.DictReader(io.StringIO((folder / "metrics.csv").read_text())) if r["image"] == "a.png"]
+                      for folder in (out, tmp_path / "fresh"))
+    assert len(rows) == 1 and {k: v for k, v in rows[0].items() if k != "ms"} == {k: v for k, v in expected[0].items() if k != "ms"}
+    assert fresh.done == 3
     third = run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref)  # the identities now recorded
     assert (third.done, third.skipped) == (0, 3)
 
@@ -1333,3 +1340,34 @@ def test_a_first_run_with_reference_redoes_only_the_images_that_have_one(tmp_pat
     scored = run_folder(src, out, _bicubic_settings(), engine=Bicubic(), reference_dir=ref)
     assert (scored.done, scored.skipped) == (1, 1)  # alone.png has nothing to be scored against: not upscaled again
     assert (run_folder(src, out, _bicubic_settings(), engine=Bicubic(), reference_dir=ref).skipped) == 2
+
+
+def test_a_journal_that_cannot_be_opened_is_an_output_error_not_a_bug(tmp_path):
+    """A state folder made by another user (sudo batchsr once) ended the service's run with exit 70 and a
+    traceback; the message now names the owner and mode."""
+    from batchsr.errors import OutputError
+
+    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 60, np.uint8))
+    (tmp_path / "out" / ".batchsr" / "journal.sqlite").mkdir(parents=True)  # cannot be opened as a database
+    with pytest.raises(OutputError, match=r"cannot open the journal .*journal\.sqlite: .*is owned by \w+, mode \d{4}"):
+        run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings())
+
+
+def test_a_journal_refusing_the_fingerprints_fails_no_run(tmp_path, monkeypatch):
+    """Recording fingerprints only saves reading next time: a full or read-only journal made a run that had
+    nothing to do exit 73, at every tick."""
+    import batchsr.runner
+    from batchsr.errors import OutputError
+    from tests.conftest import Bicubic
+
+    def refused(self, rows):
+        raise OutputError(f"cannot write the journal {self.path}: database or disk is full")
+
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / "in" / name, np.full((12, 12, 3), 60, np.uint8))
+    monkeypatch.setattr(batchsr.runner, "_SETTLED_NS", 10**18)  # none recorded at the first run
+    assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).done == 2
+    monkeypatch.setattr(batchsr.runner, "_SETTLED_NS", 0)
+    monkeypatch.setattr(batchsr.runner.Journal, "remember_stats", refused)
+    again = run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic())
+    assert (again.done, again.skipped, again.failed) == (0, 2, [])

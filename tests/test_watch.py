@@ -1673,7 +1673,7 @@ def test_the_daemon_waits_for_a_run_that_holds_its_output_folder(tmp_path, tiny_
     drop(tmp_path / "inbox", "a.png", png(1))
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        handle.write("pid 12345: /opt/batchsr/.venv/bin/batchsr run /srv/archive /srv/batchsr/output\n")
+        handle.write(f"pid {os.getpid()}: /opt/batchsr/.venv/bin/batchsr run /srv/archive /srv/batchsr/output\n")
         handle.flush()
         daemon = start(config)
         wait_for(lambda: "waiting for it to finish" in daemon.log(), 60, daemon, "the daemon to wait")
@@ -2124,6 +2124,7 @@ def test_a_lock_line_of_a_daemon_from_before_the_mark_is_known_as_a_daemons():
     assert held_by_daemon("pid 7: /opt/batchsr/batchsr/cli.py --config /etc/batchsr/config.yaml watch")
     assert not held_by_daemon("pid 7: /opt/batchsr/.venv/bin/batchsr run /srv/watch /srv/out")
     assert not held_by_daemon("pid 7: batchsr --config watch.yaml run watch out")
+    assert not held_by_daemon("pid 7: /opt/batchsr/.venv/bin/batchsr --config watch run /srv/in /srv/out")
     assert not held_by_daemon("unknown process")
 
 
@@ -2135,3 +2136,94 @@ def test_an_output_identity_recorded_with_the_device_number_still_matches():
     assert _same_identity("12:34:56:78", "34:56:78") and _same_identity("34:56:78", "34:56:78")
     assert not _same_identity("12:34:56:78", "34:56:79") and not _same_identity("12:34:56:78", None)
     assert not _same_identity("34:56:78", "12:34:56:78")
+
+
+def test_a_stale_line_in_a_lock_held_by_another_process_is_not_taken_for_the_holder(tmp_path):
+    """A holder that could not write its line (another user's lock file, opened read-only) left a dead daemon's
+    line in place: a starting daemon read it, refused with exit 75 instead of waiting for the run, and named a
+    process long gone."""
+    import subprocess
+    import sys
+
+    from batchsr.errors import LockedError
+    from batchsr.lock import FolderLock, held_by_daemon, lock_holder
+
+    lock = tmp_path / ".batchsr" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("pid 999999 (watch daemon): /opt/batchsr/.venv/bin/batchsr watch\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError) as refused:
+            FolderLock(lock).acquire()
+        said = [str(refused.value), FolderLock(lock).holder(), lock_holder(lock)]
+    finally:
+        holder.kill()
+        holder.wait()
+    for line in said:
+        assert f"pid {holder.pid}:" in line and "999999" not in line and "fcntl" in line, line
+    assert not held_by_daemon(said[1])
+
+
+def test_an_input_that_cannot_be_moved_out_of_the_inbox_is_said_once_per_version(tmp_path, monkeypatch):
+    """A sticky inbox (another user's files): the move was tried and logged as an error at every scan, a line
+    a minute per finished file, for ever."""
+    import errno
+
+    from loguru import logger
+
+    import batchsr.watch
+    from batchsr.watch import _Daemon
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(batchsr.watch, "move_file", refused)
+    inbox = tmp_path / "inbox"
+    drop(inbox, "a.png", png(36))
+    daemon = _Daemon.__new__(_Daemon)  # only what disposing of an input needs
+    daemon.watch = WatchSettings(done_policy="move")
+    daemon.folders = WatchFolders(inbox, tmp_path / "output", tmp_path / "done", tmp_path / "failed", tmp_path / "state", None)
+    daemon.stuck = set()
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(f"{m.record['level'].name} {m.record['message']}"), level="DEBUG")
+    try:
+        info = (inbox / "a.png").stat()
+        for _ in range(3):
+            daemon._dispose_input("a.png", info.st_size, info.st_ctime_ns)
+        drop(inbox, "a.png", png(37))  # another version: said again
+        info = (inbox / "a.png").stat()
+        daemon._dispose_input("a.png", info.st_size, info.st_ctime_ns)
+    finally:
+        logger.remove(sink)
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 2 and "could not be moved" in errors[0] and "done_policy: keep" in errors[0], lines
+    assert (inbox / "a.png").is_file()
+
+
+def test_a_failure_report_is_not_written_again_while_its_file_cannot_be_moved(tmp_path, monkeypatch):
+    """The same failed/NAME.error.json was rewritten and synced at every scan while the move kept failing."""
+    import errno
+
+    import batchsr.watch
+    from batchsr.journal import Result
+    from batchsr.watch import _Daemon
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(batchsr.watch, "move_file", refused)
+    inbox = tmp_path / "inbox"
+    drop(inbox, "bad.png", b"not a png")
+    info = (inbox / "bad.png").stat()
+    daemon = _Daemon.__new__(_Daemon)
+    daemon.folders = WatchFolders(inbox, tmp_path / "output", tmp_path / "done", tmp_path / "failed", tmp_path / "state", None)
+    daemon.stuck = set()
+    result = Result(id=1, path="bad.png", state="failed", sha256=None, size=info.st_size, ctime_ns=info.st_ctime_ns, attempts=3,
+                    interrupted=0, error="not an image", traceback_digest=None, model_id=None, output=None, finished=1.0, first_seen=0.0)
+    daemon._set_aside(result)
+    report = tmp_path / "failed" / "bad.png.error.json"
+    first = report.stat()
+    daemon._set_aside(result)
+    assert (report.stat().st_ino, report.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns) and (inbox / "bad.png").is_file()
