@@ -687,6 +687,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def rescored(item: _Item) -> bool:
         """The scores of an up-to-date output computed again from the file on disk (as a new run scores it: as
         written), its model time kept; False when that fails, and the image is then done again."""
+        if item.image.alpha is not None and written_as(item) not in ("jpg", "webp"):
+            return False  # a new run scores its pixels before the file (colour under transparency, a flattened BMP)
         rel = item.rel.as_posix()
         sha256, model, output, metrics, options = known[rel]
         found = references.find(item.rel)

@@ -271,6 +271,7 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, wi
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+    there_before = os.path.lexists(target)  # a copy of this very content (``_version_name``): left as it is
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out, open(source, "rb", opener=_no_follow(dir_fd) if dir_fd is not None else None) as src:
@@ -288,7 +289,13 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, wi
     now = os.stat(source, dir_fd=dir_fd, follow_symlinks=False)
     if (now.st_dev, now.st_ino, now.st_size, now.st_ctime_ns) != (copied.st_dev, copied.st_ino, copied.st_size, copied.st_ctime_ns):
         return False
-    os.unlink(source, dir_fd=dir_fd)
+    try:
+        os.unlink(source, dir_fd=dir_fd)
+    except OSError:  # the source stays (a sticky or read-only inbox): a copy left at each try filled the disk
+        if not there_before:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
     return True
 
 

@@ -27,7 +27,11 @@ case $rc in
             { printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null  # the fixed dropped: a relapse is news
             exit 65
         fi
-        [ -z "$failures" ] || { mkdir -p "$state" && printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null
+        if [ -n "$failures" ]; then
+            { mkdir -p "$state" && printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null
+        elif [ -n "$seen" ]; then
+            rm -f "$seen"  # an error of another kind: the failures after it are news again
+        fi
         ;;
 esac
 printf '%s\n' "$out"

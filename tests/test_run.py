@@ -852,6 +852,11 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     assert "c.png" in tick().stdout  # broken again: news again
     for _ in range(2):  # an exit 65 without a failure line (an error of another kind) is never kept quiet
         assert tick("sh", "-c", "echo 'batchsr: error: x.png: not an image' >&2; exit 65").stdout != ""
+    said = tmp_path / "said.txt"  # one command whose output changes: failed, another error, failed again
+    for text, told in (("batchsr: failed: x.png: bad", True), ("batchsr: error: another kind", True), ("batchsr: failed: x.png: bad", True),
+                       ("batchsr: failed: x.png: bad", False)):
+        said.write_text(text + "\n")
+        assert (tick("sh", "-c", f"cat {said} >&2; exit 65").stdout != "") is told, text
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_STATE_HOME")}  # nowhere to keep them: all told
     for _ in range(2):
         assert tick("sh", "-c", "echo 'batchsr: failed: x.png: not an image' >&2; exit 65").stdout != ""
@@ -1371,3 +1376,31 @@ def test_a_journal_refusing_the_fingerprints_fails_no_run(tmp_path, monkeypatch)
     monkeypatch.setattr(batchsr.runner.Journal, "remember_stats", refused)
     again = run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic())
     assert (again.done, again.skipped, again.failed) == (0, 2, [])
+
+
+def test_an_output_of_an_input_with_transparency_is_upscaled_again_not_rescored(tmp_path):
+    """Read back from disk, its pixels are not those a new run scores (colour under full transparency is
+    filled in, a BMP is flattened): rescoring an old version's entry gave other figures than a new run."""
+    import json
+    import sqlite3
+
+    from tests.conftest import Bicubic
+
+    rng = np.random.default_rng(3)
+    src, ref, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    rgba = rng.integers(0, 255, (12, 12, 4), dtype=np.uint8)
+    rgba[:6, :, 3] = 0  # half fully transparent
+    import cv2
+
+    assert cv2.imwrite(str((src.mkdir(), src / "a.png")[1]), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    write_png(ref / "a.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    settings = _bicubic_settings()
+    assert run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref).done == 1
+    expected = (out / "metrics.csv").read_text()
+    with sqlite3.connect(out / ".batchsr" / "journal.sqlite") as db:  # as an older version left it
+        (metrics,) = db.execute("SELECT metrics FROM outputs").fetchone()
+        db.execute("UPDATE outputs SET metrics = ?", (json.dumps({k: v for k, v in json.loads(metrics).items() if k != "reference"}),))
+    again = run_folder(src, out, settings, engine=Bicubic(), reference_dir=ref)
+    assert again.done == 1
+    strip = lambda text: [{k: v for k, v in row.items() if k != "ms"} for row in csv.DictReader(io.StringIO(text))]  # noqa: E731
+    assert strip((out / "metrics.csv").read_text()) == strip(expected)

@@ -2227,3 +2227,36 @@ def test_a_failure_report_is_not_written_again_while_its_file_cannot_be_moved(tm
     first = report.stat()
     daemon._set_aside(result)
     assert (report.stat().st_ino, report.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns) and (inbox / "bad.png").is_file()
+
+
+@pytest.mark.parametrize("there_before", [False, True])
+def test_a_copy_whose_source_cannot_be_removed_is_not_left_behind(tmp_path, monkeypatch, there_before):
+    """Across file systems, from an inbox that would not let the file go: each scan left one more full copy
+    in failed/ (a.2.png, a.3.png, ...) until the disk was full."""
+    import errno
+
+    from batchsr.watch import move_file
+
+    source, target = tmp_path / "inbox" / "a.png", tmp_path / "failed" / "a.png"
+    drop(tmp_path / "inbox", "a.png", png(5))
+    if there_before:  # a copy of this very content, kept by an earlier move: not removed
+        drop(tmp_path / "failed", "a.png", png(5))
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def cross_device(src, dst, **kwargs):
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst, **kwargs)
+
+    def kept(path, **kwargs):
+        if Path(path) == source:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_unlink(path, **kwargs)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    monkeypatch.setattr(os, "unlink", kept)
+    with pytest.raises(PermissionError):
+        move_file(source, target)
+    monkeypatch.undo()
+    assert source.read_bytes() == png(5) and target.exists() is there_before
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == (["a.png"] if there_before else [])
