@@ -281,6 +281,7 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, wi
             os.fsync(out.fileno())
             shutil.copystat(src.fileno(), tmp)
         os.replace(tmp, target)
+        made = os.lstat(target)
         sync_folder(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -291,9 +292,11 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, wi
         return False
     try:
         os.unlink(source, dir_fd=dir_fd)
+    except FileNotFoundError:  # gone meanwhile (or a retried NFS unlink that did it): the copy is the file now
+        return True
     except OSError:  # the source stays (a sticky or read-only inbox): a copy left at each try filled the disk
-        if not there_before:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if not there_before and os.path.samestat(os.lstat(target), made):
                 os.unlink(target)
         raise
     return True

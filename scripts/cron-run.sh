@@ -4,7 +4,8 @@
 # - silent on exit 0 (all done) and 75 (another run holds the output folder:
 #   this one is skipped);
 # - on exit 65 (some images failed), silent when each "batchsr: failed:" line
-#   was printed at the previous run of the same command too: a file that stays
+#   was printed at the previous run of the same command too (a run that ended
+#   otherwise, 75 aside, makes them all news again): a file that stays
 #   broken is mailed about once, not at every tick (the failures are kept in
 #   ${XDG_STATE_HOME:-$HOME/.local/state}/batchsr/); everything when one is new,
 #   or when there is none (an error of another kind);
@@ -33,6 +34,7 @@ case $rc in
             rm -f "$seen"  # an error of another kind: the failures after it are news again
         fi
         ;;
+    *) [ -z "$seen" ] || rm -f "$seen" ;;  # another trouble: the failures after it are news again
 esac
 printf '%s\n' "$out"
 exit $rc

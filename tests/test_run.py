@@ -853,10 +853,11 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     for _ in range(2):  # an exit 65 without a failure line (an error of another kind) is never kept quiet
         assert tick("sh", "-c", "echo 'batchsr: error: x.png: not an image' >&2; exit 65").stdout != ""
     said = tmp_path / "said.txt"  # one command whose output changes: failed, another error, failed again
-    for text, told in (("batchsr: failed: x.png: bad", True), ("batchsr: error: another kind", True), ("batchsr: failed: x.png: bad", True),
-                       ("batchsr: failed: x.png: bad", False)):
-        said.write_text(text + "\n")
-        assert (tick("sh", "-c", f"cat {said} >&2; exit 65").stdout != "") is told, text
+    for text, rc, told in (("batchsr: failed: x.png: bad", 65, True), ("batchsr: error: another kind", 65, True),
+                           ("batchsr: failed: x.png: bad", 65, True), ("batchsr: failed: x.png: bad", 65, False),
+                           ("batchsr: error: output not writable", 73, True), ("batchsr: failed: x.png: bad", 65, True)):
+        said.write_text(f"{text}\n{rc}\n")
+        assert (tick("sh", "-c", f"head -1 {said} >&2; exit $(tail -1 {said})").stdout != "") is told, text
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_STATE_HOME")}  # nowhere to keep them: all told
     for _ in range(2):
         assert tick("sh", "-c", "echo 'batchsr: failed: x.png: not an image' >&2; exit 65").stdout != ""

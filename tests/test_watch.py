@@ -2260,3 +2260,31 @@ def test_a_copy_whose_source_cannot_be_removed_is_not_left_behind(tmp_path, monk
     monkeypatch.undo()
     assert source.read_bytes() == png(5) and target.exists() is there_before
     assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == (["a.png"] if there_before else [])
+
+
+def test_a_cross_device_move_whose_source_vanishes_at_the_end_keeps_the_copy(tmp_path, monkeypatch):
+    """The source gone at its unlink (another process, or a retried NFS unlink that had done it): the cleanup
+    of a copy whose source stays removed the only copy left."""
+    import errno
+
+    from batchsr.watch import move_file
+
+    source, target = tmp_path / "inbox" / "a.png", tmp_path / "done" / "a.png"
+    drop(tmp_path / "inbox", "a.png", png(6))
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def cross_device(src, dst, **kwargs):
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst, **kwargs)
+
+    def vanished(path, **kwargs):
+        real_unlink(path, **kwargs)
+        if Path(path) == source:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    monkeypatch.setattr(os, "unlink", vanished)
+    assert move_file(source, target) is True
+    monkeypatch.undo()
+    assert target.read_bytes() == png(6) and not source.exists()
