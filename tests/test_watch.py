@@ -2229,6 +2229,25 @@ def test_a_failure_report_is_not_written_again_while_its_file_cannot_be_moved(tm
     assert (report.stat().st_ino, report.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns) and (inbox / "bad.png").is_file()
 
 
+def _across_file_systems(monkeypatch, source: Path, unlink_source) -> None:
+    """``os.replace`` of ``source`` fails as between two file systems (move_file then copies), and its
+    ``os.unlink`` is ``unlink_source(real_unlink, path)``."""
+    import errno
+
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def cross_device(src, dst, **kwargs):
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst, **kwargs)
+
+    def unlink(path, **kwargs):
+        return unlink_source(real_unlink, path, **kwargs) if Path(path) == source else real_unlink(path, **kwargs)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    monkeypatch.setattr(os, "unlink", unlink)
+
+
 @pytest.mark.parametrize("there_before", [False, True])
 def test_a_copy_whose_source_cannot_be_removed_is_not_left_behind(tmp_path, monkeypatch, there_before):
     """Across file systems, from an inbox that would not let the file go: each scan left one more full copy
@@ -2237,24 +2256,14 @@ def test_a_copy_whose_source_cannot_be_removed_is_not_left_behind(tmp_path, monk
 
     from batchsr.watch import move_file
 
+    def refused(real_unlink, path, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
     source, target = tmp_path / "inbox" / "a.png", tmp_path / "failed" / "a.png"
     drop(tmp_path / "inbox", "a.png", png(5))
     if there_before:  # a copy of this very content, kept by an earlier move: not removed
         drop(tmp_path / "failed", "a.png", png(5))
-    real_replace, real_unlink = os.replace, os.unlink
-
-    def cross_device(src, dst, **kwargs):
-        if Path(src) == source:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        return real_replace(src, dst, **kwargs)
-
-    def kept(path, **kwargs):
-        if Path(path) == source:
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        return real_unlink(path, **kwargs)
-
-    monkeypatch.setattr(os, "replace", cross_device)
-    monkeypatch.setattr(os, "unlink", kept)
+    _across_file_systems(monkeypatch, source, refused)
     with pytest.raises(PermissionError):
         move_file(source, target)
     monkeypatch.undo()
@@ -2269,22 +2278,13 @@ def test_a_cross_device_move_whose_source_vanishes_at_the_end_keeps_the_copy(tmp
 
     from batchsr.watch import move_file
 
+    def vanished(real_unlink, path, **kwargs):
+        real_unlink(path, **kwargs)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
     source, target = tmp_path / "inbox" / "a.png", tmp_path / "done" / "a.png"
     drop(tmp_path / "inbox", "a.png", png(6))
-    real_replace, real_unlink = os.replace, os.unlink
-
-    def cross_device(src, dst, **kwargs):
-        if Path(src) == source:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        return real_replace(src, dst, **kwargs)
-
-    def vanished(path, **kwargs):
-        real_unlink(path, **kwargs)
-        if Path(path) == source:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
-
-    monkeypatch.setattr(os, "replace", cross_device)
-    monkeypatch.setattr(os, "unlink", vanished)
+    _across_file_systems(monkeypatch, source, vanished)
     assert move_file(source, target) is True
     monkeypatch.undo()
     assert target.read_bytes() == png(6) and not source.exists()
