@@ -1299,6 +1299,7 @@ def test_a_queued_folder_swapped_for_a_link_leads_nothing_out_of_the_inbox(tmp_p
     daemon = _Daemon.__new__(_Daemon)  # only what disposing of an input needs
     daemon.watch = WatchSettings(done_policy=policy)
     daemon.folders = WatchFolders(inbox, tmp_path / "output", tmp_path / "done", tmp_path / "failed", tmp_path / "state", None)
+    daemon.stuck = set()
     victim_info = (victim / "inner.png").stat()
     daemon._dispose_input("sub/inner.png", victim_info.st_size, victim_info.st_ctime_ns)
     assert (victim / "inner.png").read_bytes() == png(36) and not (tmp_path / "done").exists()
