@@ -165,17 +165,15 @@ def lock_holder(lock_path: Path) -> str | None:
     a daemon that starts at that instant fail.
     """
     try:
-        info = os.stat(lock_path)
-        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
-            held = any(names_inode(line, info) for line in handle)
+        pids = _holders(lock_path)
     except FileNotFoundError:
         return None
     except OSError as exc:  # a state folder of the daemon's user, closed to others
         return f"unknown: cannot look at {lock_path} ({exc.strerror or exc})"
-    if not held:
+    if not pids:
         return None
     try:
-        return current_line(lock_path, lock_path.read_text(encoding="utf-8", errors="replace").strip()) or "unknown process"
+        return _named(lock_path.read_text(encoding="utf-8", errors="replace").strip(), pids) or "unknown process"
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -187,11 +185,20 @@ def current_line(lock_path: Path, line: str) -> str:
     holder's own command, from /proc. A holder that could not write its line (another user's lock file, opened
     read-only) left an earlier holder's there: a dead daemon's line made a start refuse, not wait for a run."""
     try:
-        info = os.stat(lock_path)
-        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
-            pids = sorted({line.split()[4] for line in handle if names_inode(line, info)}, key=int)
+        return _named(line, _holders(lock_path))
     except OSError:
         return line
+
+
+def _holders(lock_path: Path) -> list[str]:
+    """The pids /proc/locks shows holding a flock on the lock file, lowest first."""
+    info = os.stat(lock_path)
+    with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+        return sorted({entry.split()[4] for entry in handle if names_inode(entry, info)}, key=int)
+
+
+def _named(line: str, pids: list[str]) -> str:
+    """``line`` when one of ``pids`` wrote it (or none is known), else the first holder's command from /proc."""
     written = re.match(r"pid (\d+)\b", line)
     if not pids or (written is not None and written.group(1) in pids):  # not seen here (NFS), or its own line
         return line
