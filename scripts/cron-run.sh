@@ -7,8 +7,10 @@
 #   was printed at the previous run of the same command too (a run that ended
 #   otherwise, 75 aside, makes them all news again): a file that stays
 #   broken is mailed about once, not at every tick (the failures are kept in
-#   ${XDG_STATE_HOME:-$HOME/.local/state}/batchsr/); everything when one is new,
-#   or when there is none (an error of another kind);
+#   ${XDG_STATE_HOME:-$HOME/.local/state}/batchsr/); the memory figures of a
+#   run.memory_mb refusal, which move with what the process holds, are left
+#   out of the comparison; everything when a failure is new, or when there is
+#   none (an error of another kind);
 # - everything on any other exit.
 # The exit status is the command's, 75 aside (0).
 # Usage: cron-run.sh /opt/batchsr/.venv/bin/batchsr run /srv/in /srv/out --progress log
@@ -22,7 +24,9 @@ case $rc in
     0) [ -z "$seen" ] || rm -f "$seen"; exit 0 ;;
     75) exit 0 ;;
     65)
-        failures=$(printf '%s\n' "$out" | grep '^batchsr: failed: ' | LC_ALL=C sort -u)
+        failures=$(printf '%s\n' "$out" | grep '^batchsr: failed: ' |
+            sed -E 's/needs about [0-9,]+ MB, above run\.memory_mb/needs about N MB, above run.memory_mb/; s/[0-9,]+ MB for the images decoded ahead/N MB for the images decoded ahead/' |
+            LC_ALL=C sort -u)
         [ -n "$seen" ] || failures=
         if [ -n "$failures" ] && [ -f "$seen" ] && [ -z "$(printf '%s\n' "$failures" | LC_ALL=C comm -13 "$seen" -)" ]; then
             { printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null  # the fixed dropped: a relapse is news

@@ -853,9 +853,15 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
     for _ in range(2):  # an exit 65 without a failure line (an error of another kind) is never kept quiet
         assert tick("sh", "-c", "echo 'batchsr: error: x.png: not an image' >&2; exit 65").stdout != ""
     said = tmp_path / "said.txt"  # one command whose output changes: failed, another error, failed again
+    memory = ("9000x7000 needs about {:,} MB, above run.memory_mb = 2,000; lower engine.tile or raise run.memory_mb "
+              "(counted: 96 MB for a model call over its windows, set by engine.batch_size and engine.tile; {} MB for the images decoded ahead of it)")
     for text, rc, told in (("batchsr: failed: x.png: bad", 65, True), ("batchsr: error: another kind", 65, True),
                            ("batchsr: failed: x.png: bad", 65, True), ("batchsr: failed: x.png: bad", 65, False),
-                           ("batchsr: error: output not writable", 73, True), ("batchsr: failed: x.png: bad", 65, True)):
+                           ("batchsr: error: output not writable", 73, True), ("batchsr: failed: x.png: bad", 65, True),
+                           # a memory refusal's figures move with what the process holds: the same refusal is no news
+                           (f"batchsr: failed: y.png: {memory.format(2_345, 310)}", 65, True),
+                           (f"batchsr: failed: y.png: {memory.format(2_351, 296)}", 65, False),
+                           (f"batchsr: failed: y 2.png: {memory.format(2_351, 296)}", 65, True)):
         said.write_text(f"{text}\n{rc}\n")
         assert (tick("sh", "-c", f"head -1 {said} >&2; exit $(tail -1 {said})").stdout != "") is told, text
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_STATE_HOME")}  # nowhere to keep them: all told
