@@ -271,6 +271,7 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, wi
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+    _check_removable(source, dir_fd)  # a source that would stay is not copied in full at each scan first
     there_before = os.path.lexists(target)  # a copy of this very content (``_version_name``): left as it is
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=".tmp", dir=target.parent)
     try:
@@ -300,6 +301,21 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, wi
                 os.unlink(target)
         raise
     return True
+
+
+def _check_removable(source: Path | str, dir_fd: int | None) -> None:
+    """Raises what unlinking ``source`` would raise for want of permission (a read-only or sticky folder), so
+    a cross-device move does not copy a file it could not then remove."""
+    folder = os.stat(dir_fd) if dir_fd is not None else os.stat(Path(source).parent)
+    uid = os.geteuid()
+    if uid == 0:
+        return
+    if not os.access("." if dir_fd is not None else Path(source).parent, os.W_OK | os.X_OK, dir_fd=dir_fd, effective_ids=True):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(source))
+    if folder.st_mode & stat.S_ISVTX and uid != folder.st_uid:
+        owner = os.stat(source, dir_fd=dir_fd, follow_symlinks=False).st_uid
+        if uid != owner:  # a sticky folder lets only the file's or the folder's owner remove it
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source))
 
 
 def append_metrics(path: Path, rows: list[dict], *, replace: bool = False) -> list[tuple[str, str]] | None:

@@ -2272,6 +2272,27 @@ def test_a_copy_whose_source_cannot_be_removed_is_not_left_behind(tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == (["a.png"] if there_before else [])
 
 
+def test_a_source_in_a_sticky_folder_it_cannot_leave_is_not_copied(tmp_path, monkeypatch):
+    """A stuck input of a sticky inbox (another user's file) was copied in full across file systems at each
+    scan, then the copy removed: the unlink's refusal is foreseen, and nothing is read."""
+    import stat as st
+
+    from batchsr.watch import move_file
+
+    source, target = tmp_path / "inbox" / "a.png", tmp_path / "failed" / "a.png"
+    drop(tmp_path / "inbox", "a.png", png(5))
+    (tmp_path / "inbox").chmod(0o1777)
+    reads = []
+    _across_file_systems(monkeypatch, source, lambda real_unlink, path, **kwargs: pytest.fail("unlinked"))
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(source).st_uid + 4242)  # neither the file's nor the folder's owner
+    monkeypatch.setattr(shutil, "copyfileobj", lambda *args, **kwargs: reads.append(args))
+    with pytest.raises(PermissionError):
+        move_file(source, target)
+    monkeypatch.undo()
+    assert reads == [] and source.read_bytes() == png(5) and list((tmp_path / "failed").iterdir()) == []
+    assert st.S_IMODE((tmp_path / "inbox").stat().st_mode) == 0o1777
+
+
 def test_a_cross_device_move_whose_source_vanishes_at_the_end_keeps_the_copy(tmp_path, monkeypatch):
     """The source gone at its unlink (another process, or a retried NFS unlink that had done it): the cleanup
     of a copy whose source stays removed the only copy left."""
