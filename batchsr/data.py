@@ -32,7 +32,11 @@ def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, 
                outputs: list[Path] | None = None) -> list[Path]:
     """Regular files under ``folder``, sorted; hidden files and folders skipped.
 
-    Links to folders are followed, each real folder once (a link loop ends there).
+    Links to folders are followed, each real folder once (a link loop ends there),
+    after every folder reached without one and in name order: a folder that is
+    also reached through a link keeps its own path as the name (which link the
+    file system lists first had decided it, and moving the tree elsewhere
+    renamed outputs).
     ``problems`` collects, as ``(path, reason)``, what could not be looked into:
     unreadable folders and broken links. With ``outputs``, a subfolder holding a
     batchsr output's state (another run's OUTPUT) is left out and collected there:
@@ -46,7 +50,14 @@ def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, 
         if problems is not None:
             problems.append((Path(exc.filename), f"cannot list folder: {exc.strerror or exc}"))
 
-    for root, dirs, names in walk(folder, onerror=unreadable, follow_links=True):
+    linked: list[str] = []  # links to folders, walked once every folder reached without one has been
+
+    def tree():
+        yield from walk(folder, onerror=unreadable)
+        while linked:
+            yield from walk(linked.pop(0), onerror=unreadable)
+
+    for root, dirs, names in tree():
         try:
             info = os.stat(root)
         except OSError as exc:
@@ -57,11 +68,12 @@ def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, 
             dirs[:] = []
             continue
         visited.add((info.st_dev, info.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         if outputs is not None:  # one look at each subfolder (a membership test in a list was quadratic)
             other = {d for d in dirs if os.path.isdir(os.path.join(root, d, STATE_DIR))}
             outputs.extend(Path(root) / d for d in dirs if d in other)
             dirs[:] = [d for d in dirs if d not in other]
+        linked.extend(os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d)))
         for name in names:
             path = Path(root) / name
             if name.startswith("."):

@@ -404,6 +404,22 @@ def test_problem_files_and_folders_are_reported_and_links_followed(tmp_path, tin
     assert not stale.exists() and not older.exists() and notes.read_bytes() == b"mine"
 
 
+def test_a_folder_also_reached_through_a_link_is_named_by_its_own_path(tmp_path):
+    """Which name a folder reached twice got hung on the order the file system lists entries in: the same
+    tree on another disk renamed, so upscaled again, every image under it."""
+    from batchsr.data import list_files
+
+    src = tmp_path / "in"
+    for rel in ("real/x.png", "b/deep/y.png", "a/z.png"):
+        write_png(src / rel, np.full((4, 4, 3), 9, np.uint8))
+    (src / "alias").symlink_to("real", target_is_directory=True)  # listed before "real" in name order
+    (src / "a" / "back").symlink_to("../b", target_is_directory=True)  # a link met before the folder itself
+    (src / "a" / "outside").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    write_png(tmp_path / "elsewhere" / "w.png", np.full((4, 4, 3), 9, np.uint8))
+    names = [p.relative_to(src).as_posix() for p in list_files(src)]
+    assert names == ["a/outside/w.png", "a/z.png", "b/deep/y.png", "real/x.png"]
+
+
 @pytest.mark.parametrize("layout", ["same", "input inside output"])
 def test_an_output_folder_holding_the_input_is_refused(tmp_path, tiny_model, layout):
     from batchsr.errors import OutputError
