@@ -25,6 +25,8 @@ from enum import Enum
 from pathlib import Path
 from urllib.request import pathname2url
 
+from loguru import logger
+
 from batchsr.errors import InputError, OutputError
 from batchsr.lock import lock_holder
 
@@ -69,6 +71,19 @@ CREATE INDEX IF NOT EXISTS by_output ON files(output) WHERE state = 'done';
 -- again (after a crash, a failed write, a version redone) makes the CSV be rewritten without the old one
 CREATE TABLE IF NOT EXISTS metrics_rows (image TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (image, sha256)) WITHOUT ROWID;
 """
+
+_VERSION = 1  # PRAGMA user_version; 0: a journal from before it was stamped, upgraded in place
+
+
+def _schema_columns(schema: str) -> dict[str, set[str]]:
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(schema)
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")} for table in tables}
+
+
+_COLUMNS = _schema_columns(_SCHEMA)
+_ADDED_LATER = {"ctime_ns", "alone", "set_aside", "output_identity", "stale_since"}  # added (or renamed) by upgrades
 
 
 class JournalWriteError(OutputError):
@@ -187,10 +202,47 @@ def _storage_error(path: Path, exc: sqlite3.OperationalError) -> OutputError:
 
 def open_journal(path: Path, **options) -> sqlite3.Connection:
     """Connects to the SQLite file at ``path``, made first with the umask's mode (SQLite's own 0644 kept
-    a group-shared folder's journal, and its -wal file, from the group)."""
+    a group-shared folder's journal, and its -wal file, from the group). An empty file found there (emptied,
+    or made by a start killed at once) is said: everything it does not know is done again."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_size == 0 and _size_or_zero(Path(f"{path}-wal")) == 0:
+            logger.warning("the journal {} is an empty file: what it does not know is done again", path)
     with contextlib.suppress(OSError):  # an error here is SQLite's to report
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666))
     return sqlite3.connect(path, **options)
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def check_layout(db: sqlite3.Connection, path: Path, version: int, table: str) -> None:
+    """Refuses, before any change, a journal this version cannot read: one stamped by a later version, or
+    a database without the ``table`` of batchsr's (another program's, or renamed by hand). Exit 73, as a
+    damaged one: a new journal would redo every output, so that is the user's choice to make."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > version:
+        raise OutputError(f"the journal {path} was written by a later version of batchsr (journal version {found}; "
+                          f"this one reads up to {version}): upgrade batchsr, or move the journal aside and start "
+                          "again (a new journal redoes the outputs it does not know)")
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and table not in tables:
+        raise unknown_journal(path, f"no table {table!r}")
+
+
+def check_columns(db: sqlite3.Connection, path: Path, table: str, columns: set[str]) -> None:
+    """Refuses a journal whose ``table`` lacks a column this version reads (after its own upgrades)."""
+    missing = columns - {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    if missing:
+        raise unknown_journal(path, f"table {table!r} has no column {', '.join(sorted(missing))}")
+
+
+def unknown_journal(path: Path, why: str) -> OutputError:
+    return OutputError(f"the journal {path} is not one this version of batchsr knows ({why}); move it aside and "
+                       "start again (a new journal redoes the outputs it does not know)")
 
 
 def damaged_journal(path: Path, exc: sqlite3.DatabaseError) -> OutputError:
@@ -227,7 +279,18 @@ class WatchJournal:
             self.db.close()
             raise damaged_journal(self.path, exc) from None
         self.db.execute("PRAGMA synchronous=FULL")  # a committed 'done' survives power loss, not only a crash
+        try:
+            self._upgrade()
+        except OutputError:
+            self.db.close()
+            raise
+
+    def _upgrade(self) -> None:
+        """Creates the tables, or brings an earlier version's up to date, and stamps the version."""
         with self._transaction() as db:
+            check_layout(db, self.path, _VERSION, "files")
+            if db.execute("PRAGMA table_info(files)").fetchone() is not None:  # before an index names a column it lacks
+                check_columns(db, self.path, "files", _COLUMNS["files"] - _ADDED_LATER)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
@@ -240,6 +303,9 @@ class WatchJournal:
                 db.execute("ALTER TABLE files ADD COLUMN output_identity TEXT")
             if "stale_since" not in columns:
                 db.execute("ALTER TABLE files ADD COLUMN stale_since REAL")
+            for table, names in _COLUMNS.items():
+                check_columns(db, self.path, table, names)
+            db.execute(f"PRAGMA user_version = {_VERSION}")
 
     @contextmanager
     def _transaction(self):

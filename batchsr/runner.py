@@ -33,7 +33,7 @@ from batchsr.imageio import (
     NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, make_folders, mode_like, read_bounded, read_image,
     remove_temporaries, sniff_file, sniff_format, to_uint8,
 )
-from batchsr.journal import damaged_journal, open_journal
+from batchsr.journal import check_columns, check_layout, damaged_journal, open_journal
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
@@ -110,6 +110,10 @@ def _owner_and_mode(path: Path) -> str:
 _SQLITE_WRITE_ERRORS = {8, 10, 13}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL: an extended code's low byte
 
 
+_JOURNAL_VERSION = 1  # PRAGMA user_version; 0: a journal from before it was stamped, upgraded in place
+_JOURNAL_COLUMNS = {"input", "sha256", "model_id", "output", "metrics", "updated", "options", "stat"}
+
+
 class Journal:
     """What each input became: ``input -> (content hash, model id, output, metrics, output options)``."""
 
@@ -123,19 +127,29 @@ class Journal:
                               "permissions)") from None
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
+            check_layout(self.db, path, _JOURNAL_VERSION, "outputs")
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(outputs)")}
+            if columns:
+                check_columns(self.db, path, "outputs", _JOURNAL_COLUMNS - {"options", "stat"})
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS outputs (input TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
                 "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL, options TEXT, stat TEXT)"
             )
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(outputs)")}
             for column in ("options", "stat"):  # a journal from before they were recorded
-                if column not in columns:
+                if columns and column not in columns:
                     self.db.execute(f"ALTER TABLE outputs ADD COLUMN {column} TEXT")
+            self.db.execute(f"PRAGMA user_version = {_JOURNAL_VERSION}")
             self.db.commit()
-        except sqlite3.OperationalError as exc:  # read-only, unopenable: the folder's to fix
+        except OutputError:
             self.db.close()
+            raise
+        except sqlite3.OperationalError as exc:
+            self.db.close()
+            if any(words in str(exc).lower() for words in ("full", "disk i/o")):
+                raise OutputError(f"cannot write the journal {path}: {exc} (the disk holding it may be full or failing: "
+                                  "free some space there, or check the disk)") from None
             raise OutputError(f"cannot write the journal {path}: {exc} ({_owner_and_mode(path)}; check the permissions "
-                              "of it and its folder, and the mount)") from None
+                              "of it and its folder, and the mount)") from None  # read-only, unopenable: the folder's to fix
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise damaged_journal(path, exc) from None

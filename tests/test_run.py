@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import io
 import os
+import re
 import subprocess
 import sys
 from time import time_ns
@@ -20,7 +22,7 @@ from batchsr.imageio import read_image
 from batchsr.metrics import score
 from batchsr.resize import degrade, imresize
 from batchsr.runner import run_folder
-from tests.conftest import REPO, data_dir, deep_file, model_fails_on_a_png, write_png
+from tests.conftest import REPO, Bicubic, data_dir, deep_file, model_fails_on_a_png, write_png
 
 
 def _settings(model: Path, **engine) -> Settings:
@@ -519,6 +521,55 @@ def test_a_damaged_journal_is_exit_73_naming_it(tmp_path, tiny_model):
     assert run.returncode == 73 and f"the journal {journal} is damaged (file is not a database); move it aside" in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("change", ["later version", "column renamed", "table renamed", "another program's"])
+def test_a_journal_this_version_cannot_read_is_refused_untouched(tmp_path, change):
+    """A column renamed (a later version's journal, or a hand's) was exit 70, "a bug"; a table renamed, or
+    another program's database, was taken for an empty journal and every image upscaled again."""
+    import sqlite3
+
+    from batchsr.errors import OutputError
+
+    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 60, np.uint8))
+    assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).done == 1
+    journal = tmp_path / "out" / ".batchsr" / "journal.sqlite"
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        db.execute({"later version": "PRAGMA user_version = 2",
+                    "column renamed": "ALTER TABLE outputs RENAME COLUMN sha256 TO content_hash",
+                    "table renamed": "ALTER TABLE outputs RENAME TO outputs_v2",
+                    "another program's": "DROP TABLE outputs"}[change])
+        if change == "another program's":
+            db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+    before = journal.read_bytes()
+    why = "was written by a later version of batchsr" if change == "later version" else "is not one this version of batchsr knows"
+    with pytest.raises(OutputError, match=f"the journal {re.escape(str(journal))} {why} .*move the journal aside|move it aside"):
+        run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic())
+    assert journal.read_bytes() == before
+
+
+def test_an_empty_journal_file_is_said_not_silently_started_over(tmp_path):
+    """An emptied journal was taken for a new one: the whole archive upscaled again without a word."""
+    from loguru import logger
+
+    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 60, np.uint8))
+    assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).done == 1
+    journal = tmp_path / "out" / ".batchsr" / "journal.sqlite"
+    for leftover in journal.parent.glob("journal.sqlite-*"):
+        leftover.unlink()
+    journal.write_bytes(b"")
+    messages: list[str] = []
+    handler = logger.add(messages.append, format="{message}", level="WARNING")
+    try:
+        assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).done == 1
+        assert any(f"the journal {journal} is an empty file" in m for m in messages)
+        messages.clear()
+        assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).skipped == 1
+        assert not any("empty file" in m for m in messages)
+    finally:
+        logger.remove(handler)
+
+
 def test_a_journal_damaged_past_its_first_page_is_exit_73_naming_it(tmp_path, tiny_model):
     """The opening went well, the first read raised "database disk image is malformed": exit 70, "a bug"."""
     import sqlite3
@@ -968,8 +1019,6 @@ def test_odd_metadata_neither_stops_the_run_nor_fails_its_image(tmp_path, monkey
     from PIL import Image as PILImage
     from PIL import TiffImagePlugin
 
-    from tests.conftest import Bicubic
-
     src, rng = tmp_path / "in", np.random.default_rng(0)
     src.mkdir()
     exif = PILImage.Exif()
@@ -1005,7 +1054,6 @@ def test_odd_metadata_neither_stops_the_run_nor_fails_its_image(tmp_path, monkey
 def test_images_written_but_not_scored_are_up_to_date_on_the_next_run(tmp_path, monkeypatch):
     """Too small for SSIM's window, or written band by band: no metrics, yet done, and not redone."""
     import batchsr.pipeline
-    from tests.conftest import Bicubic
 
     real_whole_mb = batchsr.pipeline.whole_mb
     monkeypatch.setattr(batchsr.pipeline, "whole_mb", lambda image, *args, **kwargs: 5000.0 if image.size == (30, 40)
@@ -1034,8 +1082,6 @@ def test_images_written_but_not_scored_are_up_to_date_on_the_next_run(tmp_path, 
 def test_a_text_file_starting_with_bm_is_not_taken_for_a_bmp(tmp_path):
     import cv2
 
-    from tests.conftest import Bicubic
-
     src = tmp_path / "in"
     src.mkdir()
     (src / "bmi.csv").write_text("BMI,weight,height\n22.5,70,1.76\n")
@@ -1048,8 +1094,6 @@ def test_a_text_file_starting_with_bm_is_not_taken_for_a_bmp(tmp_path):
 def test_a_huge_file_that_is_no_image_is_never_read_into_memory(tmp_path):
     """A video dropped among the images by mistake: its first bytes tell it is no image."""
     import tracemalloc
-
-    from tests.conftest import Bicubic
 
     src = tmp_path / "in"
     write_png(src / "photo.png", np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
@@ -1071,8 +1115,6 @@ def test_a_huge_file_that_is_no_image_is_never_read_into_memory(tmp_path):
 def test_an_output_name_freed_by_a_new_output_format_is_taken_at_once(tmp_path):
     """a.jpg wrote a.png under output_format png; under same it writes a.jpg, and a.png may have a.png."""
     import cv2
-
-    from tests.conftest import Bicubic
 
     src, out = tmp_path / "in", tmp_path / "out"
     write_png(src / "a.png", np.full((12, 10, 3), 30, np.uint8))
@@ -1327,8 +1369,6 @@ def test_entries_scored_before_references_were_recorded_are_scored_again_not_ups
     import json
     import sqlite3
 
-    from tests.conftest import Bicubic
-
     rng = np.random.default_rng(1)
     src, ref, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
     write_png(src / "a.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
@@ -1357,7 +1397,6 @@ def test_entries_scored_before_references_were_recorded_are_scored_again_not_ups
 
 
 def test_a_first_run_with_reference_redoes_only_the_images_that_have_one(tmp_path):
-    from tests.conftest import Bicubic
 
     rng = np.random.default_rng(2)
     src, ref, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
@@ -1368,6 +1407,34 @@ def test_a_first_run_with_reference_redoes_only_the_images_that_have_one(tmp_pat
     scored = run_folder(src, out, _bicubic_settings(), engine=Bicubic(), reference_dir=ref)
     assert (scored.done, scored.skipped) == (1, 1)  # alone.png has nothing to be scored against: not upscaled again
     assert (run_folder(src, out, _bicubic_settings(), engine=Bicubic(), reference_dir=ref).skipped) == 2
+
+
+@pytest.mark.parametrize("error", ["disk I/O error", "database or disk is full"])
+def test_a_journal_that_cannot_be_set_up_on_a_full_disk_says_so(tmp_path, monkeypatch, error):
+    """A full disk at the opening was reported as a matter of owner and mode."""
+    import sqlite3
+
+    import batchsr.journal
+    from batchsr.errors import OutputError
+    from batchsr.runner import Journal
+
+    real_connect = sqlite3.connect
+
+    class Full:
+        def __init__(self, *args, **kwargs):
+            self.db = real_connect(*args, **kwargs)
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode"):
+                raise sqlite3.OperationalError(error)
+            return self.db.execute(sql, *args)
+
+        def close(self):
+            self.db.close()
+
+    monkeypatch.setattr(batchsr.journal.sqlite3, "connect", Full)
+    with pytest.raises(OutputError, match=f"cannot write the journal .*{error} \\(the disk holding it may be full or failing"):
+        Journal(tmp_path / "journal.sqlite")
 
 
 def test_a_journal_that_cannot_be_opened_is_an_output_error_not_a_bug(tmp_path):
@@ -1386,7 +1453,6 @@ def test_a_journal_refusing_the_fingerprints_fails_no_run(tmp_path, monkeypatch)
     nothing to do exit 73, at every tick."""
     import batchsr.runner
     from batchsr.errors import OutputError
-    from tests.conftest import Bicubic
 
     def refused(self, rows):
         raise OutputError(f"cannot write the journal {self.path}: database or disk is full")
@@ -1406,8 +1472,6 @@ def test_an_output_of_an_input_with_transparency_is_upscaled_again_not_rescored(
     filled in, a BMP is flattened): rescoring an old version's entry gave other figures than a new run."""
     import json
     import sqlite3
-
-    from tests.conftest import Bicubic
 
     rng = np.random.default_rng(3)
     src, ref, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -426,6 +427,25 @@ def test_a_damaged_journal_stops_the_daemon_with_exit_73_naming_it(tmp_path, tin
     (tmp_path / "state" / "journal.sqlite").write_bytes(os.urandom(8192))
     run = cli("--config", str(config), "watch")
     assert run.returncode == 73 and "journal.sqlite is damaged (file is not a database); move it aside" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("change", ["later version", "column renamed"])
+def test_a_watch_journal_this_version_cannot_read_is_refused_untouched(tmp_path, change):
+    """A column renamed stopped the daemon with exit 70, "a bug", at every restart by systemd."""
+    from batchsr.journal import WatchJournal
+
+    journal = tmp_path / "journal.sqlite"
+    WatchJournal(journal).close()
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        db.execute("PRAGMA user_version = 7" if change == "later version" else "ALTER TABLE files RENAME COLUMN output TO result")
+        db.commit()
+    before = journal.read_bytes()
+    why = "was written by a later version of batchsr (journal version 7" if change == "later version" else \
+        "is not one this version of batchsr knows (table 'files' has no column output)"
+    with pytest.raises(OutputError, match=re.escape(f"the journal {journal} {why}")):
+        WatchJournal(journal)
+    assert journal.read_bytes() == before
 
 
 def test_a_state_folder_deleted_while_running_stops_the_daemon(tmp_path, tiny_model):
