@@ -86,8 +86,19 @@ def list_files(folder: Path, recursive: bool = True, problems: list[tuple[Path, 
 
 
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (by content), sorted, hidden files and folders skipped."""
-    return [path for path in list_files(folder, recursive) if is_image_file(path)]
+    """Image files under ``folder`` (by content), sorted, hidden files and folders skipped. Another run's
+    OUTPUT folder inside it is left out, with a warning: its images are upscaled, not high-resolution originals."""
+    outputs: list[Path] = []
+    found = [path for path in list_files(folder, recursive, outputs=outputs) if is_image_file(path)]
+    for output in outputs:
+        logger.warning("{}: left out, a batchsr output folder (its images are upscaled ones, not originals)", output)
+    return found
+
+
+def has_transparency(image) -> bool:
+    """Whether a decoded image has pixels not fully opaque: their colour is a display fill (or whatever was
+    stored under them), not a photo to learn from or score against."""
+    return image.alpha is not None and bool((image.alpha < np.iinfo(image.alpha.dtype).max).any())
 
 
 # The six orders of the RGB planes: ``permute_channels`` shows each patch in one of
@@ -98,7 +109,7 @@ CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 
 def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequence[float] = (1.0,)) -> list[np.ndarray]:
     """All HR images of ``folders`` as 8-bit RGB, each at every ``rescale`` factor
     (MATLAB bicubic, rounded to 8 bits); copies smaller than ``min_side`` are dropped."""
-    images, seen, small = [], set(), []
+    images, seen, small, transparent = [], set(), [], []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
@@ -108,7 +119,11 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
             if real in seen:  # folders listed twice, or one inside another: each image counts once
                 continue
             seen.add(real)
-            rgb = to_uint8(read_image(path).rgb)
+            image = read_image(path)
+            if has_transparency(image):
+                transparent.append(path)
+                continue
+            rgb = to_uint8(image.rgb)
             if min(rgb.shape[:2]) < min_side:
                 small.append(path)
             for factor in rescale:
@@ -116,12 +131,18 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
                 if min(copy.shape[:2]) >= min_side:
                     images.append(copy)
     if small:
-        logger.warning("{} training images smaller than a patch ({}px a side) are left out: {}", len(small), min_side,
-                       ", ".join(str(p) for p in small[:5]) + (", ..." if len(small) > 5 else ""))
+        logger.warning("{} training images smaller than a patch ({}px a side) are left out: {}", len(small), min_side, _some(small))
+    if transparent:
+        logger.warning("{} training images with transparency are left out (the colour under transparent pixels is no "
+                       "photo): {}", len(transparent), _some(transparent))
     if not images:
         raise ConfigError(f"train_dirs {', '.join(str(f) for f in folders)}: no training images of at least {min_side}px a side "
                           "(patch_size x scale)")
     return images
+
+
+def _some(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:5]) + (", ..." if len(paths) > 5 else "")
 
 
 def training_dataset(

@@ -212,7 +212,7 @@ def _trim_log(path: Path, step: int) -> None:
 def _load_validation(settings: TrainSettings):
     if settings.val_dir is None:
         return []
-    from batchsr.data import find_images
+    from batchsr.data import find_images, has_transparency
     from batchsr.imageio import read_image, to_uint8
 
     if not Path(settings.val_dir).is_dir():
@@ -221,6 +221,9 @@ def _load_validation(settings: TrainSettings):
     scale = settings.model.scale
     for path in find_images(settings.val_dir):
         image = read_image(path)
+        if has_transparency(image):
+            raise ConfigError(f"val_dir image {path} has transparent pixels: the colour under them is no photo to score "
+                              "against; flatten it or take it out")
         hr = to_uint8(image.rgb)
         if min(hr.shape[:2]) < 4 * scale:  # scored with a border of scale pixels cropped on each side
             raise ConfigError(f"val_dir image {path} is {hr.shape[1]}x{hr.shape[0]}: too small to validate at x{scale} "
@@ -325,9 +328,13 @@ def _warm_start(model, init: Path, config) -> None:
     if not copied and not widened:
         raise ConfigError(f"--init {init} ({info.model_id}): no layer fits the training config's model {config}; "
                           "nothing would be warm-started")
-    logger.info(
-        "warm start from {} ({}): {} layers copied, {} widened, {} new residual blocks as identity, skipped {}",
+    # At another scale the head must start afresh; any other layer left behind is a model that forgets.
+    lost = [name for name in skipped if not (name == "head_conv" and source_config.scale != config.scale)]
+    (logger.warning if lost else logger.info)(
+        "warm start from {} ({}): {} layers copied, {} widened, {} new residual blocks as identity, skipped {}{}",
         init, info.model_id, copied, len(widened), len(added), skipped or "none",
+        f": the training config's model ({config}) does not hold them; leave out its model keys to train the "
+        f"shape of {init.name}" if lost else "",
     )
 
 
@@ -354,6 +361,14 @@ def _distribution(devices: str):
     return strategy.scope()
 
 
+def _with_model_of(settings: TrainSettings, model: dict) -> TrainSettings:
+    """``settings`` whose model keys the training YAML left out are those of ``model`` (another run's, or the
+    model a run warm-starts from): fine-tuning a model trains its shape, not the defaults'."""
+    given = settings.model.model_dump(include=settings.model.model_fields_set)
+    merged = TrainModel.model_validate({**{k: v for k, v in model.items() if k in TrainModel.model_fields}, **given})
+    return settings.model_copy(update={"model": merged})
+
+
 def train(
     settings: TrainSettings,
     resume: bool = False,
@@ -378,7 +393,7 @@ def train(
     if init is not None:
         from batchsr.checkpoint import read_info
 
-        read_info(init)
+        settings = _with_model_of(settings, read_info(init).config)  # the YAML's model keys left out: the init's
     # before any work: a folder that cannot take checkpoints fails at once, not after an interval
     check_output_dir(out_dir, "out_dir")
     check_output_dir(out_dir / "checkpoints", "checkpoint folder")
@@ -423,6 +438,10 @@ def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, prog
             saved_model = TrainModel.model_validate(saved["settings"].get("model", {}))
         except ValueError as exc:  # pydantic's ValidationError: a key or value this version does not know
             raise ConfigError(f"--resume: the model in {latest} is not one this version builds ({exc})") from None
+        settings = _with_model_of(settings, saved_model.model_dump())  # a run started with --init goes on as it began
+        config = ModelConfig(**settings.model.model_dump())
+        scale = config.scale
+        state["settings"] = settings.model_dump(mode="json")
         if saved_model != settings.model:
             changed = [f"model.{k} ({v!r} -> {getattr(settings.model, k)!r})" for k, v in saved_model if getattr(settings.model, k) != v]
             raise ConfigError(f"--resume: {', '.join(changed)} changed since {latest}; the checkpoint holds the other "

@@ -112,6 +112,31 @@ def test_init_warm_starts_the_shared_layers_across_scales(tmp_path, tiny_model):
     assert target.get_layer("head_conv").get_weights()[0].shape[-1] == 12
 
 
+def test_init_without_model_keys_trains_the_inits_shape_and_a_lost_layer_is_warned_about(tmp_path, tiny_model):
+    """The README's fine-tune (--init the bundled model, a YAML with no model keys) trained the default shape:
+    13 of its 22 layers, the head among them, started afresh, and only an INFO line said so."""
+    from loguru import logger
+
+    keys = ("arch", "scale", "width", "depth", "blocks", "top_width", "top_blocks")
+    quick = {"steps": 1, "warmup_steps": 0, "val_interval": 1, "lr": 1e-12, "lr_min": 0.0, "ema": None}
+    plain = _settings(tmp_path / "ft", **quick).model_dump(mode="json", exclude={"model"})
+    source, source_info = load_model(tiny_model)
+    result = train(TrainSettings.model_validate(plain), init=tiny_model, progress=False)
+    target, info = load_model(result.final_weights)
+    assert {k: info.config.get(k) for k in keys} == {k: source_info.config.get(k) for k in keys}
+    for layer in source.layers:  # every layer started from the source (the learning rate leaves them as they were)
+        for a, b in zip(layer.get_weights(), target.get_layer(layer.name).get_weights()):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert train(TrainSettings.model_validate({**plain, "steps": 2}), resume=True, progress=False).step == 2  # goes on as it began
+    messages: list[str] = []
+    handler = logger.add(messages.append, level="WARNING", format="{message}")
+    try:  # fewer residual blocks at the same scale: layers of the source left behind
+        train(_settings(tmp_path / "shrunk", model={"width": 8, "depth": 2, "blocks": 0}, **quick), init=tiny_model, progress=False)
+    finally:
+        logger.remove(handler)
+    assert any("res0_a_conv" in m and "does not hold them" in m for m in messages), messages
+
+
 def test_init_into_a_wider_model_starts_from_the_same_output(tmp_path, tiny_model):
     """Widened warm start: the new channels join with zero influence, so the wider model
     upscales a real photo exactly as the narrow one did, and its extra channels exist."""
@@ -525,6 +550,35 @@ def test_training_images_count_once_and_small_ones_are_named(tmp_path):
         logger.remove(sink)
     assert sorted(image.shape for image in images) == [(40, 40, 3), (40, 48, 3)]
     assert any("1 training images smaller than a patch (32px a side) are left out" in m and "tiny.png" in m for m in messages)
+
+
+def test_training_leaves_out_upscaled_outputs_and_transparent_images_by_name(tmp_path):
+    """Another run's OUTPUT folder inside a training folder was read as high-resolution originals, and the
+    display fill under transparent pixels was learnt as photo content; neither said a word."""
+    import cv2
+    from loguru import logger
+
+    from batchsr.data import load_training_images
+    from tests.conftest import write_png
+
+    write_png(tmp_path / "hr" / "photo.png", np.full((40, 40, 3), 9, np.uint8))
+    write_png(tmp_path / "hr" / "x4" / "upscaled.png", np.full((40, 44, 3), 9, np.uint8))
+    (tmp_path / "hr" / "x4" / ".batchsr").mkdir()  # what `batchsr run IN IN/x4` leaves
+    rgba = np.full((40, 48, 4), 200, np.uint8)
+    rgba[:, :20, 3] = 0
+    assert cv2.imwrite(str(tmp_path / "hr" / "cutout.png"), rgba)
+    opaque = rgba.copy()
+    opaque[:, :, 3] = 255
+    assert cv2.imwrite(str(tmp_path / "hr" / "opaque.png"), opaque)  # an alpha plane, all opaque: a photo
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        images = load_training_images([tmp_path / "hr"], 32)
+    finally:
+        logger.remove(sink)
+    assert sorted(image.shape for image in images) == [(40, 40, 3), (40, 48, 3)]
+    assert any("x4: left out, a batchsr output folder" in m for m in messages)
+    assert any("1 training images with transparency are left out" in m and "cutout.png" in m for m in messages)
 
 
 def test_a_mistyped_data_folder_or_init_leaves_no_out_dir_behind(tmp_path):
