@@ -184,6 +184,11 @@ class Journal:
             self.db.executemany("UPDATE outputs SET stat = ? WHERE input = ? AND sha256 = ?", [(f, i, h) for i, h, f in rows])
             self.db.commit()
 
+    def forget(self, inputs: list[str]) -> None:
+        with self._damage_named():
+            self.db.executemany("DELETE FROM outputs WHERE input = ?", [(rel,) for rel in inputs])
+            self.db.commit()
+
     @contextlib.contextmanager
     def _damage_named(self):
         """Damage found past the opening (a malformed page) is named as at the opening, and a write the
@@ -949,6 +954,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         progress.close()
     if confirmed:
         remember_confirmed()
+    _forget_vanished(journal, known, {p.relative_to(input_dir).as_posix() for p in paths}, output_dir)
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
     journal.close()
@@ -1024,6 +1030,19 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int) -> bytes | None:
     writer.writerows(rows)
     writer.writerow(mean)
     return buffer.getvalue().encode("utf-8")
+
+
+def _forget_vanished(journal: Journal, known: dict, listed: set[str], output_dir: Path) -> None:
+    """Drops the entries whose input and output are both gone: a folder that others fill and empty grew the
+    journal by a row for every file it ever held, read whole at each run. An entry whose output is still on
+    disk stays (its metrics.csv row, and an input put back or mounted again, are kept); only saves work, so a
+    journal that refuses the write fails no run."""
+    gone = [rel for rel, entry in known.items() if rel not in listed and not os.path.lexists(output_dir / entry[2])]
+    if gone:
+        try:
+            journal.forget(gone)
+        except OutputError as exc:
+            logger.warning("{}; the {} entries of inputs and outputs gone stay until a later run", exc, len(gone))
 
 
 def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int) -> Path | None:
