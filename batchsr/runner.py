@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -911,8 +912,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 continue
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
-            try:  # a folder the output cannot go into (a link) is found before the model's time is spent
+            try:  # a folder the output cannot go into (a link), or a name too long, is found before the model's time is spent
                 make_folders((output_dir / out_rel).parent, output_dir)
+                check_name_length(output_dir / out_rel)
             except OSError as exc:
                 fail(item, f"output not written: {failure_reason(exc)}")
                 item.image = None
@@ -1030,6 +1032,18 @@ def metrics_csv(entries: dict, inputs: list[str], scale: int) -> bytes | None:
     writer.writerows(rows)
     writer.writerow(mean)
     return buffer.getvalue().encode("utf-8")
+
+
+def check_name_length(path: Path) -> None:
+    """Raises what creating ``path`` would raise when its name passes the file system's limit (a long input
+    name under a name template): refused at the write, such an image loaded the model at every run."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(path.name)) > limit:
+        raise OSError(errno.ENAMETOOLONG, f"{os.strerror(errno.ENAMETOOLONG)} ({len(os.fsencode(path.name))} bytes, "
+                      f"the file system takes {limit}; shorten the input's name or run.name_template)", str(path))
 
 
 def _forget_vanished(journal: Journal, known: dict, listed: set[str], output_dir: Path) -> None:

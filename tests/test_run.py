@@ -548,6 +548,26 @@ def test_a_journal_this_version_cannot_read_is_refused_untouched(tmp_path, chang
     assert journal.read_bytes() == before
 
 
+def test_an_output_name_too_long_fails_before_the_model_runs(tmp_path):
+    """A 250-byte name under a template that lengthens it was refused only at the write: every run loaded
+    the model and upscaled it for nothing."""
+    calls = []
+
+    class Counted(Bicubic):
+        def upscale(self, images):
+            calls.append(len(images))
+            return super().upscale(images)
+
+    src, stem = tmp_path / "in", "n" * 250
+    write_png(src / f"{stem}.png", np.full((8, 8, 3), 60, np.uint8))
+    summary = run_folder(src, tmp_path / "out", _bicubic_settings(name_template="{stem}_x{scale}{ext}"), engine=Counted())
+    assert summary.done == 0 and [f.path.name for f in summary.failed] == [f"{stem}.png"] and calls == []
+    assert "File name too long (257 bytes, the file system takes 255" in summary.failed[0].reason
+    write_png(src / "short.png", np.full((8, 8, 3), 60, np.uint8))
+    assert run_folder(src, tmp_path / "out", _bicubic_settings(name_template="{stem}_x{scale}{ext}"), engine=Counted()).done == 1
+    assert calls == [1]
+
+
 def test_entries_whose_input_and_output_are_gone_are_forgotten(tmp_path):
     """An inbox that others fill and empty grew the journal by a row for every file it ever held, each read at
     every run (300,000 such rows: a run with nothing to do took 4x the time and 10x the memory)."""
