@@ -205,11 +205,15 @@ def open_journal(path: Path, **options) -> sqlite3.Connection:
     a group-shared folder's journal, and its -wal file, from the group). An empty file found there (emptied,
     or made by a start killed at once) is said: everything it does not know is done again."""
     with contextlib.suppress(OSError):
-        if os.stat(path).st_size == 0 and _size_or_zero(Path(f"{path}-wal")) == 0:
+        if os.stat(path).st_size == 0 and _size_or_zero(Path(f"{path}-wal")) == 0 and str(path) not in _SAID_EMPTY:
+            _SAID_EMPTY.add(str(path))  # once: a daemon waiting out a full disk at its first start opens it again
             logger.warning("the journal {} is an empty file: what it does not know is done again", path)
     with contextlib.suppress(OSError):  # an error here is SQLite's to report
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666))
     return sqlite3.connect(path, **options)
+
+
+_SAID_EMPTY: set[str] = set()
 
 
 def _size_or_zero(path: Path) -> int:
@@ -219,10 +223,11 @@ def _size_or_zero(path: Path) -> int:
         return 0
 
 
-def check_layout(db: sqlite3.Connection, path: Path, version: int, table: str) -> None:
-    """Refuses, before any change, a journal this version cannot read: one stamped by a later version, or
-    a database without the ``table`` of batchsr's (another program's, or renamed by hand). Exit 73, as a
-    damaged one: a new journal would redo every output, so that is the user's choice to make."""
+def check_layout(db: sqlite3.Connection, path: Path, version: int, table: str, core: set[str]) -> int:
+    """Refuses, before anything is written to it (WAL mode included), a journal this version cannot read: one
+    stamped by a later version, or a database without the ``table`` of batchsr's or its ``core`` columns
+    (another program's, or changed by hand). Exit 73, as a damaged one: a new journal would redo every
+    output, so that is the user's choice to make. Returns the version found (0: from before the stamp)."""
     found = db.execute("PRAGMA user_version").fetchone()[0]
     if found > version:
         raise OutputError(f"the journal {path} was written by a later version of batchsr (journal version {found}; "
@@ -231,6 +236,9 @@ def check_layout(db: sqlite3.Connection, path: Path, version: int, table: str) -
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if tables and table not in tables:
         raise unknown_journal(path, f"no table {table!r}")
+    if table in tables:
+        check_columns(db, path, table, core)
+    return found
 
 
 def check_columns(db: sqlite3.Connection, path: Path, table: str, columns: set[str]) -> None:
@@ -269,7 +277,11 @@ class WatchJournal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = open_journal(self.path, timeout=30, isolation_level=None)
         try:
+            self.version = check_layout(self.db, self.path, _VERSION, "files", _COLUMNS["files"] - _ADDED_LATER)
             self.db.execute("PRAGMA journal_mode=WAL")
+        except OutputError:
+            self.db.close()
+            raise
         except sqlite3.OperationalError as exc:  # a full disk at start-up: the same error as for any write
             self.db.close()
             if not _is_storage_error(exc):
@@ -288,9 +300,6 @@ class WatchJournal:
     def _upgrade(self) -> None:
         """Creates the tables, or brings an earlier version's up to date, and stamps the version."""
         with self._transaction() as db:
-            check_layout(db, self.path, _VERSION, "files")
-            if db.execute("PRAGMA table_info(files)").fetchone() is not None:  # before an index names a column it lacks
-                check_columns(db, self.path, "files", _COLUMNS["files"] - _ADDED_LATER)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
@@ -305,7 +314,8 @@ class WatchJournal:
                 db.execute("ALTER TABLE files ADD COLUMN stale_since REAL")
             for table, names in _COLUMNS.items():
                 check_columns(db, self.path, table, names)
-            db.execute(f"PRAGMA user_version = {_VERSION}")
+            if self.version != _VERSION:  # written once: a journal only read (nothing new) needs no write
+                db.execute(f"PRAGMA user_version = {_VERSION}")
 
     @contextmanager
     def _transaction(self):
@@ -656,6 +666,10 @@ def read_status(state_dir: Path, errors: int = 10) -> Status:
     except sqlite3.Error as exc:
         raise InputError(f"cannot open the journal {path}: {exc}") from None
     try:
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > _VERSION:
+            raise InputError(f"the journal {path} was written by a later version of batchsr (journal version {found}; "
+                             f"this one reads up to {_VERSION}): run the status command of the daemon's version")
         status = _status(db, path, time.time(), errors)
     except sqlite3.Error as exc:
         raise InputError(f"cannot read the journal {path}: {exc}") from None

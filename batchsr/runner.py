@@ -34,7 +34,7 @@ from batchsr.imageio import (
     NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, make_folders, mode_like, read_bounded, read_image,
     remove_temporaries, sniff_file, sniff_format, to_uint8,
 )
-from batchsr.journal import check_columns, check_layout, damaged_journal, open_journal
+from batchsr.journal import check_layout, damaged_journal, open_journal
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
@@ -127,11 +127,9 @@ class Journal:
             raise OutputError(f"cannot open the journal {path}: {exc} ({_owner_and_mode(path.parent)}; check its "
                               "permissions)") from None
         try:
+            found = check_layout(self.db, path, _JOURNAL_VERSION, "outputs", _JOURNAL_COLUMNS - {"options", "stat"})
             self.db.execute("PRAGMA journal_mode=WAL")
-            check_layout(self.db, path, _JOURNAL_VERSION, "outputs")
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(outputs)")}
-            if columns:
-                check_columns(self.db, path, "outputs", _JOURNAL_COLUMNS - {"options", "stat"})
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS outputs (input TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
                 "model_id TEXT NOT NULL, output TEXT NOT NULL, metrics TEXT, updated REAL NOT NULL, options TEXT, stat TEXT)"
@@ -139,7 +137,8 @@ class Journal:
             for column in ("options", "stat"):  # a journal from before they were recorded
                 if columns and column not in columns:
                     self.db.execute(f"ALTER TABLE outputs ADD COLUMN {column} TEXT")
-            self.db.execute(f"PRAGMA user_version = {_JOURNAL_VERSION}")
+            if found != _JOURNAL_VERSION:  # written once: a journal only read (nothing new) needs no write
+                self.db.execute(f"PRAGMA user_version = {_JOURNAL_VERSION}")
             self.db.commit()
         except OutputError:
             self.db.close()
@@ -1041,7 +1040,7 @@ def check_name_length(path: Path) -> None:
         limit = os.pathconf(path.parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    if len(os.fsencode(path.name)) > limit:
+    if 0 < limit < len(os.fsencode(path.name)):  # 0 or -1: no limit told
         raise OSError(errno.ENAMETOOLONG, f"{os.strerror(errno.ENAMETOOLONG)} ({len(os.fsencode(path.name))} bytes, "
                       f"the file system takes {limit}; shorten the input's name or run.name_template)", str(path))
 

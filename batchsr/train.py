@@ -282,7 +282,7 @@ def _widened(old: list[np.ndarray], fresh: list[np.ndarray], transposed: bool,
     return [new_kernel, bias]
 
 
-def _warm_start(model, init: Path, config) -> None:
+def _warm_start(model, init: Path, config) -> dict:
     """Copies every layer the two models share; a wider model (``width``/``top_width``)
     starts as an exact copy of the narrower one, its new channels free to learn, and so
     does a deeper one (``blocks``/``top_blocks``): its new residual blocks start as the identity."""
@@ -336,6 +336,7 @@ def _warm_start(model, init: Path, config) -> None:
         f": the training config's model ({config}) does not hold them; leave out its model keys to train the "
         f"shape of {init.name}" if lost else "",
     )
+    return {"from": info.model_id, "weights": init.name}
 
 
 def _one_blas_thread():
@@ -453,6 +454,8 @@ def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, prog
             )
         _check_resumed_recipe(saved["settings"], state["settings"], latest)
         state.update({k: saved[k] for k in ("step", "best_psnr", "seconds")})
+        if saved.get("init") is not None:
+            state["init"] = saved["init"]
         if saved["settings"].get("val_dir") != state["settings"]["val_dir"] and state["best_psnr"] is not None:
             logger.warning("--resume: {}", "another validation folder; the best weights are chosen afresh on it" if settings.val_dir
                            else "no validation folder now; no best weights are chosen")
@@ -503,7 +506,7 @@ def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, prog
             var.assign(value)
         logger.info("resumed from {} at step {}", latest, state["step"])
     elif init is not None:
-        _warm_start(model, Path(init), config)
+        state["init"] = _warm_start(model, Path(init), config)
 
     images = load_training_images(settings.train_dirs, settings.patch_size * scale, settings.rescale)
     state["images"] = _fingerprint(images)
@@ -537,12 +540,18 @@ def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, prog
             "patch_size": settings.patch_size,
             "batch_size": settings.batch_size,
             "lr": settings.lr,
+            "lr_min": settings.lr_min,
+            "warmup_steps": settings.warmup_steps,
             "schedule": settings.schedule,
             "loss": settings.loss,
             "ema": settings.ema,
             "precision": settings.precision,
             "rescale": settings.rescale,
             "permute_channels": settings.permute_channels,
+            "augment": settings.augment,
+            "seed": settings.seed,
+            "val_interval": settings.val_interval,
+            **({"init": state["init"]} if state.get("init") else {}),
             "pipeline": pipeline,
             "seconds": round(state["seconds"], 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {keras.backend.backend()} backend",
@@ -626,6 +635,7 @@ def _train_locked(settings: TrainSettings, resume: bool, init: Path | None, prog
                     [keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), update_freq=100)] if settings.tensorboard else []
                 ),
                 verbose=0,
+                shuffle=False,  # the patch stream is shuffled by its seed; Keras warned it ignores shuffle here
             )
     best = best_path if best_path.exists() and state["best_psnr"] is not None else None  # not one of another validation
     if state["step"] < settings.steps:

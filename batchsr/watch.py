@@ -306,7 +306,10 @@ def move_file(source: Path | str, target: Path, *, dir_fd: int | None = None, wi
 def _check_removable(source: Path | str, dir_fd: int | None) -> None:
     """Raises what unlinking ``source`` would raise for want of permission (a read-only or sticky folder), so
     a cross-device move does not copy a file it could not then remove."""
-    folder = os.stat(dir_fd) if dir_fd is not None else os.stat(Path(source).parent)
+    where = dir_fd if dir_fd is not None else Path(source).parent
+    if os.statvfs(where).f_flag & os.ST_RDONLY:  # root's too
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(source))
+    folder = os.stat(where)
     uid = os.geteuid()
     if uid == 0:
         return

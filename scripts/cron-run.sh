@@ -8,8 +8,8 @@
 #   otherwise, 75 aside, makes them all news again): a file that stays
 #   broken is mailed about once, not at every tick (the failures are kept in
 #   ${XDG_STATE_HOME:-$HOME/.local/state}/batchsr/); the memory figures of a
-#   run.memory_mb refusal, which move with what the process holds, are left
-#   out of the comparison; everything when a failure is new, or when there is
+#   run.memory_mb refusal (its size and what it counted), which move with what
+#   the process holds, are left out of the comparison; everything when a failure is new, or when there is
 #   none (an error of another kind);
 # - everything on any other exit.
 # The exit status is the command's, 75 aside (0).
@@ -25,7 +25,7 @@ case $rc in
     75) exit 0 ;;
     65)
         failures=$(printf '%s\n' "$out" | grep '^batchsr: failed: ' |
-            sed -E 's/needs about [0-9,]+ MB, above run\.memory_mb/needs about N MB, above run.memory_mb/; s/[0-9,]+ MB for the images decoded ahead/N MB for the images decoded ahead/' |
+            sed -E 's/needs about [0-9,]+ MB, above run\.memory_mb/needs about N MB, above run.memory_mb/; s/ \(counted: [^()]*\)$//' |
             LC_ALL=C sort -u)
         [ -n "$seen" ] || failures=
         if [ -n "$failures" ] && [ -f "$seen" ] && [ -z "$(printf '%s\n' "$failures" | LC_ALL=C comm -13 "$seen" -)" ]; then

@@ -541,11 +541,12 @@ def test_a_journal_this_version_cannot_read_is_refused_untouched(tmp_path, chang
         if change == "another program's":
             db.execute("CREATE TABLE notes (text TEXT)")
         db.commit()
+        db.execute("PRAGMA journal_mode=DELETE")  # a rollback journal, as another program's may be: not switched to WAL
     before = journal.read_bytes()
     why = "was written by a later version of batchsr" if change == "later version" else "is not one this version of batchsr knows"
-    with pytest.raises(OutputError, match=f"the journal {re.escape(str(journal))} {why} .*move the journal aside|move it aside"):
+    with pytest.raises(OutputError, match=f"the journal {re.escape(str(journal))} {why} .*(?:move the journal aside|move it aside)"):
         run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic())
-    assert journal.read_bytes() == before
+    assert journal.read_bytes() == before and not journal.with_name("journal.sqlite-wal").exists()
 
 
 def test_an_output_name_too_long_fails_before_the_model_runs(tmp_path):
@@ -968,6 +969,7 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
                            # a memory refusal's figures move with what the process holds: the same refusal is no news
                            (f"batchsr: failed: y.png: {memory.format(2_345, 310)}", 65, True),
                            (f"batchsr: failed: y.png: {memory.format(2_351, 296)}", 65, False),
+                           (f"batchsr: failed: y.png: {memory.format(2_351, 0).replace('; 0 MB for the images decoded ahead of it', '')}", 65, False),
                            (f"batchsr: failed: y 2.png: {memory.format(2_351, 296)}", 65, True)):
         said.write_text(f"{text}\n{rc}\n")
         assert (tick("sh", "-c", f"head -1 {said} >&2; exit $(tail -1 {said})").stdout != "") is told, text

@@ -127,7 +127,9 @@ def test_init_without_model_keys_trains_the_inits_shape_and_a_lost_layer_is_warn
     for layer in source.layers:  # every layer started from the source (the learning rate leaves them as they were)
         for a, b in zip(layer.get_weights(), target.get_layer(layer.name).get_weights()):
             np.testing.assert_allclose(a, b, atol=1e-6)
-    assert train(TrainSettings.model_validate({**plain, "steps": 2}), resume=True, progress=False).step == 2  # goes on as it began
+    assert info.training["init"] == {"from": source_info.model_id, "weights": tiny_model.name}  # the card says where it began
+    resumed = train(TrainSettings.model_validate({**plain, "steps": 2}), resume=True, progress=False)  # goes on as it began
+    assert resumed.step == 2 and load_model(resumed.final_weights)[1].training["init"]["from"] == source_info.model_id
     messages: list[str] = []
     handler = logger.add(messages.append, level="WARNING", format="{message}")
     try:  # fewer residual blocks at the same scale: layers of the source left behind

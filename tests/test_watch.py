@@ -440,12 +440,13 @@ def test_a_watch_journal_this_version_cannot_read_is_refused_untouched(tmp_path,
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
         db.execute("PRAGMA user_version = 7" if change == "later version" else "ALTER TABLE files RENAME COLUMN output TO result")
         db.commit()
+        db.execute("PRAGMA journal_mode=DELETE")
     before = journal.read_bytes()
     why = "was written by a later version of batchsr (journal version 7" if change == "later version" else \
         "is not one this version of batchsr knows (table 'files' has no column output)"
     with pytest.raises(OutputError, match=re.escape(f"the journal {journal} {why}")):
         WatchJournal(journal)
-    assert journal.read_bytes() == before
+    assert journal.read_bytes() == before and not journal.with_name("journal.sqlite-wal").exists()
 
 
 def test_a_state_folder_deleted_while_running_stops_the_daemon(tmp_path, tiny_model):
@@ -2311,6 +2312,25 @@ def test_a_source_in_a_sticky_folder_it_cannot_leave_is_not_copied(tmp_path, mon
     monkeypatch.undo()
     assert reads == [] and source.read_bytes() == png(5) and list((tmp_path / "failed").iterdir()) == []
     assert st.S_IMODE((tmp_path / "inbox").stat().st_mode) == 0o1777
+
+
+def test_a_source_on_a_read_only_mount_is_not_copied_and_the_mount_is_named(tmp_path, monkeypatch):
+    """Even for root, who may unlink anything but not on a read-only file system: copied in full at each scan."""
+    from types import SimpleNamespace
+
+    from batchsr.watch import move_file
+
+    source, target = tmp_path / "inbox" / "a.png", tmp_path / "done" / "a.png"
+    drop(tmp_path / "inbox", "a.png", png(5))
+    reads = []
+    _across_file_systems(monkeypatch, source, lambda real_unlink, path, **kwargs: pytest.fail("unlinked"))
+    monkeypatch.setattr(os, "statvfs", lambda where: SimpleNamespace(f_flag=os.ST_RDONLY))
+    monkeypatch.setattr(shutil, "copyfileobj", lambda *args, **kwargs: reads.append(args))
+    with pytest.raises(OSError, match="Read-only file system") as raised:
+        move_file(source, target)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.EROFS and reads == [] and source.read_bytes() == png(5)
+    assert list((tmp_path / "done").iterdir()) == []
 
 
 def test_a_cross_device_move_whose_source_vanishes_at_the_end_keeps_the_copy(tmp_path, monkeypatch):
