@@ -415,6 +415,10 @@ def status(ctx, state_dir, as_json, errors):
         click.echo("recent errors:")
         for error in report.errors:
             click.echo(_printable(f"  {error['time']}  {error['state']:<8}  {error['file']}: {error['error']} (tries: {error['attempts']})"))
+    if report.inbox_problems:
+        click.echo("skipped in the inbox:")
+        for problem in report.inbox_problems:
+            click.echo(_printable(f"  {problem['since']}  {problem['path']}: {problem['reason']}"))
 
 
 @main.command()

@@ -70,6 +70,9 @@ CREATE INDEX IF NOT EXISTS by_output ON files(output) WHERE state = 'done';
 -- (image, content) of the rows in watch-metrics.csv, recorded before they are appended: a row to write
 -- again (after a crash, a failed write, a version redone) makes the CSV be rewritten without the old one
 CREATE TABLE IF NOT EXISTS metrics_rows (image TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (image, sha256)) WITHOUT ROWID;
+-- what the last scan of the inbox could not look into, or would not follow (for `batchsr status`)
+CREATE TABLE IF NOT EXISTS inbox_problems (path TEXT NOT NULL, reason TEXT NOT NULL, since REAL NOT NULL,
+    PRIMARY KEY (path, reason)) WITHOUT ROWID;
 """
 
 _VERSION = 1  # PRAGMA user_version; 0: a journal from before it was stamped, upgraded in place
@@ -169,6 +172,7 @@ class Status:
     oldest_queued_s: float | None
     errors: list[dict] = field(default_factory=list)
     daemon: str | None = None  # the lock holder line, when a daemon holds the state folder
+    inbox_problems: list[dict] = field(default_factory=list)  # what the last scan could not look into or follow
 
     @property
     def images_per_minute(self) -> float:
@@ -184,6 +188,7 @@ class Status:
             "images_per_minute_last_hour": round(self.images_per_minute, 3),
             "oldest_queued_s": None if self.oldest_queued_s is None else round(self.oldest_queued_s, 1),
             "errors": self.errors,
+            "inbox_problems": self.inbox_problems,
         }
 
 
@@ -381,6 +386,14 @@ class WatchJournal:
             return sum(
                 db.execute("DELETE FROM files WHERE path = ? AND state IN ('seen', 'ready', 'claimed')", (p,)).rowcount for p in paths
             )
+
+    def set_inbox_problems(self, problems: set[tuple[str, str]], now: float) -> None:
+        """Records ``(path, reason)`` of what the scan skipped; those mended are dropped, the others keep their time."""
+        with self._transaction() as db:
+            old = set(db.execute("SELECT path, reason FROM inbox_problems"))
+            db.executemany("DELETE FROM inbox_problems WHERE path = ? AND reason = ?", sorted(old - problems))
+            db.executemany("INSERT INTO inbox_problems (path, reason, since) VALUES (?, ?, ?)",
+                           [(path, reason, now) for path, reason in sorted(problems - old)])
 
     def active_paths(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT path FROM files WHERE state IN ('seen', 'ready', 'claimed')")}
@@ -641,6 +654,10 @@ def _status(db: sqlite3.Connection, path: Path, now: float, errors: int) -> Stat
         }
         for file, state, error, attempts, digest, updated in rows
     ]
+    problems = []
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inbox_problems'").fetchone():  # older daemons
+        problems = [{"path": path, "reason": reason, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(since))}
+                    for path, reason, since in db.execute("SELECT path, reason, since FROM inbox_problems ORDER BY path, reason")]
     return Status(
         journal=path,
         counts=counts,
@@ -648,6 +665,7 @@ def _status(db: sqlite3.Connection, path: Path, now: float, errors: int) -> Stat
         done_last_hour=done_last_hour,
         oldest_queued_s=None if oldest is None else max(0.0, now - oldest),
         errors=recent,
+        inbox_problems=problems,
     )
 
 

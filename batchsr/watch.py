@@ -664,6 +664,7 @@ class _Daemon:
         self.reported: set[tuple[str, str]] = set()  # (name, why) of what a scan skips, reported once
         self.stuck: set[tuple[str, int, int, str]] = set()  # (name, size, ctime, why): inputs that could not be moved
         self.reported_now: set[tuple[str, str]] | None = None  # what the scan under way finds again
+        self.recorded_problems: set[tuple[str, str]] | None = None  # ``reported`` as the journal has it (None: not read)
         self.metrics_rows_known: bool | None = None  # the journal records every row of the metrics CSV
         self.claims_cut_short = False  # a refused journal write left a batch claimed: queue it again before the next
         self.forget_after = 0  # the journal's row id where forgetting old entries goes on; 0: a new pass
@@ -974,6 +975,9 @@ class _Daemon:
         # Forget what is gone or mended: the sets stay the size of the inbox's problems over months, and a
         # problem that comes back is said again.
         self.reported &= found_again
+        if self.reported != self.recorded_problems:  # written when it changes, not at every scan
+            self.journal.set_inbox_problems(self.reported, now)
+            self.recorded_problems = set(self.reported)
         self.bad_names &= {rel for rel, _, _ in files}
         present = set(files)
         self.stuck = {key for key in self.stuck if key[:3] in present}

@@ -1226,6 +1226,10 @@ def test_symbolic_links_in_the_inbox_are_never_followed(tmp_path, tiny_model, st
     assert files_under(tmp_path / "done") == ["first.png", "second.png"] and files_under(tmp_path / "failed") == []
     for link in ("at_start", "file_link.png", "loop.png", "live", "live_output"):
         assert (inbox / link).is_symlink() and daemon.log().count(f"{link}: a symbolic link: not followed") == 1, link
+    # status shows them too: a warning logged once, months ago, was the only trace
+    shown = json.loads(cli("--config", str(config), "status", "--json").stdout)["inbox_problems"]
+    assert {"at_start", "file_link.png", "loop.png"} <= {p["path"] for p in shown if p["reason"].startswith("a symbolic link")}
+    assert "skipped in the inbox:" in cli("--config", str(config), "status").stdout
 
 
 def test_a_tree_a_thousand_folders_deep_neither_stops_the_daemon_nor_its_restarts(deep_tmp_path, tiny_model):
