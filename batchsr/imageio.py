@@ -717,11 +717,12 @@ class LinkedFolderError(OSError):
 _FOLDER_ONLY = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
 
 
-def make_folders(folder: Path, within: Path | None = None) -> None:
+def make_folders(folder: Path, within: Path | None = None, made: list[Path] | None = None) -> None:
     """``folder.mkdir(parents=True, exist_ok=True)`` without recursion, for the same deep trees as ``walk``.
     With ``within`` (a folder above ``folder``), each folder below it must be a folder, not a link:
     ``LinkedFolderError`` (checked at each write, folder by folder from ``within`` down through their
-    descriptors, in time linear in the depth; a link made in the instant before the write is still followed)."""
+    descriptors, in time linear in the depth; a link made in the instant before the write is still followed).
+    ``made`` collects the folders below ``within`` that this call created."""
     rel = os.path.relpath(folder, within) if within is not None else ".."
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):  # no within, or not below it: nothing to check
         return _make_all(Path(folder))
@@ -735,8 +736,12 @@ def make_folders(folder: Path, within: Path | None = None) -> None:
                 try:
                     inner = os.open(part, _FOLDER_ONLY | os.O_NOFOLLOW, dir_fd=fd)
                 except FileNotFoundError:
-                    with contextlib.suppress(FileExistsError):
+                    try:
                         os.mkdir(part, dir_fd=fd)
+                        if made is not None:
+                            made.append(at)
+                    except FileExistsError:
+                        pass
                     inner = os.open(part, _FOLDER_ONLY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):

@@ -888,6 +888,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
 
     outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items()
                                        if input_dir / rel in present and still_writes(rel, entry[2])}
+    made_folders: list[Path] = []  # output folders this run made, removed at its end if nothing went into them
     try:
         for item in prepared_files(to_read, prepare, run.decode_workers, ahead=ahead, max_pixels=settings.image.max_pixels):
             if item.skip:
@@ -912,7 +913,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             outputs_taken[out_rel] = item.path
             claimed[item.path] = out_rel
             try:  # a folder the output cannot go into (a link), or a name too long, is found before the model's time is spent
-                make_folders((output_dir / out_rel).parent, output_dir)
+                make_folders((output_dir / out_rel).parent, output_dir, made_folders)
                 check_name_length(output_dir / out_rel)
             except OSError as exc:
                 fail(item, f"output not written: {failure_reason(exc)}")
@@ -956,6 +957,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     if confirmed:
         remember_confirmed()
     _forget_vanished(journal, known, {p.relative_to(input_dir).as_posix() for p in paths}, output_dir)
+    for folder in sorted(made_folders, key=lambda f: len(f.parts), reverse=True):  # made for images that failed: not left empty
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
     journal.close()

@@ -560,13 +560,14 @@ def test_an_output_name_too_long_fails_before_the_model_runs(tmp_path):
             return super().upscale(images)
 
     src, stem = tmp_path / "in", "n" * 250
-    write_png(src / f"{stem}.png", np.full((8, 8, 3), 60, np.uint8))
+    write_png(src / "sub" / "deeper" / f"{stem}.png", np.full((8, 8, 3), 60, np.uint8))
     summary = run_folder(src, tmp_path / "out", _bicubic_settings(name_template="{stem}_x{scale}{ext}"), engine=Counted())
     assert summary.done == 0 and [f.path.name for f in summary.failed] == [f"{stem}.png"] and calls == []
     assert "File name too long (257 bytes, the file system takes 255" in summary.failed[0].reason
-    write_png(src / "short.png", np.full((8, 8, 3), 60, np.uint8))
+    assert not (tmp_path / "out" / "sub").exists()  # its folders, made for it, are not left behind empty
+    write_png(src / "sub" / "short.png", np.full((8, 8, 3), 60, np.uint8))
     assert run_folder(src, tmp_path / "out", _bicubic_settings(name_template="{stem}_x{scale}{ext}"), engine=Counted()).done == 1
-    assert calls == [1]
+    assert calls == [1] and sorted(p.name for p in (tmp_path / "out" / "sub").iterdir()) == ["short_x4.png"]
 
 
 def test_entries_whose_input_and_output_are_gone_are_forgotten(tmp_path):
