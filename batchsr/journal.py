@@ -388,7 +388,9 @@ class WatchJournal:
             )
 
     def set_inbox_problems(self, problems: set[tuple[str, str]], now: float) -> None:
-        """Records ``(path, reason)`` of what the scan skipped; those mended are dropped, the others keep their time."""
+        """Records ``(path, reason)`` of what the scan skipped; those mended are dropped, the others keep their time.
+        A name that is not UTF-8 is kept with its odd bytes escaped (SQLite takes text only)."""
+        problems = {(os.fsencode(path).decode("utf-8", "backslashreplace"), reason) for path, reason in problems}
         with self._transaction() as db:
             old = set(db.execute("SELECT path, reason FROM inbox_problems"))
             db.executemany("DELETE FROM inbox_problems WHERE path = ? AND reason = ?", sorted(old - problems))

@@ -449,6 +449,24 @@ def test_a_watch_journal_this_version_cannot_read_is_refused_untouched(tmp_path,
     assert journal.read_bytes() == before and not journal.with_name("journal.sqlite-wal").exists()
 
 
+def test_inbox_problems_are_kept_as_they_change_odd_names_included(tmp_path):
+    """What a scan skipped was a warning logged once; status now lists it, mended ones gone, times kept."""
+    from batchsr.journal import WatchJournal, read_status
+
+    odd = os.fsdecode(b"odd\xffname")  # not UTF-8: SQLite takes text only
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    journal.set_inbox_problems({(odd, "cannot list it: Permission denied"), ("link", "a symbolic link: not followed")}, 1000.0)
+    journal.set_inbox_problems({("link", "a symbolic link: not followed"), ("new", "cannot look at it: I/O error")}, 2000.0)
+    journal.close()
+    shown = {(p["path"], p["reason"], p["since"]) for p in read_status(tmp_path).inbox_problems}
+    assert {(path, reason) for path, reason, _ in shown} == {("link", "a symbolic link: not followed"), ("new", "cannot look at it: I/O error")}
+    assert [since for path, _, since in shown if path == "link"] == [time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(1000.0))]
+    journal = WatchJournal(tmp_path / "journal.sqlite")
+    journal.set_inbox_problems({(odd, "cannot list it: Permission denied")}, 3000.0)
+    journal.close()
+    assert [p["path"] for p in read_status(tmp_path).inbox_problems] == ["odd\\xffname"]
+
+
 def test_a_state_folder_deleted_while_running_stops_the_daemon(tmp_path, tiny_model):
     """The daemon went on recording into the deleted journal, feeding systemd's watchdog, and all it recorded
     (what was done, tries, output owners) was lost at the next start."""
