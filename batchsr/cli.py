@@ -388,6 +388,9 @@ def watch(ctx, weights, scale, device, precision, tile, overlap, batch_size, sel
     logger.info("stopped after {:.0f}s: {} done, {} failed (model {})", summary.seconds, summary.done, summary.failed, summary.model_id)
 
 
+_SHOWN_PROBLEMS = 20  # lines of skipped inbox entries in the text report
+
+
 @main.command()
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), help="watch.state (default: from the configuration).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -417,8 +420,10 @@ def status(ctx, state_dir, as_json, errors):
             click.echo(_printable(f"  {error['time']}  {error['state']:<8}  {error['file']}: {error['error']} (tries: {error['attempts']})"))
     if report.inbox_problems:
         click.echo("skipped in the inbox:")
-        for problem in report.inbox_problems:
+        for problem in report.inbox_problems[:_SHOWN_PROBLEMS]:
             click.echo(_printable(f"  {problem['since']}  {problem['path']}: {problem['reason']}"))
+        if len(report.inbox_problems) > _SHOWN_PROBLEMS:
+            click.echo(f"  ... and {len(report.inbox_problems) - _SHOWN_PROBLEMS} more (--json lists them all)")
 
 
 @main.command()

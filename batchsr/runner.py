@@ -954,12 +954,12 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     finally:
         writers.shutdown(wait=True)
         progress.close()
+        for folder in sorted(made_folders, key=lambda f: len(f.parts), reverse=True):  # made for images that failed
+            with contextlib.suppress(OSError):  # one an output went into is not empty: it stays
+                os.rmdir(folder)
     if confirmed:
         remember_confirmed()
     _forget_vanished(journal, known, {p.relative_to(input_dir).as_posix() for p in paths}, output_dir)
-    for folder in sorted(made_folders, key=lambda f: len(f.parts), reverse=True):  # made for images that failed: not left empty
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
     journal.close()

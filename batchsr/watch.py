@@ -964,6 +964,7 @@ class _Daemon:
             if not self.inbox_missing:  # said once, not at every scan while a share is unmounted
                 logger.error("the inbox {} is missing or not a folder (unmounted?); looked for at each scan", self.folders.inbox)
             self.inbox_missing = True
+            self._record_problems({(".", "the inbox is missing or not a folder (unmounted?); looked for at each scan")}, now)
             return None
         self.inbox_missing = False
         shape = _TreeShape()
@@ -975,9 +976,7 @@ class _Daemon:
         # Forget what is gone or mended: the sets stay the size of the inbox's problems over months, and a
         # problem that comes back is said again.
         self.reported &= found_again
-        if self.reported != self.recorded_problems:  # written when it changes, not at every scan
-            self.journal.set_inbox_problems(self.reported, now)
-            self.recorded_problems = set(self.reported)
+        self._record_problems(self.reported, now)
         self.bad_names &= {rel for rel, _, _ in files}
         present = set(files)
         self.stuck = {key for key in self.stuck if key[:3] in present}
@@ -986,6 +985,12 @@ class _Daemon:
         if gone:
             self.journal.vanish(sorted(gone))
         return shape
+
+    def _record_problems(self, problems: set[tuple[str, str]], now: float) -> None:
+        """What ``batchsr status`` lists as skipped in the inbox: written when it changes, not at every scan."""
+        if problems != self.recorded_problems:
+            self.journal.set_inbox_problems(problems, now)
+            self.recorded_problems = set(problems)
 
     def _take_hints(self, timeout: float) -> None:
         try:

@@ -392,12 +392,17 @@ def test_sigterm_during_a_batch_finishes_it_and_exits_0(tmp_path, tiny_model, st
 def test_a_missing_inbox_is_said_once_not_at_every_scan(tmp_path, tiny_model):
     """An unmounted share gave an error line at every rescan: 1,440 a day at the default 60 s."""
     config = write_config(tmp_path, tiny_model, rescan_interval_s=0.2)
+    from batchsr.journal import read_status
+
     with serving_here(config) as messages:
         os.rmdir(tmp_path / "inbox")
         time.sleep(2.0)  # some ten scans
+        assert [(p["path"], p["reason"][:40]) for p in read_status(tmp_path / "state").inbox_problems] == \
+            [(".", "the inbox is missing or not a folder (un")]  # status shows it too
         drop(tmp_path / "inbox", "back.png", png(45))
         wait_for(lambda: states(tmp_path).get("done") == ["back.png"], 60, what="back.png")
     assert sum("is missing or not a folder" in m for m in messages) == 1
+    assert read_status(tmp_path / "state").inbox_problems == []
 
 
 def test_what_a_scan_skips_is_forgotten_once_gone_and_said_again_when_it_comes_back(tmp_path, tiny_model):
