@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from loguru import logger
 
-from batchsr.errors import ConfigError
+from batchsr.errors import ConfigError, ImageError
 from batchsr.imageio import STATE_DIR, probe_decoding_mb, read_image, sniff_file, to_uint8, walk
 from batchsr.resize import imresize, resize_matrix
 
@@ -109,7 +109,7 @@ CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 
 def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequence[float] = (1.0,)) -> list[np.ndarray]:
     """All HR images of ``folders`` as 8-bit RGB, each at every ``rescale`` factor
     (MATLAB bicubic, rounded to 8 bits); copies smaller than ``min_side`` are dropped."""
-    images, seen, small, transparent = [], set(), [], []
+    images, seen, small, transparent, unreadable = [], set(), [], [], []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
@@ -119,7 +119,11 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
             if real in seen:  # folders listed twice, or one inside another: each image counts once
                 continue
             seen.add(real)
-            image = read_image(path)
+            try:
+                image = read_image(path)
+            except ImageError as exc:  # one bad file among thousands of a user's own: said, not the end of the run
+                unreadable.append(f"{path} ({exc.reason})")
+                continue
             if has_transparency(image):
                 transparent.append(path)
                 continue
@@ -132,6 +136,8 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
                     images.append(copy)
     if small:
         logger.warning("{} training images smaller than a patch ({}px a side) are left out: {}", len(small), min_side, _some(small))
+    if unreadable:
+        logger.warning("{} training images cannot be read and are left out: {}", len(unreadable), _some(unreadable))
     if transparent:
         logger.warning("{} training images with transparency are left out (the colour under transparent pixels is no "
                        "photo): {}", len(transparent), _some(transparent))
@@ -141,7 +147,7 @@ def load_training_images(folders: Iterable[Path], min_side: int, rescale: Sequen
     return images
 
 
-def _some(paths: list[Path]) -> str:
+def _some(paths: list) -> str:
     return ", ".join(str(p) for p in paths[:5]) + (", ..." if len(paths) > 5 else "")
 
 

@@ -583,6 +583,25 @@ def test_training_leaves_out_upscaled_outputs_and_transparent_images_by_name(tmp
     assert any("1 training images with transparency are left out" in m and "cutout.png" in m for m in messages)
 
 
+def test_an_unreadable_training_image_is_left_out_by_name_not_the_end_of_the_run(tmp_path):
+    """One truncated file among a user's own photos ended the training before its first step (exit 65)."""
+    from loguru import logger
+
+    from batchsr.data import load_training_images
+    from tests.conftest import write_png
+
+    write_png(tmp_path / "hr" / "photo.png", np.full((40, 40, 3), 9, np.uint8))
+    (tmp_path / "hr" / "cut.png").write_bytes((tmp_path / "hr" / "photo.png").read_bytes()[:60])
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        images = load_training_images([tmp_path / "hr"], 32)
+    finally:
+        logger.remove(sink)
+    assert [image.shape for image in images] == [(40, 40, 3)]
+    assert any("1 training images cannot be read and are left out" in m and "cut.png (" in m for m in messages), messages
+
+
 def test_a_mistyped_data_folder_or_init_leaves_no_out_dir_behind(tmp_path):
     """A typo in train_dirs failed the run, but only after out_dir, its checkpoint folder and lock were made."""
     from batchsr.errors import ModelError
