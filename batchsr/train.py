@@ -217,6 +217,12 @@ def _load_validation(settings: TrainSettings):
 
     if not Path(settings.val_dir).is_dir():
         raise ConfigError(f"val_dir {settings.val_dir} does not exist or is not a folder")
+    val = Path(settings.val_dir).resolve()
+    for folder in settings.train_dirs:
+        train = Path(folder).resolve()
+        if val == train or train in val.parents or val in train.parents:  # the best weights would be chosen on training images
+            logger.warning("val_dir {} and train_dirs {} share images: validation scores images the model trains on, "
+                           "so the best weights are not chosen on unseen ones", settings.val_dir, folder)
     pairs = []
     scale = settings.model.scale
     for path in find_images(settings.val_dir):

@@ -583,6 +583,23 @@ def test_training_leaves_out_upscaled_outputs_and_transparent_images_by_name(tmp
     assert any("1 training images with transparency are left out" in m and "cutout.png" in m for m in messages)
 
 
+def test_a_validation_folder_inside_the_training_folders_is_warned_about(tmp_path):
+    """Validation on images the model trains on chose the "best" weights on seen images, without a word."""
+    from loguru import logger
+
+    from batchsr.train import _load_validation
+
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        for train_dirs, val_dir in (([data_dir("Set5")], data_dir("Set5", "HR")), ([data_dir("T91", "HR")], data_dir("Set5", "HR"))):
+            settings = _settings(tmp_path / "run").model_copy(update={"train_dirs": train_dirs, "val_dir": val_dir})
+            assert len(_load_validation(settings)) == 5
+    finally:
+        logger.remove(sink)
+    assert len([m for m in messages if "share images: validation scores images the model trains on" in m]) == 1
+
+
 def test_an_unreadable_training_image_is_left_out_by_name_not_the_end_of_the_run(tmp_path):
     """One truncated file among a user's own photos ended the training before its first step (exit 65)."""
     from loguru import logger
