@@ -196,7 +196,8 @@ def _engine_overrides(weights, scale, device, precision, tile, overlap, batch_si
 @click.option("--reference", "reference_dir", type=click.Path(),
               help="Folder of HR references at the same relative paths: writes OUTPUT/metrics.csv.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="With --reference: an HTML visual report in this folder.")
-@click.option("--force", is_flag=True, help="Redo images whose output is already up to date.")
+@click.option("--force", is_flag=True, help="Redo images whose output is already up to date, and replace files at "
+              "output paths that this OUTPUT's journal did not write.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), help="run.progress.")
 @click.option("--outscale", type=float, help="Output factor above 0, up to 64 (run.outscale): the model's scale, then a bicubic resize.")
 @click.option("--name-template", help="Output file name, e.g. '{stem}_x{scale}{ext}' (run.name_template).")

@@ -205,6 +205,9 @@ def _storage_error(path: Path, exc: sqlite3.OperationalError) -> OutputError:
     return OutputError(f"cannot write the journal {path}: {exc} (check the state folder's permissions and mount)")
 
 
+_NEW_JOURNAL = "a new journal knows no earlier output: `run` then needs --force to replace those on disk"
+
+
 def open_journal(path: Path, **options) -> sqlite3.Connection:
     """Connects to the SQLite file at ``path``, made first with the umask's mode (SQLite's own 0644 kept
     a group-shared folder's journal, and its -wal file, from the group). An empty file found there (emptied,
@@ -212,7 +215,8 @@ def open_journal(path: Path, **options) -> sqlite3.Connection:
     with contextlib.suppress(OSError):
         if os.stat(path).st_size == 0 and _size_or_zero(Path(f"{path}-wal")) == 0 and str(path) not in _SAID_EMPTY:
             _SAID_EMPTY.add(str(path))  # once: a daemon waiting out a full disk at its first start opens it again
-            logger.warning("the journal {} is an empty file: what it does not know is done again", path)
+            logger.warning("the journal {} is an empty file: it knows no earlier output (`run` replaces none without "
+                           "--force)", path)
     with contextlib.suppress(OSError):  # an error here is SQLite's to report
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666))
     return sqlite3.connect(path, **options)
@@ -237,7 +241,7 @@ def check_layout(db: sqlite3.Connection, path: Path, version: int, table: str, c
     if found > version:
         raise OutputError(f"the journal {path} was written by a later version of batchsr (journal version {found}; "
                           f"this one reads up to {version}): upgrade batchsr, or move the journal aside and start "
-                          "again (a new journal redoes the outputs it does not know)")
+                          f"again ({_NEW_JOURNAL})")
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if tables and table not in tables:
         raise unknown_journal(path, f"no table {table!r}")
@@ -255,13 +259,12 @@ def check_columns(db: sqlite3.Connection, path: Path, table: str, columns: set[s
 
 def unknown_journal(path: Path, why: str) -> OutputError:
     return OutputError(f"the journal {path} is not one this version of batchsr knows ({why}); move it aside and "
-                       "start again (a new journal redoes the outputs it does not know)")
+                       f"start again ({_NEW_JOURNAL})")
 
 
 def damaged_journal(path: Path, exc: sqlite3.DatabaseError) -> OutputError:
     """A journal that is not a database (or a damaged one): the state folder's problem (exit 73), not a bug."""
-    return OutputError(f"the journal {path} is damaged ({exc}); move it aside and start again (a new journal "
-                       f"redoes the outputs it does not know)")
+    return OutputError(f"the journal {path} is damaged ({exc}); move it aside and start again ({_NEW_JOURNAL})")
 
 
 def _entry(row) -> Entry:

@@ -137,6 +137,8 @@ class Journal:
             for column in ("options", "stat"):  # a journal from before they were recorded
                 if columns and column not in columns:
                     self.db.execute(f"ALTER TABLE outputs ADD COLUMN {column} TEXT")
+            # Outputs about to be written: one a crash left on disk before its entry is known as batchsr's
+            self.db.execute("CREATE TABLE IF NOT EXISTS writing (output TEXT PRIMARY KEY) WITHOUT ROWID")
             if found != _JOURNAL_VERSION:  # written once: a journal only read (nothing new) needs no write
                 self.db.execute(f"PRAGMA user_version = {_JOURNAL_VERSION}")
             self.db.commit()
@@ -159,10 +161,22 @@ class Journal:
             rows = self.db.execute("SELECT input, sha256, model_id, output, metrics, options FROM outputs")
             return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows}
 
+    def outputs(self) -> set[str]:
+        """Every output this journal knows as batchsr's: recorded, or about to be written when the run stopped."""
+        with self._damage_named():
+            return {row[0] for row in self.db.execute("SELECT output FROM outputs UNION SELECT output FROM writing")}
+
+    def intend(self, outputs: list[str]) -> None:
+        """Marks outputs as about to be written (before the write: see ``outputs``)."""
+        with self._damage_named():
+            self.db.executemany("INSERT OR IGNORE INTO writing (output) VALUES (?)", [(o,) for o in outputs])
+            self.db.commit()
+
     def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None,
                stat: str | None = None) -> None:
         """``stat``: the input's ``fingerprint`` when its content was read, if it may be trusted."""
         with self._damage_named():
+            self.db.execute("DELETE FROM writing WHERE output = ?", (output,))
             # One owner per output: an input whose output was replaced no longer has it.
             self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
             self.db.execute(
@@ -830,6 +844,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         if not batch:
             return
         engine = get_engine()
+        journal.intend([claimed[item.path].as_posix() for item in batch])
         t0 = time.time()
         outputs = upscale_each(engine, [item.image for item in batch], settings.image.alpha)
         ms = (time.time() - t0) * 1000.0 / len(batch)
@@ -844,6 +859,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def stream_one(item: _Item, out_rel: Path) -> None:
         """A huge image on its own, band by band (see pipeline.write_streamed)."""
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
+        journal.intend([out_rel.as_posix()])
         try:
             write_streamed(get_engine(), item.image, output_dir / out_rel, written_as(item), settings.image.alpha,
                            within=output_dir, mode=mode_like(item.path))
@@ -889,6 +905,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     outputs_taken: dict[Path, Path] = {Path(entry[2]): input_dir / rel for rel, entry in known.items()
                                        if input_dir / rel in present and still_writes(rel, entry[2])}
     made_folders: list[Path] = []  # output folders this run made, removed at its end if nothing went into them
+    ours = journal.outputs()  # files in OUTPUT this journal wrote (or was writing): the only ones replaced
     try:
         for item in prepared_files(to_read, prepare, run.decode_workers, ahead=ahead, max_pixels=settings.image.max_pixels):
             if item.skip:
@@ -917,6 +934,13 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 check_name_length(output_dir / out_rel)
             except OSError as exc:
                 fail(item, f"output not written: {failure_reason(exc)}")
+                item.image = None
+                progress.update()
+                continue
+            if not force and out_rel.as_posix() not in ours and os.path.lexists(output_dir / out_rel):
+                # Another program's file, an original (INPUT and OUTPUT swapped), or another run's output: never replaced
+                fail(item, f"output {output_dir / out_rel} is there already, and this OUTPUT's journal did not write it; "
+                           "not replaced (move it away, or give --force to replace it)")
                 item.image = None
                 progress.update()
                 continue

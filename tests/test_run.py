@@ -570,6 +570,48 @@ def test_an_output_name_too_long_fails_before_the_model_runs(tmp_path):
     assert calls == [1] and sorted(p.name for p in (tmp_path / "out" / "sub").iterdir()) == ["short_x4.png"]
 
 
+def test_a_file_the_journal_did_not_write_is_never_replaced_without_force(tmp_path):
+    """INPUT and OUTPUT swapped in a cron line (`run up photos` after `run photos up`) replaced the original
+    photos with upscales of their own upscales; a run into a subfolder of another run's OUTPUT replaced its
+    outputs, which that run then took for up to date."""
+    photos, up = tmp_path / "photos", tmp_path / "up"
+    for k in range(2):
+        write_png(photos / f"p{k}.png", np.full((8, 6, 3), 50 + k, np.uint8))
+    originals = {p.name: p.read_bytes() for p in photos.iterdir()}
+    assert run_folder(photos, up, _bicubic_settings(), engine=Bicubic()).done == 2
+    swapped = run_folder(up, photos, _bicubic_settings(), engine=Bicubic())
+    assert swapped.done == 0 and len(swapped.failed) == 2
+    assert all("is there already, and this OUTPUT's journal did not write it; not replaced" in f.reason for f in swapped.failed)
+    assert {p.name: p.read_bytes() for p in photos.iterdir() if p.is_file()} == originals
+    other = tmp_path / "other"
+    write_png(other / "p0.png", np.full((8, 6, 3), 200, np.uint8))
+    before = (up / "p0.png").read_bytes()
+    nested = run_folder(other, up, _bicubic_settings(), engine=Bicubic())  # another INPUT into the same OUTPUT: its journal knows p0.png
+    assert nested.done == 1  # an output of this OUTPUT's own journal: replaced, as a changed input's output is
+    assert run_folder(other, up / "sub", _bicubic_settings(), engine=Bicubic()).done == 1  # nothing there: written
+    (up / "sub" / "q.png").write_bytes(before)  # someone's file where an output is to go
+    write_png(other / "q.png", np.full((8, 6, 3), 9, np.uint8))
+    assert len(run_folder(other, up / "sub", _bicubic_settings(), engine=Bicubic()).failed) == 1
+    assert (up / "sub" / "q.png").read_bytes() == before
+    assert run_folder(other, up / "sub", _bicubic_settings(), engine=Bicubic(), force=True).done == 2
+    assert (up / "sub" / "q.png").read_bytes() != before
+
+
+def test_an_output_written_just_before_a_crash_is_known_as_batchsrs(tmp_path, monkeypatch):
+    """Killed between an output's rename into place and its journal entry: the next run replaces it, as its own."""
+    import batchsr.runner
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "a.png", np.full((8, 6, 3), 70, np.uint8))
+    monkeypatch.setattr(batchsr.runner.Journal, "record", lambda *args, **kwargs: os.kill(os.getpid(), 0) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the run dies at the entry, the output on disk
+        run_folder(src, out, _bicubic_settings(), engine=Bicubic())
+    monkeypatch.undo()
+    assert (out / "a.png").is_file()
+    assert run_folder(src, out, _bicubic_settings(), engine=Bicubic()).done == 1
+    assert run_folder(src, out, _bicubic_settings(), engine=Bicubic()).skipped == 1
+
+
 def test_entries_whose_input_and_output_are_gone_are_forgotten(tmp_path):
     """An inbox that others fill and empty grew the journal by a row for every file it ever held, each read at
     every run (300,000 such rows: a run with nothing to do took 4x the time and 10x the memory)."""
@@ -602,9 +644,10 @@ def test_an_empty_journal_file_is_said_not_silently_started_over(tmp_path):
     journal.write_bytes(b"")
     messages: list[str] = []
     handler = logger.add(messages.append, format="{message}", level="WARNING")
-    try:
-        assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).done == 1
+    try:  # it knows no output now: the one on disk is not replaced without --force
+        assert len(run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).failed) == 1
         assert any(f"the journal {journal} is an empty file" in m for m in messages)
+        assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic(), force=True).done == 1
         messages.clear()
         assert run_folder(tmp_path / "in", tmp_path / "out", _bicubic_settings(), engine=Bicubic()).skipped == 1
         assert not any("empty file" in m for m in messages)
