@@ -53,7 +53,7 @@ from loguru import logger
 from batchsr.checkpoint import model_weights, read_info
 from batchsr.config import Settings
 from batchsr.errors import ConfigError, ImageError, InputError, OutputError
-from batchsr.imageio import Image, atomic_write, decode_image, mode_like, sniff_format
+from batchsr.imageio import Image, atomic_write, decode_image, mode_like, sniff_format, walk
 from batchsr.lock import FolderLock
 from batchsr.pipeline import (
     IMAGE_SUFFIXES, failure_reason, output_name, plan_route, process_rss_mb, target_format, upscale_each, write_streamed,
@@ -564,9 +564,14 @@ def run_beam(
         logger.info("beam pipeline on {}: {} -> {}; model {}", _runner_name(options), source, target, info.model_id)
         pipeline = beam.Pipeline(runner=_runner(options), options=options)
         build_pipeline(pipeline, job, info, run_dir)
+        begun_ns = time.time_ns()
         try:
             pipeline.run().wait_until_finish()
             summary = _summarise(job, info, run_dir)
+        except BaseException:
+            if job.local_target:  # what it wrote before it stopped: batchsr's, for the guard of the next `run`
+                _adopt_written(Path(target), begun_ns)
+            raise
         finally:
             _remove(run_dir)
     summary.seconds = time.time() - started
@@ -587,6 +592,26 @@ def _lines(pattern: str) -> list[dict]:
     for match in FileSystems.match([pattern])[0].metadata_list:
         rows += [json.loads(line) for line in _read(match.path).decode("utf-8").splitlines() if line.strip()]
     return rows
+
+
+def _adopt_written(target: Path, begun_ns: int) -> None:
+    """Records as batchsr's the files of a job that stopped early (created or replaced since it began, while it
+    held OUTPUT's lock), so that a later `run` replaces them as its own instead of refusing them."""
+    names = []
+    for root, dirs, files in walk(target):
+        dirs[:] = [d for d in dirs if d != STATE_DIR]
+        for name in files:
+            with contextlib.suppress(OSError):
+                if os.lstat(os.path.join(root, name)).st_ctime_ns >= begun_ns - 1_000_000_000:  # the file system's coarse clock
+                    names.append(Path(os.path.relpath(os.path.join(root, name), target)).as_posix())
+    if names:
+        journal = Journal(target / STATE_DIR / "journal.sqlite")
+        try:
+            journal.intend(names)
+        except OutputError as exc:
+            logger.warning("{}; the next run refuses the {} outputs this job wrote, unless given --force", exc, len(names))
+        finally:
+            journal.close()
 
 
 def _summarise(job: _Job, info, run_dir: str) -> RunSummary:

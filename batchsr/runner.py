@@ -137,8 +137,9 @@ class Journal:
             for column in ("options", "stat"):  # a journal from before they were recorded
                 if columns and column not in columns:
                     self.db.execute(f"ALTER TABLE outputs ADD COLUMN {column} TEXT")
-            # Outputs about to be written: one a crash left on disk before its entry is known as batchsr's
-            self.db.execute("CREATE TABLE IF NOT EXISTS writing (output TEXT PRIMARY KEY) WITHOUT ROWID")
+            # Every output written (or about to be: one a crash left before its entry is known as batchsr's),
+            # under any name an input had (a format changed and changed back): kept while the file is there
+            self.db.execute("CREATE TABLE IF NOT EXISTS written (output TEXT PRIMARY KEY) WITHOUT ROWID")
             if found != _JOURNAL_VERSION:  # written once: a journal only read (nothing new) needs no write
                 self.db.execute(f"PRAGMA user_version = {_JOURNAL_VERSION}")
             self.db.commit()
@@ -162,21 +163,27 @@ class Journal:
             return {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows}
 
     def outputs(self) -> set[str]:
-        """Every output this journal knows as batchsr's: recorded, or about to be written when the run stopped."""
+        """Every output this journal knows as batchsr's: recorded, written under an earlier name, or about to be
+        written when a run stopped."""
         with self._damage_named():
-            return {row[0] for row in self.db.execute("SELECT output FROM outputs UNION SELECT output FROM writing")}
+            return {row[0] for row in self.db.execute("SELECT output FROM outputs UNION SELECT output FROM written")}
 
     def intend(self, outputs: list[str]) -> None:
-        """Marks outputs as about to be written (before the write: see ``outputs``)."""
+        """Marks outputs as batchsr's before they are written (see ``outputs``)."""
         with self._damage_named():
-            self.db.executemany("INSERT OR IGNORE INTO writing (output) VALUES (?)", [(o,) for o in outputs])
+            self.db.executemany("INSERT OR IGNORE INTO written (output) VALUES (?)", [(o,) for o in outputs])
+            self.db.commit()
+
+    def forget_written(self, outputs: list[str]) -> None:
+        with self._damage_named():
+            self.db.executemany("DELETE FROM written WHERE output = ?", [(o,) for o in outputs])
             self.db.commit()
 
     def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None,
                stat: str | None = None) -> None:
         """``stat``: the input's ``fingerprint`` when its content was read, if it may be trusted."""
         with self._damage_named():
-            self.db.execute("DELETE FROM writing WHERE output = ?", (output,))
+            self.db.execute("INSERT OR IGNORE INTO written (output) VALUES (?)", (output,))
             # One owner per output: an input whose output was replaced no longer has it.
             self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
             self.db.execute(
@@ -844,7 +851,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         if not batch:
             return
         engine = get_engine()
-        journal.intend([claimed[item.path].as_posix() for item in batch])
+        intend([claimed[item.path].as_posix() for item in batch])
         t0 = time.time()
         outputs = upscale_each(engine, [item.image for item in batch], settings.image.alpha)
         ms = (time.time() - t0) * 1000.0 / len(batch)
@@ -856,10 +863,14 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
             in_flight.append((item, writers.submit(write_one, item, claimed[item.path], upscaled, alpha, ms)))
         settle(block=False)
 
+    def intend(names: list[str]) -> None:
+        journal.intend(names)
+        ours.update(names)
+
     def stream_one(item: _Item, out_rel: Path) -> None:
         """A huge image on its own, band by band (see pipeline.write_streamed)."""
         logger.info("{}: {}x{} upscaled band by band", item.path, *item.image.size)
-        journal.intend([out_rel.as_posix()])
+        intend([out_rel.as_posix()])
         try:
             write_streamed(get_engine(), item.image, output_dir / out_rel, written_as(item), settings.image.alpha,
                            within=output_dir, mode=mode_like(item.path))
@@ -983,7 +994,7 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 os.rmdir(folder)
     if confirmed:
         remember_confirmed()
-    _forget_vanished(journal, known, {p.relative_to(input_dir).as_posix() for p in paths}, output_dir)
+    _forget_vanished(journal, known, {p.relative_to(input_dir).as_posix() for p in paths}, output_dir, ours)
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
     journal.close()
@@ -1073,17 +1084,21 @@ def check_name_length(path: Path) -> None:
                       f"the file system takes {limit}; shorten the input's name or run.name_template)", str(path))
 
 
-def _forget_vanished(journal: Journal, known: dict, listed: set[str], output_dir: Path) -> None:
+def _forget_vanished(journal: Journal, known: dict, listed: set[str], output_dir: Path, ours: set[str]) -> None:
     """Drops the entries whose input and output are both gone: a folder that others fill and empty grew the
     journal by a row for every file it ever held, read whole at each run. An entry whose output is still on
-    disk stays (its metrics.csv row, and an input put back or mounted again, are kept); only saves work, so a
-    journal that refuses the write fails no run."""
+    disk stays (its metrics.csv row, and an input put back or mounted again, are kept), and so does the name
+    of every output still there (``ours``: the names known at the start, with this run's); only saves work,
+    so a journal that refuses the write fails no run."""
     gone = [rel for rel, entry in known.items() if rel not in listed and not os.path.lexists(output_dir / entry[2])]
-    if gone:
-        try:
+    unwritten = [name for name in ours if not os.path.lexists(output_dir / name)]  # removed, or never written (failed)
+    try:
+        if gone:
             journal.forget(gone)
-        except OutputError as exc:
-            logger.warning("{}; the {} entries of inputs and outputs gone stay until a later run", exc, len(gone))
+        if unwritten:
+            journal.forget_written(unwritten)
+    except OutputError as exc:
+        logger.warning("{}; the entries of outputs gone stay until a later run", exc)
 
 
 def _write_metrics(output_dir: Path, journal: Journal, inputs: list[str], scale: int) -> Path | None:

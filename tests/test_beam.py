@@ -150,6 +150,30 @@ def test_beam_streams_big_images_and_clashing_names_fail(tmp_path, tiny_model):
         assert (tmp_path / "beam" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
+def test_outputs_of_a_beam_job_that_stopped_early_are_batchsrs_for_the_next_run(tmp_path, tiny_model, monkeypatch):
+    """Beam records its outputs only at the end: after a job cut short, a plain run refused them all as files
+    the journal did not write."""
+    _needs_beam()
+    import batchsr.beam
+    from batchsr.beam import run_beam
+    from batchsr.runner import run_folder
+
+    src = tmp_path / "in"
+    for k in range(2):
+        write_png(src / "sub" / f"{k}.png", np.full((12, 10, 3), 40 + k, np.uint8))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batchsr.beam, "_summarise", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_beam(src, tmp_path / "out", _settings(tiny_model))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "out" / "sub").iterdir()) == ["0.png", "1.png"]
+    summary = run_folder(src, tmp_path / "out", _settings(tiny_model))
+    assert (summary.done, summary.failed) == (2, [])
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_beam_writes_through_no_linked_folder_and_reads_no_other_runs_output(tmp_path, tiny_model, streamed):
     """As run: OUT/sub linked to IN/sub had outputs written over the inputs; photos/x4, the OUTPUT of another

@@ -597,6 +597,28 @@ def test_a_file_the_journal_did_not_write_is_never_replaced_without_force(tmp_pa
     assert (up / "sub" / "q.png").read_bytes() != before
 
 
+def test_an_output_under_an_earlier_name_and_a_failed_ones_name_are_handled_as_they_should(tmp_path):
+    """A format changed and changed back: the first name's output, kept on disk, was refused as not the
+    journal's. A name only intended (the image failed) made a user's file there replaceable."""
+    class Failing(Bicubic):
+        def upscale(self, images):
+            raise RuntimeError("no")
+
+        upscale_bands = upscale
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "a.png", np.full((8, 6, 3), 70, np.uint8))
+    assert run_folder(src, out, _bicubic_settings(), engine=Bicubic()).done == 1
+    assert run_folder(src, out, _bicubic_settings(output_format="jpg"), engine=Bicubic()).done == 1
+    again = run_folder(src, out, _bicubic_settings(), engine=Bicubic())
+    assert (again.done, again.failed) == (1, []) and sorted(p.name for p in out.iterdir() if p.is_file()) == ["a.jpg", "a.png"]
+    write_png(src / "b.png", np.full((8, 6, 3), 70, np.uint8))
+    assert len(run_folder(src, out, _bicubic_settings(), engine=Failing()).failed) == 1
+    (out / "b.png").write_bytes(b"mine")
+    assert len(run_folder(src, out, _bicubic_settings(), engine=Bicubic()).failed) == 1
+    assert (out / "b.png").read_bytes() == b"mine"
+
+
 def test_an_output_written_just_before_a_crash_is_known_as_batchsrs(tmp_path, monkeypatch):
     """Killed between an output's rename into place and its journal entry: the next run replaces it, as its own."""
     import batchsr.runner
