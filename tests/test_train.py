@@ -533,23 +533,29 @@ def test_tensorboard_without_its_package_is_a_configuration_error(tmp_path, monk
         train(_settings(tmp_path / "run", tensorboard=True), progress=False)
 
 
-def test_training_images_count_once_and_small_ones_are_named(tmp_path):
-    """A folder listed twice (or with one of its subfolders) counted its images twice; images smaller than a
-    patch were dropped without a word."""
+def _loaded_with_warnings(folders, min_side: int):
+    """``load_training_images`` and the warnings it logged."""
     from loguru import logger
 
     from batchsr.data import load_training_images
+
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        return load_training_images(folders, min_side), messages
+    finally:
+        logger.remove(sink)
+
+
+def test_training_images_count_once_and_small_ones_are_named(tmp_path):
+    """A folder listed twice (or with one of its subfolders) counted its images twice; images smaller than a
+    patch were dropped without a word."""
     from tests.conftest import write_png
 
     write_png(tmp_path / "hr" / "big.png", np.full((40, 40, 3), 9, np.uint8))
     write_png(tmp_path / "hr" / "sub" / "also.png", np.full((40, 48, 3), 9, np.uint8))
     write_png(tmp_path / "hr" / "tiny.png", np.full((8, 40, 3), 9, np.uint8))
-    messages = []
-    sink = logger.add(messages.append, level="WARNING")
-    try:
-        images = load_training_images([tmp_path / "hr", tmp_path / "hr", tmp_path / "hr" / "sub"], 32)
-    finally:
-        logger.remove(sink)
+    images, messages = _loaded_with_warnings([tmp_path / "hr", tmp_path / "hr", tmp_path / "hr" / "sub"], 32)
     assert sorted(image.shape for image in images) == [(40, 40, 3), (40, 48, 3)]
     assert any("1 training images smaller than a patch (32px a side) are left out" in m and "tiny.png" in m for m in messages)
 
@@ -558,9 +564,7 @@ def test_training_leaves_out_upscaled_outputs_and_transparent_images_by_name(tmp
     """Another run's OUTPUT folder inside a training folder was read as high-resolution originals, and the
     display fill under transparent pixels was learnt as photo content; neither said a word."""
     import cv2
-    from loguru import logger
 
-    from batchsr.data import load_training_images
     from tests.conftest import write_png
 
     write_png(tmp_path / "hr" / "photo.png", np.full((40, 40, 3), 9, np.uint8))
@@ -572,12 +576,7 @@ def test_training_leaves_out_upscaled_outputs_and_transparent_images_by_name(tmp
     opaque = rgba.copy()
     opaque[:, :, 3] = 255
     assert cv2.imwrite(str(tmp_path / "hr" / "opaque.png"), opaque)  # an alpha plane, all opaque: a photo
-    messages = []
-    sink = logger.add(messages.append, level="WARNING")
-    try:
-        images = load_training_images([tmp_path / "hr"], 32)
-    finally:
-        logger.remove(sink)
+    images, messages = _loaded_with_warnings([tmp_path / "hr"], 32)
     assert sorted(image.shape for image in images) == [(40, 40, 3), (40, 48, 3)]
     assert any("x4: left out, a batchsr output folder" in m for m in messages)
     assert any("1 training images with transparency are left out" in m and "cutout.png" in m for m in messages)
@@ -602,19 +601,11 @@ def test_a_validation_folder_inside_the_training_folders_is_warned_about(tmp_pat
 
 def test_an_unreadable_training_image_is_left_out_by_name_not_the_end_of_the_run(tmp_path):
     """One truncated file among a user's own photos ended the training before its first step (exit 65)."""
-    from loguru import logger
-
-    from batchsr.data import load_training_images
     from tests.conftest import write_png
 
     write_png(tmp_path / "hr" / "photo.png", np.full((40, 40, 3), 9, np.uint8))
     (tmp_path / "hr" / "cut.png").write_bytes((tmp_path / "hr" / "photo.png").read_bytes()[:60])
-    messages = []
-    sink = logger.add(messages.append, level="WARNING")
-    try:
-        images = load_training_images([tmp_path / "hr"], 32)
-    finally:
-        logger.remove(sink)
+    images, messages = _loaded_with_warnings([tmp_path / "hr"], 32)
     assert [image.shape for image in images] == [(40, 40, 3)]
     assert any("1 training images cannot be read and are left out" in m and "cut.png (" in m for m in messages), messages
 
