@@ -211,7 +211,7 @@ _NEW_JOURNAL = "a new journal knows no earlier output: `run` then needs --force 
 def open_journal(path: Path, **options) -> sqlite3.Connection:
     """Connects to the SQLite file at ``path``, made first with the umask's mode (SQLite's own 0644 kept
     a group-shared folder's journal, and its -wal file, from the group). An empty file found there (emptied,
-    or made by a start killed at once) is said: everything it does not know is done again."""
+    or made by a start killed at once) is said: it knows no earlier output."""
     with contextlib.suppress(OSError):
         if os.stat(path).st_size == 0 and _size_or_zero(Path(f"{path}-wal")) == 0 and str(path) not in _SAID_EMPTY:
             _SAID_EMPTY.add(str(path))  # once: a daemon waiting out a full disk at its first start opens it again
@@ -235,7 +235,7 @@ def _size_or_zero(path: Path) -> int:
 def check_layout(db: sqlite3.Connection, path: Path, version: int, table: str, core: set[str]) -> int:
     """Refuses, before anything is written to it (WAL mode included), a journal this version cannot read: one
     stamped by a later version, or a database without the ``table`` of batchsr's or its ``core`` columns
-    (another program's, or changed by hand). Exit 73, as a damaged one: a new journal would redo every
+    (another program's, or changed by hand). Exit 73, as a damaged one: a new journal knows no earlier
     output, so that is the user's choice to make. Returns the version found (0: from before the stamp)."""
     found = db.execute("PRAGMA user_version").fetchone()[0]
     if found > version:
