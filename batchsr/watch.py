@@ -445,6 +445,7 @@ def _no_follow(folder_fd: int | None = None):
 
 
 _LINK_NOTE = "a symbolic link: not followed; move the file itself into the inbox"
+_RUN_OUTPUT_NOTE = f"the OUTPUT folder of a batchsr run (it holds {STATE_DIR}/): not read as input"
 _LINK_REASON = "a symbolic link in its path: not followed; move the file itself into the inbox"
 _LINK_ERRORS = (errno.ELOOP, errno.ENOTDIR)  # what opening through a folder swapped for a link gives
 
@@ -917,6 +918,9 @@ class _Daemon:
                         shape.inodes.add(os.lstat(root).st_ino)
                 shape.depth = max(shape.depth, root.count(os.sep) - base)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for d in [d for d in dirs if os.path.isdir(os.path.join(root, d, STATE_DIR))]:  # `run IN inbox/x`: fed back, x16
+                dirs.remove(d)
+                self._report_once(os.path.relpath(os.path.join(root, d), self.folders.inbox), _RUN_OUTPUT_NOTE)
             for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
                 path = os.path.join(root, name)
                 rel = self._relative(path)
@@ -940,13 +944,18 @@ class _Daemon:
             return rel, info.st_size, info.st_ctime_ns
         return None
 
-    def _through_link(self, rel: str) -> bool:
-        """Whether a folder on the way to ``rel`` is a link (a hint from inside a linked folder): reported once."""
+    def _in_skipped_folder(self, rel: str, folder_too: bool = False) -> bool:
+        """Whether a folder on the way to ``rel`` (``folder_too``: or ``rel``, a folder, itself) is a link, or
+        another run's OUTPUT (a hint from inside a folder the scan does not enter): reported once."""
         folder = self.folders.inbox
-        for part in rel.split("/")[:-1]:
+        parts = rel.split("/")
+        for part in parts if folder_too else parts[:-1]:
             folder = folder / part
             if folder.is_symlink():
                 self._report_once(str(folder.relative_to(self.folders.inbox)), _LINK_NOTE)
+                return True
+            if (folder / STATE_DIR).is_dir():
+                self._report_once(str(folder.relative_to(self.folders.inbox)), _RUN_OUTPUT_NOTE)
                 return True
         return False
 
@@ -1014,8 +1023,9 @@ class _Daemon:
                     gone.append(rel)
                 continue
             if stat.S_ISDIR(info.st_mode):
-                files.extend(self._walk(path))
-            elif "/" in rel and self._through_link(rel):
+                if not self._in_skipped_folder(rel, folder_too=True):
+                    files.extend(self._walk(path))
+            elif "/" in rel and self._in_skipped_folder(rel):
                 continue
             elif (found := self._regular(path, rel, info)) is not None:
                 files.append(found)

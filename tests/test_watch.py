@@ -389,6 +389,28 @@ def test_sigterm_during_a_batch_finishes_it_and_exits_0(tmp_path, tiny_model, st
         assert any(message in m for m in daemon.messages), daemon.messages
 
 
+def test_a_runs_output_folder_inside_the_inbox_is_not_read_as_input(tmp_path, tiny_model):
+    """`batchsr run SRC inbox/x4` into a watched inbox: the daemon upscaled the run's outputs again (x16) and
+    moved them to done/, so each cron tick redid the run's whole work."""
+    from batchsr.journal import read_status
+
+    config = write_config(tmp_path, tiny_model, rescan_interval_s=0.5)
+    inbox = tmp_path / "inbox"
+    (inbox / "at_start" / ".batchsr").mkdir(parents=True)
+    drop(inbox / "at_start", "old.png", png(40))
+    with serving_here(config):
+        (inbox / "later" / "deeper").mkdir(parents=True)
+        (inbox / "later" / ".batchsr").mkdir()
+        drop(inbox / "later" / "deeper", "new.png", png(41))  # an event from inside it
+        drop(inbox, "mine.png", png(42))
+        wait_for(lambda: states(tmp_path).get("done") == ["mine.png"], 60, what="mine.png")
+        time.sleep(1.5)  # more scans: the run's outputs stay where they are
+        shown = {p["path"]: p["reason"] for p in read_status(tmp_path / "state").inbox_problems}
+    assert states(tmp_path) == {"done": ["mine.png"]}
+    assert files_under(inbox) == ["at_start/old.png", "later/deeper/new.png"]
+    assert all(shown.get(folder, "").startswith("the OUTPUT folder of a batchsr run") for folder in ("at_start", "later")), shown
+
+
 def test_a_missing_inbox_is_said_once_not_at_every_scan(tmp_path, tiny_model):
     """An unmounted share gave an error line at every rescan: 1,440 a day at the default 60 s."""
     config = write_config(tmp_path, tiny_model, rescan_interval_s=0.2)
