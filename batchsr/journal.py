@@ -198,14 +198,22 @@ def _is_storage_error(exc: sqlite3.OperationalError) -> bool:
     return any(words in text for words in ("full", "readonly", "read-only", "disk i/o", "unable to open"))
 
 
+def full_or_failing(exc: sqlite3.OperationalError) -> bool:
+    """A write refused by a full (or failing) disk: space to free, not permissions to mend."""
+    return any(words in str(exc).lower() for words in ("full", "disk i/o"))
+
+
 def _storage_error(path: Path, exc: sqlite3.OperationalError) -> OutputError:
     """Full (or failing) storage is waited out; read-only storage or an unopenable file is reported."""
-    if any(words in str(exc).lower() for words in ("full", "disk i/o")):
+    if full_or_failing(exc):
         return JournalWriteError(f"cannot write the journal {path}: {exc} (free space in the state folder)")
     return OutputError(f"cannot write the journal {path}: {exc} (check the state folder's permissions and mount)")
 
 
 _NEW_JOURNAL = "a new journal knows no earlier output: `run` then needs --force to replace those on disk"
+
+
+_SAID_EMPTY: set[str] = set()  # empty journals warned about in this process
 
 
 def open_journal(path: Path, **options) -> sqlite3.Connection:
@@ -220,9 +228,6 @@ def open_journal(path: Path, **options) -> sqlite3.Connection:
     with contextlib.suppress(OSError):  # an error here is SQLite's to report
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666))
     return sqlite3.connect(path, **options)
-
-
-_SAID_EMPTY: set[str] = set()
 
 
 def _size_or_zero(path: Path) -> int:

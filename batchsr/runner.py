@@ -34,7 +34,7 @@ from batchsr.imageio import (
     NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, make_folders, mode_like, read_bounded, read_image,
     remove_temporaries, sniff_file, sniff_format, to_uint8,
 )
-from batchsr.journal import check_layout, damaged_journal, open_journal
+from batchsr.journal import check_layout, damaged_journal, full_or_failing, open_journal
 from batchsr.lock import FolderLock
 from batchsr.metrics import score
 from batchsr.pipeline import (
@@ -148,7 +148,7 @@ class Journal:
             raise
         except sqlite3.OperationalError as exc:
             self.db.close()
-            if any(words in str(exc).lower() for words in ("full", "disk i/o")):
+            if full_or_failing(exc):
                 raise OutputError(f"cannot write the journal {path}: {exc} (the disk holding it may be full or failing: "
                                   "free some space there, or check the disk)") from None
             raise OutputError(f"cannot write the journal {path}: {exc} ({_owner_and_mode(path)}; check the permissions "
@@ -1091,7 +1091,10 @@ def _forget_vanished(journal: Journal, known: dict, listed: set[str], output_dir
     of every output still there (``ours``: the names known at the start, with this run's); only saves work,
     so a journal that refuses the write fails no run."""
     gone = [rel for rel, entry in known.items() if rel not in listed and not os.path.lexists(output_dir / entry[2])]
-    unwritten = [name for name in ours if not os.path.lexists(output_dir / name)]  # removed, or never written (failed)
+    # Names an entry kept holds stay ``ours`` through it: only the others are looked at, not every output each run
+    forgotten = set(gone)
+    others = ours - {entry[2] for rel, entry in known.items() if rel not in forgotten}
+    unwritten = [name for name in others if not os.path.lexists(output_dir / name)]  # removed, or never written (failed)
     try:
         if gone:
             journal.forget(gone)
