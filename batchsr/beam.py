@@ -23,7 +23,9 @@ particular order) and never fails the pipeline.  The launching process waits
 for the job, then writes ``metrics.csv`` with ``runner``'s own function and,
 for a local OUTPUT, records the outputs in the journal, so that a later
 ``batchsr run`` into the same folder skips them.  Unlike the local engine a
-Beam run redoes every image: it is meant for fresh bulk jobs.
+Beam run redoes every image: it is meant for fresh bulk jobs.  In a local
+OUTPUT it replaces, as ``run`` does, only files the journal wrote (``--force``:
+any file); an object store has no journal, and its objects are replaced.
 
 Beam is imported inside the functions and the ModelHandler subclass is built
 on first use (module ``__getattr__``), so that this module imports without
@@ -44,7 +46,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -103,6 +105,9 @@ class _Job:
     target: str  # OUTPUT
     reference: str | None
     scale: int
+    # Outputs OUTPUT's journal knows as batchsr's; a file at any other output path is not replaced.  None: no
+    # such check (--force, or an OUTPUT without a journal: an object store).
+    ours: frozenset[str] | None = None
 
     @property
     def factor(self) -> float:
@@ -243,13 +248,33 @@ def _name(path: str, job: _Job):
     yield PurePosixPath(out_rel).as_posix(), (rel.as_posix(), path)
 
 
-def _claim(named):
-    """The first input (in ``run``'s order) gets the output; the others fail, as in ``run``."""
+def _through_link(root: str, rel: str) -> bool:
+    """Whether ``rel``'s folders below ``root`` pass through a link; the write refuses such an output itself,
+    for that reason."""
+    at = root
+    for part in PurePosixPath(rel).parts[:-1]:
+        at = os.path.join(at, part)
+        if os.path.islink(at):
+            return True
+        if not os.path.isdir(at):
+            return False
+    return False
+
+
+def _claim(named, job: _Job):
+    """The first input (in ``run``'s order) gets the output; the others fail, as in ``run``.  So does the
+    input whose output path holds a file the journal did not write (an original, another program's file)."""
     from apache_beam import pvalue
 
     out_rel, inputs = named
     (rel, path), *others = sorted(inputs, key=lambda item: PurePosixPath(item[0]).parts)
-    yield rel, path, out_rel
+    if job.ours is not None and out_rel not in job.ours and not _through_link(job.target, out_rel) \
+            and os.path.lexists(job.output(out_rel)):
+        yield pvalue.TaggedOutput(_FAILED, _failure(path, f"output {job.output(out_rel)} is there already, and this "
+                                                          "OUTPUT's journal did not write it; not replaced (move it away, "
+                                                          "or give --force to replace it)"))
+    else:
+        yield rel, path, out_rel
     for _, other in others:
         yield pvalue.TaggedOutput(_FAILED, _failure(other, f"output {out_rel} would overwrite the output of {path}"))
 
@@ -488,7 +513,7 @@ def build_pipeline(pipeline, job: _Job, info, run_dir: str) -> None:
     claimed = (
         named.named
         | "GroupByOutput" >> beam.GroupByKey()
-        | "Claim" >> beam.FlatMap(_claim).with_outputs(_FAILED, main="claimed")
+        | "Claim" >> beam.FlatMap(_claim, job).with_outputs(_FAILED, main="claimed")
     )
     decoded = claimed.claimed | "Decode" >> beam.FlatMap(_decode, job, info).with_outputs(_FAILED, main="work")
     handler = sys.modules[__name__].EngineModelHandler(job)  # built on first use: see __getattr__
@@ -521,6 +546,7 @@ def run_beam(
     settings: Settings,
     *,
     reference_dir: str | os.PathLike | None = None,
+    force: bool = False,
     runner: str | None = None,
     pipeline_args: list[str] | tuple[str, ...] = (),
 ) -> RunSummary:
@@ -529,6 +555,7 @@ def run_beam(
     Same outputs, names, metrics.csv and summary as ``runner.run_folder``;
     ``runner`` names a Beam runner (default DirectRunner, in this process) and
     ``pipeline_args`` are Beam's own flags (``--project``, ``--region``, ...).
+    ``force`` replaces files at output paths that OUTPUT's journal did not write.
     """
     require_beam()
     if settings.run.min_age_s:
@@ -558,6 +585,12 @@ def run_beam(
         check_output_dir(Path(target))
         lock = FolderLock(Path(target) / STATE_DIR / "lock")
     with lock:
+        if job.local_target and not force:  # read under the lock: no other run adds to it meanwhile
+            journal = Journal(Path(target) / STATE_DIR / "journal.sqlite")
+            try:
+                job = replace(job, ours=frozenset(journal.outputs()))
+            finally:
+                journal.close()
         import apache_beam as beam
 
         run_dir = _join(target, f"{STATE_DIR}/beam-{uuid.uuid4().hex[:12]}")

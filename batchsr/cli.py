@@ -243,7 +243,7 @@ def run(ctx, input_dir, output_dir, beam_args, weights, scale, device, precision
         tfimport.import_tensorflow()
         from batchsr.beam import run_beam
 
-        summary = run_beam(input_dir, output_dir, settings, reference_dir=reference_dir, runner=runner, pipeline_args=list(beam_args))
+        summary = run_beam(input_dir, output_dir, settings, reference_dir=reference_dir, force=force, runner=runner, pipeline_args=list(beam_args))
     else:
         if runner is not None or beam_args:
             raise ConfigError(f"--runner and Beam options after -- need --engine beam (got: {' '.join(beam_args) or '--runner'})")

@@ -174,6 +174,29 @@ def test_outputs_of_a_beam_job_that_stopped_early_are_batchsrs_for_the_next_run(
     assert (summary.done, summary.failed) == (2, [])
 
 
+def test_beam_replaces_only_files_its_journal_wrote_unless_forced(tmp_path, tiny_model):
+    """A file at an output path that no batchsr run wrote (here an original, INPUT's image under OUTPUT) was
+    replaced by a Beam job; its own outputs are replaced, and --force replaces the other file too."""
+    _needs_beam()
+    from batchsr.beam import run_beam
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "a.png", np.full((12, 10, 3), 40, np.uint8))
+    write_png(src / "b.png", np.full((12, 10, 3), 90, np.uint8))
+    write_png(out / "b.png", np.full((5, 5, 3), 7, np.uint8))  # someone else's file
+    original = (out / "b.png").read_bytes()
+    summary = run_beam(src, out, _settings(tiny_model))
+    assert summary.done == 1
+    assert [(f.path.name, "journal did not write it" in f.reason) for f in summary.failed] == [("b.png", True)]
+    assert (out / "b.png").read_bytes() == original
+    assert read_image(out / "a.png").rgb.shape == (48, 40, 3)
+    again = run_beam(src, out, _settings(tiny_model))  # its own output is replaced
+    assert (again.done, [f.path.name for f in again.failed]) == (1, ["b.png"])
+    forced = run_beam(src, out, _settings(tiny_model), force=True)
+    assert (forced.done, forced.failed) == (2, [])
+    assert read_image(out / "b.png").rgb.shape == (48, 40, 3)
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_beam_writes_through_no_linked_folder_and_reads_no_other_runs_output(tmp_path, tiny_model, streamed):
     """As run: OUT/sub linked to IN/sub had outputs written over the inputs; photos/x4, the OUTPUT of another
