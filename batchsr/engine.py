@@ -58,6 +58,12 @@ def _configure_devices(device: str) -> list[str | None]:
     return [f"/GPU:{index}" for index in indices]
 
 
+def check_device(device: str) -> None:
+    """Refuses a GPU that is not there before a caller makes anything (OUTPUT, its state) for the work."""
+    if device.startswith("gpu"):
+        _configure_devices(device)
+
+
 class Engine:
     def __init__(self, weights: Path | None, settings: EngineSettings):
         import keras

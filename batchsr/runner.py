@@ -590,6 +590,12 @@ def run_folder(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if info is None:
         info = check_run(input_dir, output_dir, settings, reference_dir=reference_dir, engine=engine)
+    if engine is None and settings.engine.device.startswith("gpu"):  # a GPU that is not there leaves nothing behind
+        from batchsr.engine import check_device
+        from batchsr.tfimport import import_tensorflow
+
+        import_tensorflow()
+        check_device(settings.engine.device)
     check_output_dir(output_dir)
     with FolderLock(output_dir / STATE_DIR / "lock"):
         removed = remove_temporaries(output_dir)

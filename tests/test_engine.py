@@ -16,6 +16,19 @@ def test_missing_gpu_is_a_config_error(tiny_model):
         Engine(tiny_model, EngineSettings(device="gpu:3"))
 
 
+def test_run_on_a_missing_gpu_leaves_no_output_folder(tmp_path, tiny_model):
+    """The GPU was looked for only when the engine loaded: OUTPUT and its journal and lock were made by then."""
+    from batchsr.config import Settings
+    from batchsr.runner import run_folder
+    from tests.conftest import write_png
+
+    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 9, np.uint8))
+    settings = Settings.model_validate({"model": {"weights": str(tiny_model)}, "engine": {"device": "gpu:63"}})
+    with pytest.raises(ConfigError, match="gpu:63"):
+        run_folder(tmp_path / "in", tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
+
+
 def test_batching_across_images_equals_one_at_a_time(tiny_model):
     engine = Engine(tiny_model, EngineSettings(device="cpu", tile=32, overlap=8, batch_size=3))
     rng = np.random.default_rng(0)
