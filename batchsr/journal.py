@@ -690,7 +690,22 @@ def read_status(state_dir: Path, errors: int = 10) -> Status:
     if not found:
         raise InputError(f"no journal at {path}: has `batchsr watch` run with this state folder?")
     try:
-        db = sqlite3.connect(f"file:{pathname2url(str(path.absolute()))}?mode=ro", uri=True, timeout=30)
+        status = _read_status(path, errors, immutable=False)
+    except sqlite3.OperationalError:
+        # A WAL journal closed cleanly has no -wal file, and SQLite would make one (with -shm) to read it: a
+        # state folder or file system this user cannot write refuses that.  Nothing is pending then, so the
+        # file is read as it stands.
+        status = _read_status(path, errors, immutable=True)
+    status.daemon = lock_holder(Path(state_dir) / LOCK_FILE)
+    return status
+
+
+def _read_status(path: Path, errors: int, *, immutable: bool) -> Status:
+    """Raises sqlite3.OperationalError only where a plain read fails with no -wal file beside the journal (the
+    caller then reads it ``immutable``); every other error is an InputError."""
+    uri = f"file:{pathname2url(str(path.absolute()))}?mode=ro" + ("&immutable=1" if immutable else "")
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=30)
     except sqlite3.Error as exc:
         raise InputError(f"cannot open the journal {path}: {exc}") from None
     try:
@@ -698,10 +713,12 @@ def read_status(state_dir: Path, errors: int = 10) -> Status:
         if found > _VERSION:
             raise InputError(f"the journal {path} was written by a later version of batchsr (journal version {found}; "
                              f"this one reads up to {_VERSION}): run the status command of the daemon's version")
-        status = _status(db, path, time.time(), errors)
+        return _status(db, path, time.time(), errors)
+    except sqlite3.OperationalError as exc:
+        if not immutable and not os.path.lexists(f"{path}-wal"):
+            raise
+        raise InputError(f"cannot read the journal {path}: {exc}") from None
     except sqlite3.Error as exc:
         raise InputError(f"cannot read the journal {path}: {exc}") from None
     finally:
         db.close()
-    status.daemon = lock_holder(Path(state_dir) / LOCK_FILE)
-    return status

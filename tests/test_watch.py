@@ -606,6 +606,38 @@ def test_status_of_a_state_folder_closed_to_the_user_is_an_error_not_a_crash():
         shutil.rmtree(folder)
 
 
+def test_status_reads_a_stopped_daemons_journal_from_a_folder_it_cannot_write():
+    """SQLite makes a -wal and -shm file to read a WAL journal closed cleanly: `status` by a user who may read
+    the daemon's state folder but not write it ("attempt to write a readonly database") was an error."""
+    import tempfile
+
+    from batchsr.journal import WatchJournal, read_status
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        os.chmod(folder, 0o755)
+        journal = WatchJournal(folder / "journal.sqlite")
+        journal.observe([("a.png", 10, 1), ("b.png", 20, 2)], time.time())
+        journal.close()
+        assert sorted(os.listdir(folder)) == ["journal.sqlite"]
+        os.chmod(folder / "journal.sqlite", 0o644)
+        pid = os.fork()
+        if pid == 0:  # the child: an ordinary user, when the tests run as root
+            code = 1
+            try:
+                if os.getuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                code = 0 if read_status(folder).counts["seen"] == 2 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert sorted(os.listdir(folder)) == ["journal.sqlite"]
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_sighup_is_said_and_ignored(tmp_path, tiny_model, start):
     """It killed the daemon, mid-batch too (status 129, a death systemd does not restart), charging the file in flight."""
     config = write_config(tmp_path, tiny_model)
