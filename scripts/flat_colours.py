@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4, choices=[2, 3, 4])
     args = parser.parse_args()
     weights = bundled_model(args.scale)
-    print(f"| level | flat_guard 0 (model alone) | flat_guard 2.0 (default) |\n|---|---|---|")
+    print("| level | flat_guard 0 (model alone) | flat_guard 2.0 (default) |\n|---|---|---|")
     engines = [Engine(weights, EngineSettings(device="cpu", flat_guard=guard)) for guard in (0.0, 2.0)]
     for level in LEVELS:
         flat = np.full((64, 64, 3), level / 255.0, np.float32)

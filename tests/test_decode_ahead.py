@@ -8,7 +8,6 @@ import time
 
 import cv2
 import numpy as np
-import pytest
 import yaml
 
 from batchsr.config import Settings, load_settings
