@@ -56,11 +56,12 @@ class ModelInfo:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     batchsr_version: str = ""
+    id_digest: str = ""  # what the model id names: the weights' digest, or (see read_info) weights and config
 
     @property
     def model_id(self) -> str:
         """Changes whenever the architecture or any weight changes."""
-        return f"{self.config['arch']}-x{self.config['scale']}-{self.sha256[:12]}"
+        return f"{self.config['arch']}-x{self.config['scale']}-{(self.id_digest or self.sha256)[:12]}"
 
     @property
     def scale(self) -> int:
@@ -126,10 +127,15 @@ def read_info(weights_path: Path | str) -> ModelInfo:
             f"{weights_path}: weights do not match their description {desc.name} "
             f"(sha256 {sha[:12]} vs {str(meta.get('weights_sha256'))[:12]}): corrupt or replaced file"
         )
+    # A description with model_sha256 cannot be edited unseen, so the weights name the model (the ids of
+    # every model saved since); one without it (batchsr's earliest) has its config named in the id too, so that
+    # an edit to it (a slope, a width) is another model, whose outputs are redone.
+    id_digest = sha if "model_sha256" in meta else hashlib.sha256(f"{sha}:{config_sha256(model)}".encode()).hexdigest()
     return ModelInfo(
         config=meta["model"],
         weights_path=weights_path,
         sha256=sha,
+        id_digest=id_digest,
         training=meta.get("training", {}),
         metrics=meta.get("metrics", {}),
         batchsr_version=meta.get("batchsr_version", ""),

@@ -82,6 +82,15 @@ def test_a_description_edited_after_saving_is_refused(tiny_model, tmp_path):
     meta["model"]["slope"] = json.loads(description_path(tiny_model).read_text())["model"]["slope"]
     description_path(copy).write_text(json.dumps(meta))
     assert read_info(copy).model_id == read_info(tiny_model).model_id
+    # A description without the digest (batchsr's earliest, or the key deleted): the id names its config too, so
+    # an edit is another model (it passed as the first, whose outputs were kept)
+    del meta["model_sha256"]
+    description_path(copy).write_text(json.dumps(meta))
+    unsealed = read_info(copy).model_id
+    assert unsealed != read_info(tiny_model).model_id
+    meta["model"]["slope"] = 0.1
+    description_path(copy).write_text(json.dumps(meta))
+    assert read_info(copy).model_id not in (unsealed, read_info(tiny_model).model_id)
     for scale in (2, 3, 4):
         assert "model_sha256" in json.loads(description_path(bundled_model(scale)).read_text())
         read_info(bundled_model(scale))
