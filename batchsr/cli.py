@@ -136,6 +136,7 @@ def _load(ctx: click.Context, overrides: dict, *, tensorflow: bool = True):
 
     settings = load_settings(ctx.obj["config"], overrides)
     _setup_logging(ctx.obj["log_level"] or settings.logging.level, settings.logging.file)
+    tfimport.check_backend()
     if tensorflow:
         tfimport.import_tensorflow()
     return settings
@@ -344,6 +345,7 @@ def train(ctx, train_config, resume, init, steps, out_dir, until):
     settings = load_train_settings(train_config, {"steps": steps, "out_dir": str(out_dir) if out_dir else None})
     logging = load_settings(ctx.obj["config"]).logging  # the one logging set-up every command follows
     _setup_logging(ctx.obj["log_level"] or logging.level, logging.file)
+    tfimport.check_backend()
     tfimport.import_tensorflow()
     from batchsr.train import train as run_training
 

@@ -31,9 +31,12 @@ def _configure_devices(device: str) -> list[str | None]:
     """The TensorFlow devices to run on, one model copy each ([None]: let the backend choose)."""
     import keras
 
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend != "tensorflow":  # a device it cannot place the model on is refused, not ignored
         if device != "auto":
-            logger.warning("device {} is only honoured on the TensorFlow backend", device)
+            raise ConfigError(f"engine.device = {device!r} is honoured on the TensorFlow backend only (KERAS_BACKEND is "
+                              f"{backend}): set it to auto, and choose the device as {backend} does (JAX_PLATFORMS=cpu, "
+                              "CUDA_VISIBLE_DEVICES=N)")
         return [None]
     import tensorflow as tf
 
@@ -56,12 +59,6 @@ def _configure_devices(device: str) -> list[str | None]:
         if index >= len(gpus):
             raise ConfigError(f"engine.device = {device!r}: only {len(gpus)} GPU(s) visible")
     return [f"/GPU:{index}" for index in indices]
-
-
-def check_device(device: str) -> None:
-    """Refuses a GPU that is not there before a caller makes anything (OUTPUT, its state) for the work."""
-    if device.startswith("gpu"):
-        _configure_devices(device)
 
 
 class Engine:

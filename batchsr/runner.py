@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sqlite3
 import sys
 import time
@@ -29,7 +30,7 @@ from loguru import logger
 
 from batchsr.checkpoint import ModelInfo, file_sha256, model_weights, read_info
 from batchsr.config import Settings
-from batchsr.errors import ConfigError, ImageError, InputError, OutputError
+from batchsr.errors import ConfigError, ImageError, InputError, ModelError, OutputError
 from batchsr.imageio import (
     NO_ALPHA, STATE_DIR, Image, atomic_write, decode_image, encode_image, make_folders, mode_like, read_bounded, read_image,
     remove_temporaries, sniff_file, sniff_format, to_uint8,
@@ -590,18 +591,44 @@ def run_folder(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if info is None:
         info = check_run(input_dir, output_dir, settings, reference_dir=reference_dir, engine=engine)
-    if engine is None and settings.engine.device.startswith("gpu"):  # a GPU that is not there leaves nothing behind
-        from batchsr.engine import check_device
-        from batchsr.tfimport import import_tensorflow
-
-        import_tensorflow()
-        check_device(settings.engine.device)
+    made = _missing_folders(output_dir)
     check_output_dir(output_dir)
-    with FolderLock(output_dir / STATE_DIR / "lock"):
-        removed = remove_temporaries(output_dir)
-        if removed:
-            logger.info("removed {} temporary files left by an interrupted run", removed)
-        return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine, info)
+    try:
+        with FolderLock(output_dir / STATE_DIR / "lock"):
+            removed = remove_temporaries(output_dir)
+            if removed:
+                logger.info("removed {} temporary files left by an interrupted run", removed)
+            return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine, info)
+    except (ConfigError, ModelError):  # found when the model loads (a GPU not there, memory_mb too low, a
+        # description that reads but does not build): the fix is the user's
+        _unmake(made)
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _unmake(made: list[Path]) -> None:
+    """Removes the OUTPUT this run made (``made``: see ``_missing_folders``) when nothing but its state is in it,
+    so that a run refused for its settings leaves nothing behind."""
+    if not made:
+        return
+    for root, dirs, files in os.walk(made[0]):
+        if Path(root) == made[0]:
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+            files = [f for f in files if not f.startswith(".batchsr-probe-")]
+        if files or dirs:  # anything else, a link included (os.walk lists it and does not follow it)
+            return
+    with contextlib.suppress(OSError):
+        shutil.rmtree(made[0])
+        for folder in made[1:]:
+            os.rmdir(folder)
 
 
 def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir, report_dir, engine, info: ModelInfo) -> RunSummary:

@@ -36,6 +36,27 @@ with open(int(sys.argv[3]), "ab", closefd=False) as notices:
 """
 
 
+_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")  # Keras 3's, each the name of its package
+
+
+def check_backend() -> None:
+    """Refuses a KERAS_BACKEND that Keras could not import (mistyped, or not installed) before anything is
+    made: Keras says so with a traceback, at the first model, after OUTPUT and its journal."""
+    import importlib.util
+
+    from batchsr.errors import ConfigError
+
+    name = os.environ.get("KERAS_BACKEND")
+    if not name:  # Keras ignores it empty too
+        return
+    if name not in _BACKENDS:
+        raise ConfigError(f"KERAS_BACKEND = {name!r} is not a Keras backend (one of {', '.join(_BACKENDS)}; "
+                          "unset, Keras uses tensorflow)")
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(f"KERAS_BACKEND = {name!r}: {name} is not installed in this environment (install it, "
+                          "or unset KERAS_BACKEND)")
+
+
 def import_tensorflow() -> None:
     """Imports TensorFlow with its native start-up notices moved to the DEBUG log, so that cron mails and
     journals hold batchsr's own lines; anything else written to stderr meanwhile passes through."""

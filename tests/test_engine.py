@@ -16,17 +16,63 @@ def test_missing_gpu_is_a_config_error(tiny_model):
         Engine(tiny_model, EngineSettings(device="gpu:3"))
 
 
-def test_run_on_a_missing_gpu_leaves_no_output_folder(tmp_path, tiny_model):
-    """The GPU was looked for only when the engine loaded: OUTPUT and its journal and lock were made by then."""
+def test_a_run_refused_when_the_model_loads_removes_the_output_folder_it_made(tmp_path, tiny_model):
+    """A GPU not there, a memory cap below the loaded model, a description that reads but does not build: each
+    is found when the engine loads, after OUTPUT, its journal and lock (and a subfolder) were made, and they
+    were left behind. An OUTPUT that was there before stays, and so does one holding anything but batchsr's state."""
+    import hashlib
+    import json
+    import shutil
+
+    from batchsr.checkpoint import config_sha256, description_path
     from batchsr.config import Settings
+    from batchsr.errors import ModelError
     from batchsr.runner import run_folder
     from tests.conftest import write_png
 
-    write_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 9, np.uint8))
-    settings = Settings.model_validate({"model": {"weights": str(tiny_model)}, "engine": {"device": "gpu:63"}})
-    with pytest.raises(ConfigError, match="gpu:63"):
-        run_folder(tmp_path / "in", tmp_path / "out", settings)
-    assert not (tmp_path / "out").exists()
+    write_png(tmp_path / "in" / "sub" / "a.png", np.full((8, 8, 3), 9, np.uint8))
+    unbuildable = tmp_path / "m" / tiny_model.name
+    unbuildable.parent.mkdir()
+    shutil.copy(tiny_model, unbuildable)
+    meta = json.loads(description_path(tiny_model).read_text())
+    meta["model"]["foo"] = 1
+    meta["model_sha256"] = config_sha256(meta["model"])
+    description_path(unbuildable).write_text(json.dumps(meta))
+    assert meta["weights_sha256"] == hashlib.sha256(unbuildable.read_bytes()).hexdigest()
+    cases = [({"engine": {"device": "gpu:63"}}, ConfigError, "gpu:63"),
+             ({"run": {"memory_mb": 256}}, ConfigError, "memory_mb = 256 is below"),
+             ({"model": {"weights": str(unbuildable)}}, ModelError, "foo")]
+    for case, error, message in cases:
+        settings = Settings.model_validate({"model": {"weights": str(tiny_model)}, **case})
+        with pytest.raises(error, match=message):
+            run_folder(tmp_path / "in", tmp_path / "new" / "out", settings)
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ConfigError):
+        run_folder(tmp_path / "in", tmp_path / "kept", Settings.model_validate({"engine": {"device": "gpu:63"}}))
+    assert (tmp_path / "kept" / ".batchsr").is_dir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError):
+        run_folder(tmp_path / "in", tmp_path / "new", Settings.model_validate({"engine": {"device": "gpu:63"}}))
+    assert (tmp_path / "new" / "notes.txt").read_text() == "mine"
+
+
+def test_a_device_another_backend_cannot_be_told_to_use_is_refused(tmp_path, tiny_model):
+    """On JAX, engine.device was ignored with a warning: `cpu` could run on a GPU, `gpu:3` ran without one."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; from batchsr.config import EngineSettings; from batchsr.engine import Engine; "
+            "Engine(sys.argv[1], EngineSettings(device=sys.argv[2]))")
+    env = {**__import__("os").environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    for device, refused in (("cpu", True), ("gpu:3", True), ("auto", False)):
+        done = subprocess.run([sys.executable, "-c", code, str(tiny_model), device], capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=300)
+        assert ("is honoured on the TensorFlow backend only (KERAS_BACKEND is jax)" in done.stderr) == refused, done.stderr
+        assert (done.returncode != 0) == refused
 
 
 def test_batching_across_images_equals_one_at_a_time(tiny_model):

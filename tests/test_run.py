@@ -6,6 +6,7 @@ import contextlib
 import csv
 import fcntl
 import io
+import importlib.util
 import os
 import re
 import subprocess
@@ -1060,6 +1061,23 @@ def test_config_command_prints_effective_settings(tmp_path):
     assert "level: INFO" in result.stdout
     flagged = _cli("--config", str(path), "--log-level", "DEBUG", "config")  # it printed the file's INFO
     assert flagged.returncode == 0 and "level: DEBUG" in flagged.stdout
+
+
+def test_a_keras_backend_keras_cannot_import_is_exit_78_before_output_is_made(tmp_path):
+    """A mistyped or uninstalled KERAS_BACKEND was exit 70 ("a bug") with Keras's traceback, at the first model,
+    after OUTPUT and its state were made."""
+    src = tmp_path / "in"
+    write_png(src / "a.png", np.full((8, 8, 3), 9, np.uint8))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    absent = next(name for name in ("openvino", "torch", "jax", None) if name is None or importlib.util.find_spec(name) is None)
+    cases = [("tensorflw", "is not a Keras backend")] + ([(absent, f"{absent} is not installed")] if absent else [])
+    for backend, reason in cases:
+        done = subprocess.run([sys.executable, "-m", "batchsr.cli", "run", str(src), str(tmp_path / "out")],
+                              capture_output=True, text=True, cwd=REPO, env={**env, "KERAS_BACKEND": backend}, timeout=300)
+        assert done.returncode == 78, done.stderr
+        assert f"KERAS_BACKEND = '{backend}'" in done.stderr and reason in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_exits_130_not_1(tmp_path, monkeypatch):
