@@ -16,7 +16,8 @@
 # Usage: cron-run.sh /opt/batchsr/.venv/bin/batchsr run /srv/in /srv/out --progress log
 out=$("$@" 2>&1)
 rc=$?
-# Without HOME nor XDG_STATE_HOME nothing is kept (a fixed path in /tmp could be another user's): all is printed.
+# Without HOME nor XDG_STATE_HOME nothing is kept (a fixed path in /tmp could be another user's): all is
+# printed, and so is why (also when the folder cannot be made or written).
 state=${XDG_STATE_HOME:-${HOME:+$HOME/.local/state}}
 state=${state:+$state/batchsr}
 seen=${state:+$state/cron-failures-$(printf '%s\n' "$@" | cksum | cut -d ' ' -f 1)}
@@ -27,13 +28,20 @@ case $rc in
         failures=$(printf '%s\n' "$out" | grep '^batchsr: failed: ' |
             sed -E 's/needs about [0-9,]+ MB, above run\.memory_mb/needs about N MB, above run.memory_mb/; s/ \(counted: [^()]*\)$//' |
             LC_ALL=C sort -u)
-        [ -n "$seen" ] || failures=
+        if [ -z "$seen" ] && [ -n "$failures" ]; then
+            out="$out
+cron-run.sh: neither HOME nor XDG_STATE_HOME is set: these failures cannot be kept, and are printed at every run"
+            failures=
+        fi
         if [ -n "$failures" ] && [ -f "$seen" ] && [ -z "$(printf '%s\n' "$failures" | LC_ALL=C comm -13 "$seen" -)" ]; then
             { printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null  # the fixed dropped: a relapse is news
             exit 65
         fi
         if [ -n "$failures" ]; then
-            { mkdir -p "$state" && printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null
+            if ! { mkdir -p "$state" && printf '%s\n' "$failures" > "$seen.tmp" && mv "$seen.tmp" "$seen"; } 2>/dev/null; then
+                out="$out
+cron-run.sh: cannot keep these failures in $state (create it, writable by this user, or set XDG_STATE_HOME): they are printed at every run"
+            fi
         elif [ -n "$seen" ]; then
             rm -f "$seen"  # an error of another kind: the failures after it are news again
         fi

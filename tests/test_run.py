@@ -1040,9 +1040,15 @@ def test_the_cron_wrapper_prints_only_on_trouble(tmp_path, tiny_model):
                            (f"batchsr: failed: y 2.png: {memory.format(2_351, 296)}", 65, True)):
         said.write_text(f"{text}\n{rc}\n")
         assert (tick("sh", "-c", f"head -1 {said} >&2; exit $(tail -1 {said})").stdout != "") is told, text
-    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_STATE_HOME")}  # nowhere to keep them: all told
+    # Nowhere to keep them (a state folder that cannot be made; no HOME): all told, and why
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "said.txt")}
     for _ in range(2):
-        assert tick("sh", "-c", "echo 'batchsr: failed: x.png: not an image' >&2; exit 65").stdout != ""
+        told = tick("sh", "-c", "echo 'batchsr: failed: x.png: not an image' >&2; exit 65").stdout
+        assert "x.png" in told and f"cron-run.sh: cannot keep these failures in {tmp_path / 'said.txt' / 'batchsr'}" in told
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_STATE_HOME")}
+    for _ in range(2):
+        told = tick("sh", "-c", "echo 'batchsr: failed: x.png: not an image' >&2; exit 65").stdout
+        assert "x.png" in told and "neither HOME nor XDG_STATE_HOME is set" in told
     locked = tick("sh", "-c", "echo held by pid 7 >&2; exit 75")
     assert (locked.returncode, locked.stdout, locked.stderr) == (0, "", "")
 
