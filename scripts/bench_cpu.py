@@ -105,7 +105,7 @@ def bench_pair(ours, reference, scale, batches, tiles, repeat):
     return rows
 
 
-def bench_end_to_end(weights: Path | None, count: int, tile: int, batch: int):
+def bench_end_to_end(weights: Path | None, scale: int, count: int, tile: int, batch: int):
     """`batchsr run` as a user runs it, in a child process: decode, infer, encode, write."""
     from batchsr.imageio import read_image
     from batchsr.resize import degrade
@@ -121,7 +121,7 @@ def bench_end_to_end(weights: Path | None, count: int, tile: int, batch: int):
             path = hr_files[k % len(hr_files)]
             lr = degrade(read_image(path).rgb, 4)
             cv2.imwrite(str(src / f"{k:05d}_{path.name}"), cv2.cvtColor(lr, cv2.COLOR_RGB2BGR))
-            out_mp += lr.shape[0] * lr.shape[1] * 16 / 1e6
+            out_mp += lr.shape[0] * lr.shape[1] * scale**2 / 1e6
         # The child reports its own peak RSS from /proc (VmHWM): ru_maxrss would carry over
         # the pages it shared with this process before exec.
         probe = ("import atexit, re, sys; atexit.register(lambda: sys.stderr.write('PEAK_RSS_KB %s\\n' % "
@@ -149,15 +149,23 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="LR images (BSD100, cycled) for the end-to-end run")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    for flag, values in (("--batches", args.batches), ("--tiles", args.tiles), ("--images", [args.images]), ("--repeat", [args.repeat])):
+        if min(values) < 1:
+            parser.error(f"{flag} {min(values)}: must be at least 1")
 
     import keras
     import tensorflow as tf
 
     from batchsr.checkpoint import DEFAULT_MODEL, load_model
+    from batchsr.errors import ModelError
     from batchsr.model import ModelConfig, build_model
 
-    weights = args.model or DEFAULT_MODEL
-    ours, info = load_model(weights)
+    # Resolved here: the end-to-end run's child runs in the repository. Loaded before the long model-only part.
+    weights = args.model.resolve() if args.model else None
+    try:
+        ours, info = load_model(weights or DEFAULT_MODEL)
+    except ModelError as exc:
+        parser.error(f"--model: {exc}")
     print(f"# CPU benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"TensorFlow {tf.__version__}, Keras {keras.__version__}, model {info.model_id}\n")
 
@@ -167,7 +175,7 @@ def main() -> None:
 
     print("\n## Model only, float32 (output MP/s)\n")
     print("| scale | network | tile | batch | MP/s | batchsr / EDSR-baseline |\n|---|---|---|---|---|---|")
-    for scale in (2, 4):
+    for scale in sorted({2, 4, info.scale}):  # the loaded model at its scale, its shape at x2 and x4
         net = ours if scale == info.scale else build_model(ModelConfig(**{**info.config, "scale": scale}))
         pairs = bench_pair(net, edsr_baseline(scale), scale, args.batches, args.tiles, args.repeat)
         for key, (mine, edsr) in pairs.items():
@@ -176,7 +184,7 @@ def main() -> None:
             print(f"| x{scale} | EDSR-baseline shape | {key[0]} | {key[1]} | {edsr:.3f} | |")
 
     tile, batch = 128, 8
-    n, out_mp, seconds, wall, peak = bench_end_to_end(args.model, args.images, tile, batch)
+    n, out_mp, seconds, wall, peak = bench_end_to_end(weights, info.scale, args.images, tile, batch)
     # BSD100 LR images (120x80) are smaller than a window, so the model runs on
     # 120x80 / 80x120 windows: model-only is measured on that shape too.
     x = np.random.default_rng(0).random((batch, 80, 120, 3), dtype=np.float32)

@@ -32,12 +32,22 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=12, help="large JPEGs after the first image")
-    parser.add_argument("--width", type=int, default=17000, help="their width (x4 must pass 65535)")
+    parser.add_argument("--width", type=int, default=17000, help="their width, a multiple of 8 (x4 must pass 65535)")
     parser.add_argument("--height", type=int, default=2000)
     parser.add_argument("--memory-mb", type=int, default=2500, help="run.memory_mb")
     parser.add_argument("--source", type=Path, default=REPO, help="the checkout whose batchsr runs")
     parser.add_argument("--work", type=Path, help="folder for the input and output (default: a temporary one)")
     args = parser.parse_args()
+    if args.width < 8 or args.width % 8:
+        parser.error(f"--width {args.width}: must be a multiple of 8 (the image repeats a tile 8 times across)")
+    if args.height < 1:
+        parser.error(f"--height {args.height}: must be at least 1")
+    # The child runs in --source: paths are checked and resolved here.
+    if not (args.source / "batchsr").is_dir():
+        parser.error(f"--source {args.source}: not a batchsr checkout (no batchsr/ folder)")
+    if args.work is not None and not args.work.is_dir():
+        parser.error(f"--work {args.work}: no such folder")
+    args.source, args.work = args.source.resolve(), args.work and args.work.resolve()
 
     work = Path(tempfile.mkdtemp(prefix="batchsr-ahead-", dir=args.work))
     src, out = work / "in", work / "out"
@@ -53,14 +63,14 @@ def main() -> None:
     config = work / "bench.yaml"
     config.write_text(f"run:\n  memory_mb: {args.memory_mb}\n  progress: none\n")
     command = [sys.executable, "-m", "batchsr.cli", "--config", str(config), "run", str(src), str(out)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(args.source.resolve())}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(args.source)}
     t0 = time.time()
     result = subprocess.run(command, cwd=args.source, env=env, capture_output=True, text=True, check=False)
     seconds = time.time() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0  # Linux: kilobytes
     refused = result.stderr.count("too large for JPG")
     report = {
-        "source": args.source.resolve(),
+        "source": args.source,
         "exit_code": result.returncode,
         "large_images": args.count,
         "large_rgb_mb_each": round(args.width * args.height * 3 / 1e6, 1),

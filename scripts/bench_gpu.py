@@ -45,6 +45,21 @@ def load(precision: str, weights: Path | None = None):
         keras.mixed_precision.set_global_policy("float32")
 
 
+def gpus() -> list:
+    """The accelerators the backend computes on: without one this check would compare the CPU with itself."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return [device for device in jax.devices() if device.platform != "cpu"]
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())]
+    return []  # TensorFlow: the CPU reference's backend
+
+
 def make_reference() -> None:
     import cv2
     import numpy as np
@@ -139,27 +154,38 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.make_reference:
+        if args.model:
+            parser.error(f"--model {args.model}: --make-reference makes the reference of the shipped model; "
+                         "for other weights use --save and --compare")
         make_reference()
         return
-    if args.save or args.compare:
-        save_or_compare(args.model, args.save, args.compare)
-        return
+    if args.model:
+        from batchsr.checkpoint import read_info
+        from batchsr.errors import ModelError
+
+        try:
+            read_info(args.model)
+        except ModelError as exc:
+            parser.error(f"--model: {exc}")
     import keras
     import numpy as np
 
-    print(f"backend {keras.backend.backend()}, keras {keras.__version__}")
-    if keras.backend.backend() == "jax":
-        import jax
-
-        print("devices:", jax.devices())
+    if not args.compare and not gpus():  # --compare runs on the CPU, against outputs --save wrote on the GPU
+        sys.exit(f"no GPU found (Keras backend {keras.backend.backend()}): run this on a machine with a GPU, "
+                 "KERAS_BACKEND=jax python3 scripts/bench_gpu.py")
+    if args.save or args.compare:
+        save_or_compare(args.model, args.save, args.compare)
+        return
+    print(f"backend {keras.backend.backend()}, keras {keras.__version__}, devices {gpus()}")
     x = np.load(REFERENCE / "lr.npy")
     reference = np.load(REFERENCE / "sr_float32.npy")
     failures = []
     for precision, floor in (("float32", 60.0), ("mixed_bfloat16", 45.0)):
-        model, info = load(precision)
+        model, info = load(precision, args.model)
         expected_id = (REFERENCE / "MODEL_ID").read_text().strip()
         if info.model_id != expected_id:
-            failures.append(f"reference was made for {expected_id}, shipped model is {info.model_id}: rerun --make-reference")
+            advice = "score it with --save here and --compare on the CPU" if args.model else "rerun --make-reference"
+            failures.append(f"reference was made for {expected_id}, the model is {info.model_id}: {advice}")
         sr = np.asarray(model.predict_on_batch(x[None]), dtype=np.float32)[0]
         value = psnr(sr, reference)
         verdict = "ok" if value >= floor else "FAIL"

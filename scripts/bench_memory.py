@@ -53,25 +53,16 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--megapixels", type=float, default=100.0, help="input size (a square image)")
-    parser.add_argument("--model", type=Path, help="weights (default: the bundled x4 model)")
-    parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--memory-mb", type=int, default=2500, help="run.memory_mb: the cap the run is held to (not with --whole)")
-    parser.add_argument("--whole", action="store_true", help="force the in-memory path (run.stream_megapixels above the input)")
-    parser.add_argument("--work", type=Path, help="folder for the input and output (default: a temporary one)")
-    args = parser.parse_args()
-
-    side = int(math.sqrt(args.megapixels * 1e6))
-    work = Path(tempfile.mkdtemp(prefix="batchsr-bench-", dir=args.work))
+def measure(work: Path, side: int, args) -> dict:
+    """Writes the input under ``work`` and upscales it in a child process: the report (exits if the run fails)."""
     src, out = work / "in", work / "out"
     src.mkdir()
     t0 = time.time()
     write_input(src / "large.png", side, side)
     made = time.time() - t0
     config = work / "bench.yaml"
-    stream = args.megapixels * 2 if args.whole else 1.0
+    # run.stream_megapixels above the input with --whole, below it otherwise: the run takes the path asked for.
+    stream = args.megapixels * 2 if args.whole else min(1.0, side * side / 2e6)
     cap = None if args.whole else args.memory_mb  # the in-memory path would be refused under a small cap
     config.write_text(f"run:\n  stream_megapixels: {stream}\n  memory_mb: {cap or 'null'}\n  progress: log\n  log_interval_s: 60\n"
                       f"engine:\n  tile: {args.tile}\n")
@@ -87,8 +78,8 @@ def main() -> None:
         sys.exit(result.returncode)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0  # Linux: kilobytes
     out_w, out_h = png_size(out / "large.png")
-    report = {
-        "path": "in-memory" if args.whole else "band-by-band",
+    return {
+        "path": "band-by-band" if "upscaled band by band" in result.stderr else "in-memory",  # the run's log says which
         "in_width": side,
         "in_height": side,
         "out_width": out_w,
@@ -103,12 +94,37 @@ def main() -> None:
         "input_written_s": round(made, 1),
         "run_s": round(seconds, 1),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megapixels", type=float, default=100.0, help="input size (a square image)")
+    parser.add_argument("--model", type=Path, help="weights (default: the bundled x4 model)")
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--memory-mb", type=int, default=2500, help="run.memory_mb: the cap the run is held to (not with --whole)")
+    parser.add_argument("--whole", action="store_true", help="force the in-memory path (run.stream_megapixels above the input)")
+    parser.add_argument("--work", type=Path, help="folder for the input and output (default: a temporary one)")
+    args = parser.parse_args()
+    side = int(math.sqrt(args.megapixels * 1e6))
+    if side < 1:
+        parser.error(f"--megapixels {args.megapixels}: must be above 0")
+    # The child runs in the repository: paths are checked and resolved here.
+    if args.work is not None and not args.work.is_dir():
+        parser.error(f"--work {args.work}: no such folder")
+    if args.model is not None and not args.model.is_file():
+        parser.error(f"--model {args.model}: no such file")
+    args.work, args.model = (None if path is None else path.resolve() for path in (args.work, args.model))
+
+    work = Path(tempfile.mkdtemp(prefix="batchsr-bench-", dir=args.work))
+    try:
+        report = measure(work, side, args)
+    finally:
+        if args.work is None:
+            import shutil
+
+            shutil.rmtree(work)
     for key, value in report.items():
         print(f"{key}={value}")
-    if args.work is None:
-        import shutil
-
-        shutil.rmtree(work)
 
 
 if __name__ == "__main__":

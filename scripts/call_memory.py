@@ -53,11 +53,17 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4, choices=(2, 3, 4))
     parser.add_argument("--image", type=Path, default=REPO.parent / "shared" / "data" / "Set14" / "HR" / "barbara.png")
     args = parser.parse_args()
+    if not args.image.is_file():
+        parser.error(f"--image {args.image}: no such file")
+    image = args.image.resolve()  # the child runs in the repository
     print(f"| x{args.scale} tile | batch | estimate MB | measured MB | measured / estimate |")
     print("|---|---|---|---|---|")
     for tile, batch in SETTINGS:
-        result = subprocess.run([sys.executable, "-c", CHILD, str(args.scale), str(tile), str(batch), str(args.image)],
-                                capture_output=True, text=True, cwd=REPO, check=True)
+        result = subprocess.run([sys.executable, "-c", CHILD, str(args.scale), str(tile), str(batch), str(image)],
+                                capture_output=True, text=True, cwd=REPO, check=False)
+        if result.returncode != 0:
+            sys.stderr.write(result.stderr[-4000:])
+            sys.exit(f"tile {tile}, batch {batch}: the measuring process failed (exit {result.returncode})")
         estimate, measured = map(float, result.stdout.split()[-2:])
         print(f"| {tile} | {batch} | {estimate:.0f} | {measured:.0f} | {measured / estimate:.2f} |", flush=True)
 

@@ -40,29 +40,44 @@ def cost(model, side: int = 64) -> tuple[int, float]:
 
 
 def main() -> None:
-    from batchsr.model import ModelConfig
+    from batchsr.model import ModelConfig, validate_config
 
     parser = argparse.ArgumentParser(description="parameters and multiply-adds per input pixel")
     parser.add_argument("--arch", choices=["unet", "seed"])
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--top-width", type=int, default=0, help="channels of the full-resolution stages (0: width)")
+    parser.add_argument("--scale", type=int, choices=(2, 3, 4), help="default 4")
+    parser.add_argument("--width", type=int, help="default 32")
+    parser.add_argument("--depth", type=int, help="default 2")
+    parser.add_argument("--blocks", type=int, help="default 2")
+    parser.add_argument("--top-width", type=int, help="channels of the full-resolution stages (default 0: width)")
     parser.add_argument("--top-blocks", type=int, help="residual blocks of the full-resolution stages (default: blocks)")
     parser.add_argument("--edsr", action="store_true", help="count the EDSR-baseline-shaped network of bench_cpu.py instead")
     args = parser.parse_args()
+    # Shape flags shape the --arch model and --edsr takes only --scale: anything else would be silently ignored.
+    shape = {name: value for name, value in vars(args).items() if name not in ("arch", "edsr") and value is not None}
+    if args.edsr:
+        extra = [f"--{name.replace('_', '-')} {value}" for name, value in {**shape, "arch": args.arch}.items()
+                 if value is not None and name != "scale"]
+        if extra:
+            parser.error(f"--edsr takes only --scale, not {', '.join(extra)}")
+    elif shape and not args.arch:
+        given = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in shape.items())
+        parser.error(f"{given}: shape flags need --arch unet or --arch seed")
+    scale = args.scale or 4
     print("| model | parameters | M multiply-adds per input pixel |\n|---|---|---|")
     if args.edsr:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_cpu import edsr_baseline
 
-        params, macs = cost(edsr_baseline(args.scale))
-        print(f"| EDSR-baseline shape x{args.scale} | {params:,} | {macs / 1e6:.3f} |")
+        params, macs = cost(edsr_baseline(scale))
+        print(f"| EDSR-baseline shape x{scale} | {params:,} | {macs / 1e6:.3f} |")
         return
     if args.arch:
-        configs = [ModelConfig(args.arch, args.scale, args.width, args.depth, args.blocks, args.top_width,
-                               top_blocks=args.top_blocks)]
+        config = ModelConfig(args.arch, **shape)
+        try:
+            validate_config(config)
+        except ValueError as exc:
+            parser.error(str(exc))
+        configs = [config]
     else:
         configs = [ModelConfig("unet", 4, 32, 2, 1, top_width=48, top_blocks=2), ModelConfig("unet", 4, 32, 2, 2),
                    ModelConfig("unet", 4, 32, 2, 2, top_width=48), ModelConfig("unet", 4, 32, 2, 3),

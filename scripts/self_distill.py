@@ -11,8 +11,8 @@ its LR patch (``--alpha`` of HR), the ensemble computed once, before training, o
 Training images: T91 + BSDS200 (``--data``) and their MATLAB-bicubic copies at 0.8 and 0.6 of their size,
 HR cropped to a multiple of the scale, LR made by the benchmark degradation (rounded to 8 bits). Patches:
 48x48 LR, batch 16, random crops weighted by area, the 8 flips/rotations. Adam under a cosine schedule
-(200 warm-up steps, a tenth of a shorter run; down to 2% of ``--lr``), weights averaged (EMA 0.999). At each interval the EMA weights
-are scored on Set5 (Y-PSNR, the validation set) and saved, with their description, as
+(200 warm-up steps, a tenth of a shorter run; down to 2% of ``--lr``), weights averaged (EMA 0.999). At each interval and at
+the last step the EMA weights are scored on Set5 (Y-PSNR, the validation set) and saved, with their description, as
 ``OUT/step-N/<name>.weights.h5``; ``OUT/log.csv`` lists the scores. Pure Keras: any backend.
 """
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from batchsr.checkpoint import load_model, save_model  # noqa: E402
 from batchsr.data import find_images  # noqa: E402
+from batchsr.errors import ModelError  # noqa: E402
 from batchsr.imageio import read_image, to_uint8  # noqa: E402
 from batchsr.resize import crop_to_multiple, degrade, imresize  # noqa: E402
 from batchsr.train import validate  # noqa: E402
@@ -117,12 +118,23 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="share of the HR patch in each target")
     parser.add_argument("--interval", type=int, default=500)
     args = parser.parse_args()
+    # Checked before the teacher outputs, which take minutes to hours.
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be at least 1")
+    if not 1 <= args.interval <= args.steps:
+        parser.error(f"--interval {args.interval}: must be from 1 to --steps ({args.steps})")
+    for folder in (args.data / "T91" / "HR", args.data / "BSDS200" / "HR", args.data / "Set5" / "HR"):
+        if not folder.is_dir() or not find_images(folder):
+            parser.error(f"--data {args.data}: no images in {folder}")
 
     import keras
 
     from batchsr.model import ModelConfig, build_model
 
-    model, info = load_model(args.weights)
+    try:
+        model, info = load_model(args.weights)
+    except ModelError as exc:
+        parser.error(f"--weights: {exc}")
     config, scale = ModelConfig.from_dict(info.config), info.scale
     export = build_model(config)  # saved from a model without an optimizer: the weights alone
     triples = training_triples(model, args.data, scale)
@@ -138,13 +150,14 @@ def main() -> None:
     with open(args.out / "log.csv", "w", newline="") as handle:
         log = csv.writer(handle)
         log.writerow(["step", "loss", "val_psnr_y", "seconds"])
-        for interval in range(args.steps // args.interval):
+        ends = [*range(args.interval, args.steps, args.interval), args.steps]  # the last interval may be shorter
+        for previous, step in zip([0] + ends, ends):
             started = time.time()
-            history = model.fit(stream, steps_per_epoch=args.interval, epochs=1, verbose=0)
+            history = model.fit(stream, steps_per_epoch=step - previous, epochs=1, verbose=0)
             current = [v.numpy() for v in model.trainable_variables]
             for variable, average in zip(model.trainable_variables, optimizer._model_variables_moving_average):
                 variable.assign(average)
-            step, score = (interval + 1) * args.interval, validate(model, pairs, scale)
+            score = validate(model, pairs, scale)
             log.writerow([step, f"{history.history['loss'][-1]:.5f}", f"{score:.4f}", f"{time.time() - started:.0f}"])
             handle.flush()
             print(f"step {step}: loss {history.history['loss'][-1]:.5f}, Set5 validation (EMA) {score:.4f}", flush=True)
