@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -105,9 +105,6 @@ class _Job:
     target: str  # OUTPUT
     reference: str | None
     scale: int
-    # Outputs OUTPUT's journal knows as batchsr's; a file at any other output path is not replaced.  None: no
-    # such check (--force, or an OUTPUT without a journal: an object store).
-    ours: frozenset[str] | None = None
 
     @property
     def factor(self) -> float:
@@ -261,14 +258,16 @@ def _through_link(root: str, rel: str) -> bool:
     return False
 
 
-def _claim(named, job: _Job):
+def _claim(named, job: _Job, ours: frozenset[str] | None):
     """The first input (in ``run``'s order) gets the output; the others fail, as in ``run``.  So does the
-    input whose output path holds a file the journal did not write (an original, another program's file)."""
+    input whose output path holds a file the journal did not write (an original, another program's file):
+    ``ours``, the outputs OUTPUT's journal knows as batchsr's (None: no such check, with --force or an OUTPUT
+    without a journal, an object store).  Only this step is given them: each step's arguments are pickled."""
     from apache_beam import pvalue
 
     out_rel, inputs = named
     (rel, path), *others = sorted(inputs, key=lambda item: PurePosixPath(item[0]).parts)
-    if job.ours is not None and out_rel not in job.ours and not _through_link(job.target, out_rel) \
+    if ours is not None and out_rel not in ours and not _through_link(job.target, out_rel) \
             and os.path.lexists(job.output(out_rel)):
         yield pvalue.TaggedOutput(_FAILED, _failure(path, f"output {job.output(out_rel)} is there already, and this "
                                                           "OUTPUT's journal did not write it; not replaced (move it away, "
@@ -494,7 +493,7 @@ def _in_process(options) -> bool:
     return options.view_as(StandardOptions).runner in IN_PROCESS_RUNNERS
 
 
-def build_pipeline(pipeline, job: _Job, info, run_dir: str) -> None:
+def build_pipeline(pipeline, job: _Job, info, run_dir: str, ours: frozenset[str] | None = None) -> None:
     """Adds the run's steps to ``pipeline``: outputs, the dead letter, and a results file for the launcher."""
     import apache_beam as beam
     from apache_beam.io import fileio
@@ -513,7 +512,7 @@ def build_pipeline(pipeline, job: _Job, info, run_dir: str) -> None:
     claimed = (
         named.named
         | "GroupByOutput" >> beam.GroupByKey()
-        | "Claim" >> beam.FlatMap(_claim, job).with_outputs(_FAILED, main="claimed")
+        | "Claim" >> beam.FlatMap(_claim, job, ours).with_outputs(_FAILED, main="claimed")
     )
     decoded = claimed.claimed | "Decode" >> beam.FlatMap(_decode, job, info).with_outputs(_FAILED, main="work")
     handler = sys.modules[__name__].EngineModelHandler(job)  # built on first use: see __getattr__
@@ -585,10 +584,11 @@ def run_beam(
         check_output_dir(Path(target))
         lock = FolderLock(Path(target) / STATE_DIR / "lock")
     with lock:
+        ours = None
         if job.local_target and not force:  # read under the lock: no other run adds to it meanwhile
             journal = Journal(Path(target) / STATE_DIR / "journal.sqlite")
             try:
-                job = replace(job, ours=frozenset(journal.outputs()))
+                ours = frozenset(journal.outputs())
             finally:
                 journal.close()
         import apache_beam as beam
@@ -596,7 +596,7 @@ def run_beam(
         run_dir = _join(target, f"{STATE_DIR}/beam-{uuid.uuid4().hex[:12]}")
         logger.info("beam pipeline on {}: {} -> {}; model {}", _runner_name(options), source, target, info.model_id)
         pipeline = beam.Pipeline(runner=_runner(options), options=options)
-        build_pipeline(pipeline, job, info, run_dir)
+        build_pipeline(pipeline, job, info, run_dir, ours)
         begun_ns = time.time_ns()
         try:
             pipeline.run().wait_until_finish()

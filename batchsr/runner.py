@@ -593,21 +593,23 @@ def run_folder(
         info = check_run(input_dir, output_dir, settings, reference_dir=reference_dir, engine=engine)
     made = _missing_folders(output_dir)
     check_output_dir(output_dir)
-    try:
-        with FolderLock(output_dir / STATE_DIR / "lock"):
-            removed = remove_temporaries(output_dir)
-            if removed:
-                logger.info("removed {} temporary files left by an interrupted run", removed)
+    with FolderLock(output_dir / STATE_DIR / "lock"):
+        removed = remove_temporaries(output_dir)
+        if removed:
+            logger.info("removed {} temporary files left by an interrupted run", removed)
+        try:
             return _run_locked(input_dir, output_dir, settings, force, reference_dir, report_dir, engine, info)
-    except (ConfigError, ModelError):  # found when the model loads (a GPU not there, memory_mb too low, a
-        # description that reads but does not build): the fix is the user's
-        _unmake(made)
-        raise
+        except (ConfigError, ModelError):  # found when the model loads (a GPU not there, memory_mb too low, a
+            # description that reads but does not build): the fix is the user's.  Under the lock: no other run
+            # has begun in it.
+            _unmake(made)
+            raise
 
 
 def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
+    """``folder`` and those of its parents that do not exist yet, deepest first, as real paths: ``new/../kept``
+    is ``kept``, which exists, and a link's ``..`` is the parent of its target, as the system resolves them."""
+    folder, missing = Path(os.path.realpath(folder)), []
     while not os.path.lexists(folder) and folder.parent != folder:
         missing.append(folder)
         folder = folder.parent

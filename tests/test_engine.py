@@ -51,6 +51,12 @@ def test_a_run_refused_when_the_model_loads_removes_the_output_folder_it_made(tm
     with pytest.raises(ConfigError):
         run_folder(tmp_path / "in", tmp_path / "kept", Settings.model_validate({"engine": {"device": "gpu:63"}}))
     assert (tmp_path / "kept" / ".batchsr").is_dir()
+    # A path through a folder not there yet and back up names a folder that is there: it was taken as made
+    for output in (tmp_path / "none" / ".." / "kept", tmp_path / "none2" / ".." / "kept" / "sub"):
+        with pytest.raises(ConfigError):
+            run_folder(tmp_path / "in", output, Settings.model_validate({"engine": {"device": "gpu:63"}}))
+        assert (tmp_path / "kept" / ".batchsr").is_dir()
+    assert not (tmp_path / "kept" / "sub").exists()
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError):
