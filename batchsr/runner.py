@@ -138,6 +138,8 @@ class Journal:
             for column in ("options", "stat"):  # a journal from before they were recorded
                 if columns and column not in columns:
                     self.db.execute(f"ALTER TABLE outputs ADD COLUMN {column} TEXT")
+            # Each record looks up the output's earlier owner: without it, a scan of the table per image
+            self.db.execute("CREATE INDEX IF NOT EXISTS outputs_by_output ON outputs (output)")
             # Every output written (or about to be: one a crash left before its entry is known as batchsr's),
             # under any name an input had (a format changed and changed back): kept while the file is there
             self.db.execute("CREATE TABLE IF NOT EXISTS written (output TEXT PRIMARY KEY) WITHOUT ROWID")
@@ -204,6 +206,15 @@ class Journal:
         transaction, so that the next run need not read them; an entry whose content changed meanwhile keeps none."""
         with self._damage_named():
             self.db.executemany("UPDATE outputs SET stat = ? WHERE input = ? AND sha256 = ?", [(f, i, h) for i, h, f in rows])
+            self.db.commit()
+
+    def update_references(self, rows: list[tuple[str, dict, str | None]]) -> None:
+        """``(input, metrics, fingerprint)`` of outputs up to date whose reference only changed its times, in one
+        transaction (a reference folder copied again touches every one)."""
+        with self._damage_named():
+            now = time.time()
+            self.db.executemany("UPDATE outputs SET metrics = ?, stat = ?, updated = ? WHERE input = ?",
+                                [(json.dumps(m), f, now, i) for i, m, f in rows])
             self.db.commit()
 
     def forget(self, inputs: list[str]) -> None:
@@ -720,15 +731,16 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     progress = _Progress(len(paths), run.progress, run.log_interval_s)
     fingerprints = {} if force else journal.stats()
     confirmed: list[tuple[str, str, str]] = []  # fingerprints of inputs found up to date by reading them
+    rereferenced: list[tuple[str, dict, str | None]] = []  # the same, whose reference's times changed
 
     def record_skip(item: _Item) -> None:
         """An input found up to date: its reference's new time and its fingerprint recorded when they changed."""
         rel = item.rel.as_posix()
         summary.skipped += 1
         if item.rerecord:
-            sha256, model, output, metrics, options = known[rel]
-            journal.record(rel, sha256, model, output, {**(metrics or {}), "reference": item.reference_now}, options,
-                           item.fingerprint)
+            rereferenced.append((rel, {**(known[rel][3] or {}), "reference": item.reference_now}, item.fingerprint))
+            if len(rereferenced) >= 1000:
+                remember_rereferenced()
         elif item.fingerprint is not None and fingerprints.get(rel) != item.fingerprint:
             confirmed.append((rel, item.sha256, item.fingerprint))
             if len(confirmed) >= 1000:
@@ -742,6 +754,10 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         except OutputError as exc:
             logger.warning("{}; the next run reads these {} inputs again", exc, len(confirmed))
         confirmed.clear()
+
+    def remember_rereferenced() -> None:
+        journal.update_references(rereferenced)
+        rereferenced.clear()
 
     def unchanged(path: Path, stat: os.stat_result) -> bool:
         """Up to date by its recorded fingerprint: skipped without being read (a cron tick over a finished
@@ -1029,6 +1045,8 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 os.rmdir(folder)
     if confirmed:
         remember_confirmed()
+    if rereferenced:  # before metrics.csv, which is read from the journal
+        remember_rereferenced()
     _forget_vanished(journal, known, {p.relative_to(input_dir).as_posix() for p in paths}, output_dir, ours)
     if reference_dir is not None or (output_dir / METRICS_FILE).exists():  # also drops rows of outputs redone unscored
         summary.metrics_csv = _write_metrics(output_dir, journal, [p.relative_to(input_dir).as_posix() for p in paths], scale)
