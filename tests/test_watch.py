@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import importlib
 import os
 import random
 import re
@@ -561,6 +562,25 @@ def test_status_finds_the_daemons_lock_on_a_filesystem_of_an_anonymous_device():
         assert not names_inode(f"1: POSIX  ADVISORY  WRITE {os.getpid()} {exact} 0 EOF", info)
 
 
+def _as_another_user(check) -> int:
+    """``check()``'s exit code, run in a child process as an ordinary user (nobody) when the tests run as root;
+    1 when it raises.  What the child imports is imported here first: Python may be installed where that user
+    cannot read (root's home), and the codec of a file opened with ``encoding="ascii"`` is imported on use."""
+    importlib.import_module("encodings.ascii")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if os.getuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            code = check()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def test_status_of_a_state_folder_closed_to_the_user_is_an_error_not_a_crash():
     """The service's state folder belongs to its own user: an admin's `batchsr status` crashed with
     "internal error (a bug)", exit 70, on EACCES from the journal or from the lock file. Run as an
@@ -583,24 +603,18 @@ def test_status_of_a_state_folder_closed_to_the_user_is_an_error_not_a_crash():
         held = os.open(lock, os.O_RDONLY)
         fcntl.flock(held, fcntl.LOCK_EX)
         os.chmod(lock, 0)
-        pid = os.fork()
-        if pid == 0:  # the child: an ordinary user, when the tests run as root
-            code = 1
+        def check() -> int:
             try:
-                if os.getuid() == 0:
-                    os.setgid(65534)
-                    os.setuid(65534)
-                try:
-                    read_status(folder / "closed")
-                except InputError as exc:
-                    code = 0 if "cannot look at the journal" in str(exc) and "Permission denied" in str(exc) else 2
-                if code == 0:
-                    code = 0 if (lock_holder(lock) or "").startswith("running (its line in") else 3
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
+                read_status(folder / "closed")
+            except InputError as exc:
+                if "cannot look at the journal" not in str(exc) or "Permission denied" not in str(exc):
+                    return 2
+                return 0 if (lock_holder(lock) or "").startswith("running (its line in") else 3
+            return 1
+
+        code = _as_another_user(check)
         os.close(held)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert code == 0
     finally:
         os.chmod(folder / "closed", 0o700)
         shutil.rmtree(folder)
@@ -621,18 +635,7 @@ def test_status_reads_a_stopped_daemons_journal_from_a_folder_it_cannot_write():
         journal.close()
         assert sorted(os.listdir(folder)) == ["journal.sqlite"]
         os.chmod(folder / "journal.sqlite", 0o644)
-        pid = os.fork()
-        if pid == 0:  # the child: an ordinary user, when the tests run as root
-            code = 1
-            try:
-                if os.getuid() == 0:
-                    os.setgid(65534)
-                    os.setuid(65534)
-                code = 0 if read_status(folder).counts["seen"] == 2 else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert _as_another_user(lambda: 0 if read_status(folder).counts["seen"] == 2 else 2) == 0
         assert sorted(os.listdir(folder)) == ["journal.sqlite"]
     finally:
         shutil.rmtree(folder)
