@@ -664,8 +664,8 @@ def _summarise(job: _Job, info, run_dir: str) -> RunSummary:
     if job.local_target:
         journal = Journal(Path(job.target) / STATE_DIR / "journal.sqlite")
         try:
-            for row in done:
-                journal.record(row["input"], row["sha256"], info.model_id, row["output"], row["metrics"], row["options"])
+            journal.record_many([(row["input"], row["sha256"], info.model_id, row["output"], row["metrics"], row["options"], None)
+                                 for row in done])
             if job.reference is not None or (Path(job.target) / METRICS_FILE).exists():  # drops rows of outputs redone unscored
                 summary.metrics_csv = _write_metrics(Path(job.target), journal, inputs, job.scale)
         finally:

@@ -185,16 +185,24 @@ class Journal:
     def record(self, rel: str, sha256: str, model_id: str, output: str, metrics: dict | None, options: str | None = None,
                stat: str | None = None) -> None:
         """``stat``: the input's ``fingerprint`` when its content was read, if it may be trusted."""
+        self.record_many([(rel, sha256, model_id, output, metrics, options, stat)])
+
+    def record_many(self, rows: list[tuple]) -> None:
+        """``record``'s rows in one transaction (a Beam job's results, recorded once it has ended)."""
         with self._damage_named():
-            self.db.execute("INSERT OR IGNORE INTO written (output) VALUES (?)", (output,))
-            # One owner per output: an input whose output was replaced no longer has it.
-            self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
-            self.db.execute(
-                "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options, stat) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options, stat),
-            )
+            for rel, sha256, model_id, output, metrics, options, stat in rows:
+                self._record(rel, sha256, model_id, output, metrics, options, stat)
             self.db.commit()
+
+    def _record(self, rel, sha256, model_id, output, metrics, options, stat) -> None:
+        self.db.execute("INSERT OR IGNORE INTO written (output) VALUES (?)", (output,))
+        # One owner per output: an input whose output was replaced no longer has it.
+        self.db.execute("DELETE FROM outputs WHERE output = ? AND input != ?", (output, rel))
+        self.db.execute(
+            "INSERT OR REPLACE INTO outputs (input, sha256, model_id, output, metrics, updated, options, stat) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (rel, sha256, model_id, output, json.dumps(metrics) if metrics else None, time.time(), options, stat),
+        )
 
     def stats(self) -> dict[str, str]:
         """The inputs' recorded fingerprints."""
