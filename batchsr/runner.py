@@ -216,13 +216,14 @@ class Journal:
             self.db.executemany("UPDATE outputs SET stat = ? WHERE input = ? AND sha256 = ?", [(f, i, h) for i, h, f in rows])
             self.db.commit()
 
-    def update_references(self, rows: list[tuple[str, dict, str | None]]) -> None:
-        """``(input, metrics, fingerprint)`` of outputs up to date whose reference only changed its times, in one
-        transaction (a reference folder copied again touches every one)."""
+    def update_references(self, rows: list[tuple[str, str, dict, str | None]]) -> None:
+        """``(input, output, metrics, fingerprint)`` of outputs up to date whose reference only changed its times,
+        in one transaction (a reference folder copied again touches every one)."""
         with self._damage_named():
             now = time.time()
+            self.db.executemany("INSERT OR IGNORE INTO written (output) VALUES (?)", [(o,) for _, o, _, _ in rows])
             self.db.executemany("UPDATE outputs SET metrics = ?, stat = ?, updated = ? WHERE input = ?",
-                                [(json.dumps(m), f, now, i) for i, m, f in rows])
+                                [(json.dumps(m), f, now, i) for i, _, m, f in rows])
             self.db.commit()
 
     def forget(self, inputs: list[str]) -> None:
@@ -637,7 +638,8 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 def _unmake(made: list[Path]) -> None:
     """Removes the OUTPUT this run made (``made``: see ``_missing_folders``) when nothing but its state is in it,
-    so that a run refused for its settings leaves nothing behind."""
+    so that a run refused for its settings leaves no OUTPUT behind (a folder named before a ``..`` in its path,
+    made by the way, stays)."""
     if not made:
         return
     for root, dirs, files in os.walk(made[0]):
@@ -739,14 +741,14 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     progress = _Progress(len(paths), run.progress, run.log_interval_s)
     fingerprints = {} if force else journal.stats()
     confirmed: list[tuple[str, str, str]] = []  # fingerprints of inputs found up to date by reading them
-    rereferenced: list[tuple[str, dict, str | None]] = []  # the same, whose reference's times changed
+    rereferenced: list[tuple[str, str, dict, str | None]] = []  # the same, whose reference's times changed
 
     def record_skip(item: _Item) -> None:
         """An input found up to date: its reference's new time and its fingerprint recorded when they changed."""
         rel = item.rel.as_posix()
         summary.skipped += 1
         if item.rerecord:
-            rereferenced.append((rel, {**(known[rel][3] or {}), "reference": item.reference_now}, item.fingerprint))
+            rereferenced.append((rel, known[rel][2], {**(known[rel][3] or {}), "reference": item.reference_now}, item.fingerprint))
             if len(rereferenced) >= 1000:
                 remember_rereferenced()
         elif item.fingerprint is not None and fingerprints.get(rel) != item.fingerprint:
@@ -766,6 +768,15 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
     def remember_rereferenced() -> None:
         journal.update_references(rereferenced)
         rereferenced.clear()
+
+    def keep_found() -> None:
+        """What the run found up to date, kept when it stops early (Ctrl-C, a full disk) as each image's record
+        is: never in place of the error that stopped it."""
+        with contextlib.suppress(OutputError, sqlite3.Error):
+            if rereferenced:
+                remember_rereferenced()
+            if confirmed:
+                remember_confirmed()
 
     def unchanged(path: Path, stat: os.stat_result) -> bool:
         """Up to date by its recorded fingerprint: skipped without being read (a cron tick over a finished
@@ -1044,6 +1055,10 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
         settle(block=True)
     except KeyboardInterrupt:  # Ctrl-C: what is written by now is recorded, so the next run skips it
         settle(block=True)
+        keep_found()
+        raise
+    except BaseException:
+        keep_found()
         raise
     finally:
         writers.shutdown(wait=True)

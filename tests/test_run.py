@@ -319,6 +319,36 @@ def test_recording_an_output_looks_up_its_earlier_owner_by_index(tmp_path):
     assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
 
 
+def test_references_found_touched_are_kept_when_the_run_stops_early(tmp_path, tiny_model, monkeypatch):
+    """The new times of touched references were kept for the end of the run: a Ctrl-C before it lost them, and
+    the next run read every such reference again."""
+    import batchsr.runner
+
+    src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
+    pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    write_png(hr / "a.png", pixels)
+    write_png(src / "a.png", degrade(pixels, 4))
+    settings = _settings(tiny_model)
+    assert run_folder(src, out, settings, reference_dir=hr).done == 1
+    os.utime(hr / "a.png", ns=(1_000_000_000, 1_000_000_000))
+    write_png(src / "b.png", np.full((8, 8, 3), 9, np.uint8))
+    named = batchsr.runner.output_name
+
+    def interrupted(rel, *args, **kwargs):
+        if Path(rel).name == "b.png":
+            raise KeyboardInterrupt
+        return named(rel, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batchsr.runner, "output_name", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_folder(src, out, settings, reference_dir=hr)
+    with monkeypatch.context() as patch:
+        patch.setattr(batchsr.runner, "_file_sha256", lambda path: pytest.fail(f"{path} read again"))
+        summary = run_folder(src, out, settings, reference_dir=hr)
+    assert (summary.done, summary.skipped) == (1, 1)
+
+
 def test_metrics_keep_the_rows_of_outputs_on_disk_and_the_file_as_the_user_left_it(tmp_path, tiny_model):
     """An empty (unmounted) input folder removed metrics.csv, a deleted input its row though its output stayed;
     each run replaced the file even when unchanged (a new inode, the mode 0600 given to it widened to 0644); and
