@@ -2,4 +2,5 @@
 
 from batchsr.cli import main
 
-main(prog_name="batchsr")
+if __name__ == "__main__":
+    main(prog_name="batchsr")

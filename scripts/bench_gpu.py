@@ -57,9 +57,11 @@ def gpus() -> list:
         import torch
 
         return [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())]
-    import tensorflow as tf
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
-    return tf.config.list_physical_devices("GPU")
+        return tf.config.list_physical_devices("GPU")
+    return []
 
 
 def make_reference() -> None:

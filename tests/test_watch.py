@@ -566,17 +566,21 @@ def _as_another_user(check) -> int:
     """``check()``'s exit code, run in a child process as an ordinary user (nobody) when the tests run as root;
     1 when it raises.  What the child imports is imported here first: Python may be installed where that user
     cannot read (root's home), and the codec of a file opened with ``encoding="ascii"`` is imported on use."""
+    import traceback
+
     importlib.import_module("encodings.ascii")
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # the child never returns into pytest: whatever happens, it exits here
         code = 1
         try:
             if os.getuid() == 0:
                 os.setgid(65534)
                 os.setuid(65534)
             code = check()
+        except BaseException:
+            traceback.print_exc()
         finally:
-            os._exit(code)
+            os._exit(code if isinstance(code, int) else 1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
