@@ -48,6 +48,14 @@ from watchdog.events import (
     EVENT_TYPE_DELETED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -75,6 +83,8 @@ IGNORED_NAMES = ("thumbs.db", "desktop.ini")
 # Errors of the output folder rather than of the image: they do not count as a try.
 OUTPUT_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _EVENT_KINDS = {EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED}
+_EVENT_CLASSES = [FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirMovedEvent,
+                  FileDeletedEvent, DirDeletedEvent]  # those of _EVENT_KINDS the handler acts on
 _DEGRADED_RESCAN_S = 10.0  # the scan interval while file events miss part of the inbox
 _SUSPECT_RESCAN_S = 2.0  # a scan that found folders without file events is confirmed this soon
 _FORGET_EVERY_S = 86400.0  # a pass over finished journal entries a day; each pass walks them in slices
@@ -829,7 +839,10 @@ class _Daemon:
 
         handler = _InboxEvents(self.hints)
         observer = self._polling_observer() if self.watch.polling else Observer()
-        observer.schedule(handler, str(self.folders.inbox), recursive=True)
+        # Only the kinds the handler uses: asked for all, the kernel also queues an open and a close for every
+        # folder each scan reads, and in an inbox of some thousand folders those overflowed its queue at each
+        # scan; the watcher's rebuild of its watches read them all again, and overflowed it again (a core busy).
+        observer.schedule(handler, str(self.folders.inbox), recursive=True, event_filter=_EVENT_CLASSES)
         self.events = "polling" if self.watch.polling else "kernel"
         try:
             try:

@@ -1373,6 +1373,29 @@ def test_folders_the_kernel_cannot_watch_are_said_scanned_often_and_watched_once
     assert sum("file events reach only" in m for m in messages) == 1
 
 
+def test_the_kernel_is_asked_for_no_open_or_read_events(tmp_path, tiny_model, monkeypatch):
+    """Asked for every kind, the kernel queued an open and a close for each folder a scan read: in an inbox of
+    some thousand folders they overflowed its queue at every scan, and the watcher's rebuild read them all
+    again and overflowed it again, a core busy while the daemon had nothing to do."""
+    import watchdog.observers.inotify_c as inotify_c
+
+    config = write_config(tmp_path, tiny_model, rescan_interval_s=600.0)
+    masks, real = [], inotify_c.inotify_add_watch
+
+    def recorded(fd, path, mask):
+        masks.append(mask)
+        return real(fd, path, mask)
+
+    monkeypatch.setattr(inotify_c, "inotify_add_watch", recorded)
+    (tmp_path / "inbox" / "sub").mkdir(parents=True)
+    with serving_here(config):
+        wait_for(lambda: len(masks) >= 2, 30, what="the watches")
+        drop(tmp_path / "inbox", "sub/a.png", png(40))  # found by its events: the next scan is 10 minutes away
+        wait_for(lambda: states(tmp_path).get("done") == ["sub/a.png"], 30, what="a.png")
+    unwanted = inotify_c.InotifyConstants.IN_OPEN | inotify_c.InotifyConstants.IN_CLOSE_NOWRITE | inotify_c.InotifyConstants.IN_ACCESS
+    assert masks and all(mask & unwanted == 0 for mask in masks), [hex(m) for m in masks]
+
+
 def test_a_sparse_file_behind_an_image_header_is_refused_unread(tmp_path, tiny_model):
     config = write_config(tmp_path, tiny_model, max_attempts=1)
     settings = yaml.safe_load(config.read_text(encoding="utf-8"))
