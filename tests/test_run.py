@@ -278,11 +278,8 @@ def test_metrics_follow_the_reference_and_the_written_file(tmp_path, tiny_model)
     assert plain.done == 1 and not (out / "metrics.csv").exists()
 
 
-def test_a_touched_or_unmounted_reference_folder_does_not_redo_the_archive(tmp_path, tiny_model, monkeypatch):
-    """References copied again (new times, same bytes) redid every image; an empty reference folder (a share
-    not mounted) redid them all unscored, removed metrics.csv and exited 0, and its return redid them again."""
-    import batchsr.runner
-
+def _scored_then_reference_touched(tmp_path: Path, tiny_model: Path):
+    """``in/a.png`` upscaled and scored against ``hr/a.png``, whose times then change (its bytes do not)."""
     src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
     pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     write_png(hr / "a.png", pixels)
@@ -290,6 +287,15 @@ def test_a_touched_or_unmounted_reference_folder_does_not_redo_the_archive(tmp_p
     settings = _settings(tiny_model)
     assert run_folder(src, out, settings, reference_dir=hr).done == 1
     os.utime(hr / "a.png", ns=(1_000_000_000, 1_000_000_000))
+    return src, hr, out, pixels, settings
+
+
+def test_a_touched_or_unmounted_reference_folder_does_not_redo_the_archive(tmp_path, tiny_model, monkeypatch):
+    """References copied again (new times, same bytes) redid every image; an empty reference folder (a share
+    not mounted) redid them all unscored, removed metrics.csv and exited 0, and its return redid them again."""
+    import batchsr.runner
+
+    src, hr, out, pixels, settings = _scored_then_reference_touched(tmp_path, tiny_model)
     with monkeypatch.context() as patch:  # the new times in one transaction, not an image's full record each
         patch.setattr(batchsr.runner.Journal, "record", lambda *args: pytest.fail("recorded one by one"))
         assert (run_folder(src, out, settings, reference_dir=hr).done, (out / "metrics.csv").exists()) == (0, True)
@@ -324,13 +330,7 @@ def test_references_found_touched_are_kept_when_the_run_stops_early(tmp_path, ti
     the next run read every such reference again."""
     import batchsr.runner
 
-    src, hr, out = tmp_path / "in", tmp_path / "hr", tmp_path / "out"
-    pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    write_png(hr / "a.png", pixels)
-    write_png(src / "a.png", degrade(pixels, 4))
-    settings = _settings(tiny_model)
-    assert run_folder(src, out, settings, reference_dir=hr).done == 1
-    os.utime(hr / "a.png", ns=(1_000_000_000, 1_000_000_000))
+    src, hr, out, _, settings = _scored_then_reference_touched(tmp_path, tiny_model)
     write_png(src / "b.png", np.full((8, 8, 3), 9, np.uint8))
     named = batchsr.runner.output_name
 
