@@ -1053,11 +1053,9 @@ def _run_locked(input_dir, output_dir, settings: Settings, force, reference_dir,
                 flush_groups()
         flush_groups()
         settle(block=True)
-    except KeyboardInterrupt:  # Ctrl-C: what is written by now is recorded, so the next run skips it
-        settle(block=True)
-        keep_found()
-        raise
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: what is written by now is recorded, so the next run skips it
+            settle(block=True)
         keep_found()
         raise
     finally:

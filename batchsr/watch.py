@@ -319,10 +319,10 @@ def _check_removable(source: Path | str, dir_fd: int | None) -> None:
     where = dir_fd if dir_fd is not None else Path(source).parent
     if os.statvfs(where).f_flag & os.ST_RDONLY:  # root's too
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(source))
-    folder = os.stat(where)
     uid = os.geteuid()
     if uid == 0:
         return
+    folder = os.stat(where)
     if not os.access("." if dir_fd is not None else Path(source).parent, os.W_OK | os.X_OK, dir_fd=dir_fd, effective_ids=True):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(source))
     if folder.st_mode & stat.S_ISVTX and uid != folder.st_uid:
